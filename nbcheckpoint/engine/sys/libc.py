@@ -1,0 +1,53 @@
+"""The one chokepoint for raw system calls made by the engine itself.
+
+Every call into libc that can fail goes through :func:`check`, which turns
+``-1``/``errno`` into a :class:`SysError` carrying the request name and the pid
+it was about.  Nothing else in the engine touches ``ctypes.get_errno``.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno as _errno
+import os
+
+from ..errors import SysError
+
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+_syscall = libc.syscall
+_syscall.restype = ctypes.c_long
+
+
+def check(result: int, request: str, pid: int | None = None) -> int:
+    """Raise SysError for a libc-style failure (-1 with errno set)."""
+    if result == -1:
+        err = ctypes.get_errno()
+        raise SysError(err, request, pid)
+    return result
+
+
+def syscall(nr: int, *args, request: str, pid: int | None = None) -> int:
+    """Raw syscall(2) from the engine process itself."""
+    cargs = [a if isinstance(a, (ctypes._SimpleCData, ctypes.Array, ctypes.Structure))
+             or hasattr(a, "_as_parameter_") else ctypes.c_long(a) for a in args]
+    return check(_syscall(ctypes.c_long(nr), *cargs), request, pid)
+
+
+def errno_name(err: int) -> str:
+    return _errno.errorcode.get(err, str(err))
+
+
+def retry_eintr(fn, *args):
+    while True:
+        try:
+            return fn(*args)
+        except InterruptedError:
+            continue
+
+
+def getpagesize() -> int:
+    return os.sysconf("SC_PAGE_SIZE")
+
+
+PAGE_SIZE = getpagesize()
