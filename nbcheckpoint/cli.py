@@ -1,0 +1,177 @@
+"""The ``nbcheckpoint`` command.  Flags follow CRIU's where CRIU has one."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+from . import engine
+from .engine import EngineError
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+class Progress:
+    """One self-overwriting stderr line, only when stderr is a terminal."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty()
+        self.last = 0.0
+        self.shown = False
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < 0.1 and done < total):
+            return
+        self.last = now
+        # Large totals are byte counts (pages); small ones are object counts.
+        fmt = _size if total >= 1 << 20 else str
+        self.stream.write(f"\r\x1b[K{phase}: {fmt(done)} / {fmt(total)}")
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False
+
+
+def _dump_summary(stats) -> str:
+    return (f"dumped pid {stats.pid}: {stats.threads} threads, {stats.vmas} VMAs, "
+            f"{_size(stats.pages_bytes)} of pages, image {_size(stats.image_bytes)}, "
+            f"frozen {stats.frozen_seconds:.2f}s, total {stats.total_seconds:.2f}s")
+
+
+# --- subcommands -----------------------------------------------------------------
+def cmd_dump(args) -> int:
+    progress = Progress()
+    try:
+        stats = engine.dump(args.pid, args.images_dir, leave_running=args.leave_running,
+                            progress=progress)
+    finally:
+        progress.clear()
+    print(_dump_summary(stats))
+    return 0
+
+
+def cmd_restore(args) -> int:
+    progress = Progress()
+    try:
+        res = engine.restore(args.images_dir, progress=progress)
+    finally:
+        progress.clear()
+    if args.pidfile:
+        with open(args.pidfile, "w") as f:
+            f.write(f"{res.pid}\n")
+    if args.detach:
+        # We exit now; the restored child is reparented to init (or a subreaper).
+        print(res.pid)
+        return 0
+    if args.verbose:
+        print(f"restored pid {res.pid} in {res.seconds:.2f}s", file=sys.stderr)
+    # Like criu restore: stay its parent and exit with its status.
+    while True:
+        try:
+            _, status = os.waitpid(res.pid, 0)
+            break
+        except InterruptedError:
+            continue
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+def cmd_show(args) -> int:
+    path = args.dir or args.images_dir
+    if not path:
+        args.parser.error("give the image directory (DIR or -D DIR)")
+    print(engine.show(path))
+    return 0
+
+
+def cmd_check(args) -> int:
+    from .engine.check import check
+    missing = 0
+    for f in check():
+        status = "OK" if f.ok else "MISSING"
+        opt = "" if f.required else " (optional)"
+        print(f"{status:<8} {f.name}{opt}: needed for {f.purpose} -- {f.detail}")
+        missing += f.required and not f.ok
+    print(f"{missing} required feature(s) missing" if missing else "all required features present")
+    return 1 if missing else 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(images=args.images_dir, keep=args.keep, verbose=args.verbose)
+
+
+# --- parser -----------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nbcheckpoint",
+                                description="Process-level checkpoint/restore of Jupyter kernels.")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more output; tracebacks on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # -v is accepted after the subcommand too; SUPPRESS keeps the global value otherwise.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="more output; tracebacks on errors")
+    images = dict(dest="images_dir", metavar="DIR", help="image directory")
+
+    d = sub.add_parser("dump", parents=[common], help="checkpoint a process into an image")
+    d.add_argument("-t", "--tree", "--pid", dest="pid", type=int, required=True, metavar="PID",
+                   help="process to dump")
+    d.add_argument("-D", "--images-dir", "--images", required=True, **images)
+    d.add_argument("-R", "--leave-running", action="store_true",
+                   help="let the process continue after the dump (default: kill it)")
+    d.set_defaults(func=cmd_dump)
+
+    r = sub.add_parser("restore", parents=[common], help="restore a process from an image")
+    r.add_argument("-D", "--images-dir", "--images", required=True, **images)
+    r.add_argument("-d", "--restore-detached", "--detach", dest="detach", action="store_true",
+                   help="print the pid and exit instead of waiting for the process")
+    r.add_argument("--pidfile", metavar="FILE", help="write the restored pid to FILE")
+    r.set_defaults(func=cmd_restore)
+
+    s = sub.add_parser("show", parents=[common], help="describe an image")
+    s.add_argument("dir", nargs="?", metavar="DIR", help="image directory")
+    s.add_argument("-D", "--images-dir", "--images", **images)
+    s.set_defaults(func=cmd_show, parser=s)
+
+    c = sub.add_parser("check", parents=[common], help="probe the kernel features the engine needs")
+    c.set_defaults(func=cmd_check)
+
+    m = sub.add_parser("demo", parents=[common],
+                       help="checkpoint and restore a sample process, and verify its state")
+    m.add_argument("-D", "--images-dir", "--images", **images)
+    m.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    m.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (EngineError, OSError) as e:   # OSError: e.g. an unwritable --pidfile
+        if args.verbose:
+            traceback.print_exc()
+        print(f"nbcheckpoint: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

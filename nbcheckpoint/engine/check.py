@@ -1,0 +1,342 @@
+"""``nbcheckpoint check``: are the kernel features the engine relies on present?
+
+Each probe *uses* the feature the way the engine does (on a forked child or
+on ourselves) instead of reading kernel config, because what matters is
+whether the call works here, with these privileges.  Children forked for
+probes are always killed and reaped, whatever happens.
+"""
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import mmap
+import os
+import signal
+import struct
+from dataclasses import dataclass
+
+from . import errors
+from .sys import memory, proc, ptrace, x86_64
+from .sys.libc import PAGE_SIZE, syscall
+from .sys.x86_64 import NR
+
+
+@dataclass
+class Feature:
+    name: str
+    ok: bool
+    required: bool
+    detail: str       # what was measured, or why it failed
+    purpose: str      # what the engine needs it for
+
+
+# --- constants not in the sys layer (uapi headers) ----------------------------
+PR_SET_MM, PR_SET_MM_MAP_SIZE = 35, 15
+KCMP_FILE = 0
+UFFDIO_API = (3 << 30) | (24 << 16) | (0xAA << 8) | 0x3F   # _IOWR(0xAA, 0x3F, uffdio_api)
+UFFD_API = 0xAA
+UFFD_FEATURE_WP_ASYNC = 1 << 15
+CAP_SYS_ADMIN, CAP_SYS_RESOURCE, CAP_CHECKPOINT_RESTORE = 21, 24, 40
+PM_SOFT_DIRTY = 1 << 55
+PROT_READ, MAP_PRIVATE, MAP_ANONYMOUS = 1, 0x02, 0x20
+
+
+def _sleeper() -> int:
+    """Fork a child that only waits to be killed."""
+    pid = os.fork()
+    if pid == 0:
+        try:       # never return into the caller's code in the child
+            while True:
+                signal.pause()
+        finally:
+            os._exit(0)
+    return pid
+
+
+def _kill_and_reap(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    while True:  # a traced child reports stops before its death: reap until gone
+        try:
+            _, status = ptrace.wait(pid)
+        except errors.SysError:
+            return
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            return
+
+
+def _read_int(path: str) -> int:
+    with open(path) as f:
+        return int(f.read())
+
+
+class _Child:
+    """A forked child that just sleeps, with memory and fds we know.
+
+    Before forking we allocate a read-write buffer, a read-only page and a
+    pipe; fork copies them to the same addresses and fd numbers in the child.
+    """
+
+    def __enter__(self):
+        self.seized = False
+        self.rw = ctypes.create_string_buffer(b"P" * PAGE_SIZE, PAGE_SIZE)
+        self.ro = syscall(NR["mmap"], 0, PAGE_SIZE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0,
+                          request="mmap")
+        self.pipe_r, self.pipe_w = os.pipe()
+        try:
+            self.pid = _sleeper()
+        except BaseException:
+            self.pid = 0
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        if self.pid:
+            _kill_and_reap(self.pid)
+        os.close(self.pipe_r)
+        os.close(self.pipe_w)
+        syscall(NR["munmap"], self.ro, PAGE_SIZE, request="munmap")
+
+    def need_seized(self) -> None:
+        if not self.seized:
+            raise RuntimeError("no ptrace-stopped child to probe (PTRACE_SEIZE failed)")
+
+
+# --- probes: each returns the detail string, or raises --------------------------
+def _seize(c: _Child) -> str:
+    ptrace.seize(c.pid)
+    ptrace.interrupt(c.pid)
+    _, status = ptrace.wait(c.pid)
+    if not (os.WIFSTOPPED(status) and ptrace.stop_event(status) == ptrace.PTRACE_EVENT_STOP):
+        raise RuntimeError(f"child did not enter a PTRACE_EVENT_STOP (status {status:#x})")
+    c.seized = True
+    regs = ptrace.getregs(c.pid)
+    return f"child stopped by INTERRUPT, registers read (rip {regs.rip:#x})"
+
+
+def _xstate(c: _Child) -> str:
+    c.need_seized()
+    want = x86_64.xstate_size()
+    # Ask for more than any CPU needs: the kernel trims iov_len to its own size.
+    got = len(ptrace.getregset(c.pid, ptrace.NT_X86_XSTATE, 1 << 16))
+    if got != want:
+        raise RuntimeError(f"kernel regset is {got} bytes but CPUID leaf 0xD says {want}")
+    return f"{got} bytes, as CPUID leaf 0xD says"
+
+
+def _rseq(c: _Child) -> str:
+    c.need_seized()
+    conf = ptrace.get_rseq_configuration(c.pid)
+    if not conf.rseq_abi_pointer:
+        return "works; the probe child has no rseq area registered"
+    return f"rseq area {conf.rseq_abi_size} bytes, signature {conf.signature:#x}"
+
+
+def _pidfd(c: _Child) -> str:
+    pidfd = memory.pidfd_open(c.pid)
+    try:
+        fd = memory.pidfd_getfd(pidfd, c.pipe_r, c.pid)
+    finally:
+        os.close(pidfd)
+    try:
+        if os.fstat(fd).st_ino != os.fstat(c.pipe_r).st_ino:
+            raise RuntimeError("pidfd_getfd returned a different file")
+    finally:
+        os.close(fd)
+    return "took a pipe fd out of a child"
+
+
+def _vm_rw(c: _Child) -> str:
+    addr = ctypes.addressof(c.rw)
+    src = ctypes.create_string_buffer(b"W" * PAGE_SIZE, PAGE_SIZE)
+    memory.vm_write(c.pid, ctypes.addressof(src), [(addr, PAGE_SIZE)])
+    back = ctypes.create_string_buffer(PAGE_SIZE)
+    memory.vm_read(c.pid, ctypes.addressof(back), [(addr, PAGE_SIZE)])
+    if back.raw != src.raw or c.rw.raw != b"P" * PAGE_SIZE:
+        raise RuntimeError("data read back differs from data written")
+    return "wrote and read back a page of a child"
+
+
+def _proc_mem(c: _Child) -> str:
+    data = b"M" * PAGE_SIZE
+    with memory.ProcMem(c.pid, write=True) as m:
+        m.pwrite(data, c.ro)           # a read-only page: needs FOLL_FORCE
+        if m.pread(PAGE_SIZE, c.ro) != data:
+            raise RuntimeError("data read back differs from data written")
+    return "wrote a read-only page of a child"
+
+
+def _clone3_set_tid() -> str:
+    """clone3(set_tid) of a free pid, done in a forked helper.
+
+    A raw clone3 returns into Python without glibc's fork handlers; that is
+    only safe from a single-threaded process, hence the helper.  It reports
+    through its exit code: 0 ok, 1 every candidate taken, else an errno.
+    """
+    last = _read_int("/proc/sys/kernel/ns_last_pid")
+    pid_max = _read_int("/proc/sys/kernel/pid_max")
+    candidates = [p for p in ((last + d) % pid_max for d in range(200, 1200, 97))
+                  if p > 300 and not proc.exists(p)][:5]
+    helper = os.fork()
+    if helper == 0:
+        code = 1
+        try:
+            for want in candidates:
+                tid = ctypes.c_int(want)
+                # struct clone_args (VER2, 88 bytes): exit_signal=SIGCHLD, set_tid, set_tid_size=1
+                args = (ctypes.c_uint64 * 11)(0, 0, 0, 0, signal.SIGCHLD, 0, 0, 0,
+                                              ctypes.addressof(tid), 1, 0)
+                try:
+                    got = syscall(NR["clone3"], args, ctypes.sizeof(args), request="clone3")
+                except errors.SysError as e:
+                    if e.errno == 17:    # EEXIST: taken meanwhile, try the next one
+                        continue
+                    code = e.errno or 2
+                    break
+                if got == 0:
+                    os._exit(0)          # the new process: leave at once
+                os.waitpid(got, 0)
+                code = 0 if got == want else 3
+                break
+        finally:
+            os._exit(code)
+    try:
+        _, status = os.waitpid(helper, 0)
+    except BaseException:
+        _kill_and_reap(helper)
+        raise
+    code = os.waitstatus_to_exitcode(status)
+    if code == 0:
+        return "created a process with a chosen pid"
+    if code == 1:
+        raise RuntimeError(f"no free pid among {candidates} (all taken)")
+    if code == 3:
+        raise RuntimeError("clone3 ignored set_tid")
+    if code < 0:
+        raise RuntimeError(f"probe helper died of signal {-code}")
+    raise errors.SysError(code, "clone3(set_tid)")
+
+
+def _pagemap_scan() -> str:
+    buf = mmap.mmap(-1, 4 * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: anonymous pages
+    buf[0:1] = b"x"                    # touch pages 0 and 2 only
+    buf[2 * PAGE_SIZE:2 * PAGE_SIZE + 1] = b"x"
+    ref = ctypes.c_char.from_buffer(buf)
+    addr = ctypes.addressof(ref)
+    del ref
+    scanner = memory.PagemapScanner(os.getpid())
+    try:
+        runs = scanner.data_runs(addr, addr + 4 * PAGE_SIZE, anon_only=True)
+    finally:
+        scanner.close()
+        buf.close()
+    want = [(addr, PAGE_SIZE), (addr + 2 * PAGE_SIZE, PAGE_SIZE)]
+    if runs != want:
+        raise RuntimeError(f"found runs {runs}, expected {want}")
+    return "found exactly the touched pages"
+
+
+def _mm_map() -> str:
+    size = ctypes.c_uint(0)
+    syscall(NR["prctl"], PR_SET_MM, PR_SET_MM_MAP_SIZE, ctypes.addressof(size), 0, 0,
+            request="prctl(PR_SET_MM_MAP_SIZE)")
+    caps = _cap_eff()
+    if not caps >> CAP_CHECKPOINT_RESTORE & 1 and not caps >> CAP_SYS_ADMIN & 1:
+        raise RuntimeError("present, but setting it needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN")
+    return f"struct prctl_mm_map is {size.value} bytes"
+
+
+def _userfaultfd() -> str:
+    fd = syscall(NR["userfaultfd"], os.O_CLOEXEC | os.O_NONBLOCK, request="userfaultfd")
+    try:
+        api = bytearray(struct.pack("QQQ", UFFD_API, 0, 0))
+        fcntl.ioctl(fd, UFFDIO_API, api)
+        features = struct.unpack("QQQ", api)[1]
+    finally:
+        os.close(fd)
+    wp = "with" if features & UFFD_FEATURE_WP_ASYNC else "without"
+    return f"{wp} async write-protect (features {features:#x})"
+
+
+def _kcmp() -> str:
+    me = os.getpid()
+    r, w = os.pipe()
+    d = os.dup(r)
+    try:
+        same = syscall(NR["kcmp"], me, me, KCMP_FILE, r, d, request="kcmp")
+        diff = syscall(NR["kcmp"], me, me, KCMP_FILE, r, w, request="kcmp")
+    finally:
+        for fd in (r, w, d):
+            os.close(fd)
+    if same != 0 or diff == 0:
+        raise RuntimeError(f"unexpected answers (dup: {same}, other file: {diff})")
+    return "tells shared open files apart"
+
+
+def _soft_dirty() -> str:
+    buf = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    ref = ctypes.c_char.from_buffer(buf)
+    addr = ctypes.addressof(ref)
+    del ref
+    try:
+        buf[0:1] = b"a"
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("4")                # clear soft-dirty bits
+        buf[0:1] = b"b"                 # ... so this write must set ours again
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(addr // PAGE_SIZE * 8)
+            entry = struct.unpack("Q", f.read(8))[0]
+    finally:
+        buf.close()
+    if not entry & PM_SOFT_DIRTY:
+        raise RuntimeError("no soft-dirty bit after a write (CONFIG_MEM_SOFT_DIRTY off); "
+                           "not needed: the engine uses PAGEMAP_SCAN")
+    return "soft-dirty bit set by a write after clear_refs"
+
+
+def _cap_eff() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def _cap_sys_resource() -> str:
+    if not _cap_eff() >> CAP_SYS_RESOURCE & 1:
+        raise RuntimeError("not in the effective set; the engine uses PR_SET_MM_MAP instead")
+    return "in the effective set"
+
+
+def _run(name: str, required: bool, purpose: str, fn, *args) -> Feature:
+    try:
+        return Feature(name, True, required, fn(*args), purpose)
+    except Exception as e:  # a probe must never abort the whole check
+        return Feature(name, False, required, str(e) or type(e).__name__, purpose)
+
+
+def check() -> list[Feature]:
+    """Probe every feature; never raises for a missing one."""
+    out = []
+    with _Child() as c:
+        # Order matters: the seize probe stops the child the next two need.
+        out += [
+            _run("PTRACE_SEIZE + INTERRUPT", True, "freezing every thread of the target", _seize, c),
+            _run("PTRACE_GETREGSET NT_X86_XSTATE", True, "saving FPU/AVX state of each thread", _xstate, c),
+            _run("PTRACE_GET_RSEQ_CONFIGURATION", True, "re-registering glibc's rseq area", _rseq, c),
+            _run("pidfd_open + pidfd_getfd", True, "copying the target's file descriptors", _pidfd, c),
+            _run("process_vm_readv/writev", True, "fast copying of memory pages", _vm_rw, c),
+            _run("/proc/PID/mem write", True, "writing read-only and PROT_NONE pages", _proc_mem, c),
+        ]
+    out += [
+        _run("clone3 with set_tid", True, "recreating the exact PIDs and TIDs", _clone3_set_tid),
+        _run("PAGEMAP_SCAN ioctl", True, "skipping never-touched and zero pages", _pagemap_scan),
+        _run("PR_SET_MM_MAP", True, "restoring mm fields and /proc/PID/exe", _mm_map),
+        _run("kcmp", True, "finding fds that share an open file", _kcmp),
+        _run("userfaultfd", False, "dirty-page tracking for incremental dumps (later)", _userfaultfd),
+        _run("soft-dirty pages", False, "CRIU-style incremental dumps", _soft_dirty),
+        _run("CAP_SYS_RESOURCE", False, "single-field PR_SET_MM options", _cap_sys_resource),
+    ]
+    return out

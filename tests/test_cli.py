@@ -1,0 +1,153 @@
+"""The `nbcheckpoint` command: feature probes, argument parsing, error output.
+
+Nothing here needs a working engine: dump/restore are replaced where a test
+goes through them.
+"""
+import io
+import os
+import re
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from nbcheckpoint import cli
+from nbcheckpoint.engine import EngineError
+from nbcheckpoint.engine.check import check
+
+
+def _children() -> set[int]:
+    out = set()
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/children") as f:
+            out.update(int(p) for p in f.read().split())
+    return out
+
+
+def test_check_all_required_present_and_no_child_left():
+    before = _children()
+    features = check()
+    missing = [f"{f.name}: {f.detail}" for f in features if f.required and not f.ok]
+    assert not missing
+    assert _children() == before      # probe children were killed and reaped
+    names = {f.name for f in features}
+    assert {"PTRACE_SEIZE + INTERRUPT", "clone3 with set_tid", "PAGEMAP_SCAN ioctl"} <= names
+
+
+def test_check_command_output(capsys):
+    assert cli.main(["check"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "all required features present"
+    assert all(re.match(r"(OK|MISSING) +\S", line) for line in out[:-1])
+    xstate = next(line for line in out if "NT_X86_XSTATE" in line)
+    assert xstate.startswith("OK") and "bytes" in xstate
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["bogus"], ["dump"], ["dump", "-t", "1"], ["dump", "-D", "d"],
+    ["dump", "-t", "x", "-D", "d"], ["restore"], ["show"], ["restore", "-D"],
+])
+def test_argument_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_criu_style_aliases():
+    p = cli.build_parser()
+    a = p.parse_args(["dump", "--tree", "5", "--images-dir", "d", "-R"])
+    assert (a.pid, a.images_dir, a.leave_running) == (5, "d", True)
+    a = p.parse_args(["dump", "--pid", "6", "--images", "e", "-v"])
+    assert (a.pid, a.images_dir, a.leave_running, a.verbose) == (6, "e", False, 1)
+    a = p.parse_args(["-v", "restore", "-D", "d", "-d", "--pidfile", "f"])
+    assert (a.images_dir, a.detach, a.pidfile, a.verbose) == ("d", True, "f", 1)
+    assert p.parse_args(["show", "x"]).dir == "x"
+
+
+def _fail(*a, **k):
+    raise EngineError("boom: pid 1 is not traceable")
+
+
+def test_engine_error_message_without_traceback(monkeypatch, capsys):
+    monkeypatch.setattr(cli.engine, "dump", _fail)
+    assert cli.main(["dump", "-t", "1", "-D", "d"]) == 1
+    err = capsys.readouterr().err
+    assert err == "nbcheckpoint: error: boom: pid 1 is not traceable\n"
+
+
+def test_verbose_error_shows_traceback(monkeypatch, capsys):
+    monkeypatch.setattr(cli.engine, "dump", _fail)
+    assert cli.main(["dump", "-v", "-t", "1", "-D", "d"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.endswith("nbcheckpoint: error: boom: pid 1 is not traceable\n")
+
+
+def _fake_restore(code: str):
+    """engine.restore stand-in whose 'restored process' is a child running `code`."""
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    return proc, lambda *a, **k: SimpleNamespace(pid=proc.pid, seconds=0.0)
+
+
+@pytest.mark.parametrize("code,rc", [("import sys; sys.exit(3)", 3),
+                                     ("import os, signal; os.kill(os.getpid(), signal.SIGTERM)", 143)])
+def test_restore_waits_and_returns_status(monkeypatch, tmp_path, code, rc):
+    proc, fake = _fake_restore(code)
+    monkeypatch.setattr(cli.engine, "restore", fake)
+    pidfile = tmp_path / "pid"
+    assert cli.main(["restore", "-D", "d", "--pidfile", str(pidfile)]) == rc
+    assert pidfile.read_text() == f"{proc.pid}\n"
+
+
+def test_restore_detach_prints_pid(monkeypatch, capsys):
+    proc, fake = _fake_restore("import time; time.sleep(0.2)")
+    monkeypatch.setattr(cli.engine, "restore", fake)
+    assert cli.main(["restore", "-D", "d", "--detach"]) == 0
+    assert capsys.readouterr().out == f"{proc.pid}\n"
+    proc.wait()
+
+
+def test_progress_only_on_a_tty():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    quiet, tty = io.StringIO(), Tty()
+    cli.Progress(quiet)("pages", 1 << 30, 2 << 30)
+    p = cli.Progress(tty)
+    p("pages", 1 << 30, 2 << 30)
+    p.clear()
+    assert quiet.getvalue() == ""
+    assert "pages: 1.0 GiB / 2.0 GiB" in tty.getvalue()
+
+
+def test_demo_cleans_up_when_the_engine_fails(monkeypatch, capsys):
+    monkeypatch.setattr(cli.engine, "dump", _fail)
+    assert cli.main(["demo"]) == 1
+    out = capsys.readouterr().out
+    tmp = re.search(r"working in (\S+)", out).group(1)
+    pid = int(re.search(r"started target pid (\d+)", out).group(1))
+    assert not os.path.exists(tmp)
+    assert pid not in _children()
+
+
+def test_demo_target_passes_verification_when_left_alone(tmp_path):
+    """The demo's checks hold for a target that simply keeps running."""
+    from nbcheckpoint import demo
+    log = tmp_path / "state.log"
+    log.touch()
+    script = os.path.join(os.path.dirname(demo.__file__), "demo_target.py")
+    proc = subprocess.Popen([sys.executable, "-I", script, str(log)], stdin=subprocess.DEVNULL)
+    try:
+        states = demo.StateLog(str(log))
+        alive = lambda: proc.poll() is None  # noqa: E731
+        lines = [states.next(alive)]
+        for _ in range(3):
+            proc.send_signal(demo.signal.SIGUSR1)
+            lines.append(states.next(alive))
+        checks = demo._verify(*lines[1:])
+        assert all(ok for ok, _ in checks), checks
+        assert lines[1]["size"] == 256 << 20 and lines[1]["gen_next"] == 51
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
