@@ -70,8 +70,9 @@ class Remote:
         regs.eflags &= ~0x100           # TF is set by the kernel for singlestep
         if rsp is not None:
             regs.rsp = rsp
-        for reg, val in zip(_ARG_REGS, args):
-            setattr(regs, reg, val & ((1 << 64) - 1))
+        # Unused argument registers are zeroed: some calls check them (prctl's arg5).
+        for i, reg in enumerate(_ARG_REGS):
+            setattr(regs, reg, (args[i] if i < len(args) else 0) & ((1 << 64) - 1))
         ptrace.setregs(self.tid, regs)
         self._step()
         res = x86_64.to_signed(ptrace.getregs(self.tid).rax)

@@ -7,6 +7,7 @@ thread it creates afterwards start traced and stopped, so the loop converges.
 from __future__ import annotations
 
 import errno
+import os
 import signal
 
 from .errors import DumpError, SysError
@@ -95,10 +96,19 @@ class Frozen:
         self.tids = []
 
     def kill(self) -> None:
-        """SIGKILL the process while it is still frozen, so it never runs again."""
-        import os
+        """SIGKILL the process while it is still frozen, so it never runs again.
+
+        As its tracer we are told of each thread's death first; consume those
+        reports so the real parent can reap the process.
+        """
         try:
             os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for tid in self.tids:
+            try:
+                while (ptrace.wait(tid)[1] & 0xFF) == 0x7F:
+                    pass
+            except SysError:
+                pass
         self.tids = []

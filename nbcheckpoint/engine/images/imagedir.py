@@ -4,7 +4,8 @@ Layout (one directory per image, 0700; files 0600)::
 
     inventory.img          table of contents, written last (checksums of all files)
     pstree.img             Process messages
-    core-PID.img           TaskCore, then one ThreadCore per thread
+    task-PID.img           TaskCore (per-process state)
+    core-PID.img           one ThreadCore per thread, the main thread first
     mm-PID.img             Mm
     files-PID.img          FdEntry messages
     pagemap-NAME.img       PagemapHead, then PagemapEntry runs

@@ -24,17 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(nbcheckpoint/engine/images/pagemap.proto\x12\x13nbcheckpoint.images\"6\n\x0bPagemapHead\x12\x12\n\npages_file\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\"p\n\x0cPagemapEntry\x12\r\n\x05vaddr\x18\x01 \x01(\x04\x12\x10\n\x08nr_pages\x18\x02 \x01(\x04\x12/\n\x06source\x18\x03 \x01(\x0e\x32\x1f.nbcheckpoint.images.PageSource\x12\x0e\n\x06\x64igest\x18\x04 \x01(\x0c*.\n\nPageSource\x12\t\n\x05LOCAL\x10\x00\x12\n\n\x06PARENT\x10\x01\x12\t\n\x05STORE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(nbcheckpoint/engine/images/pagemap.proto\x12\x13nbcheckpoint.images\"p\n\x0cPagemapEntry\x12\r\n\x05vaddr\x18\x01 \x01(\x04\x12\x10\n\x08nr_pages\x18\x02 \x01(\x04\x12/\n\x06source\x18\x03 \x01(\x0e\x32\x1f.nbcheckpoint.images.PageSource\x12\x0e\n\x06\x64igest\x18\x04 \x01(\x0c*.\n\nPageSource\x12\t\n\x05LOCAL\x10\x00\x12\n\n\x06PARENT\x10\x01\x12\t\n\x05STORE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nbcheckpoint.engine.images.pagemap_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PAGESOURCE']._serialized_start=235
-  _globals['_PAGESOURCE']._serialized_end=281
-  _globals['_PAGEMAPHEAD']._serialized_start=65
-  _globals['_PAGEMAPHEAD']._serialized_end=119
-  _globals['_PAGEMAPENTRY']._serialized_start=121
-  _globals['_PAGEMAPENTRY']._serialized_end=233
+  _globals['_PAGESOURCE']._serialized_start=179
+  _globals['_PAGESOURCE']._serialized_end=225
+  _globals['_PAGEMAPENTRY']._serialized_start=65
+  _globals['_PAGEMAPENTRY']._serialized_end=177
 # @@protoc_insertion_point(module_scope)

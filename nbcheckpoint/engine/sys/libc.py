@@ -29,8 +29,8 @@ def check(result: int, request: str, pid: int | None = None) -> int:
 
 def syscall(nr: int, *args, request: str, pid: int | None = None) -> int:
     """Raw syscall(2) from the engine process itself."""
-    cargs = [a if isinstance(a, (ctypes._SimpleCData, ctypes.Array, ctypes.Structure))
-             or hasattr(a, "_as_parameter_") else ctypes.c_long(a) for a in args]
+    # ints become longs (ctypes would truncate them to int); pointers pass as they are.
+    cargs = [ctypes.c_long(0 if a is None else a) if a is None or isinstance(a, int) else a for a in args]
     return check(_syscall(ctypes.c_long(nr), *cargs), request, pid)
 
 

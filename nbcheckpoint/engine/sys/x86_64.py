@@ -20,7 +20,7 @@ NR = dict(
     mlock=149, prctl=157, arch_prctl=158, chroot=161, gettid=186, futex=202,
     set_tid_address=218, exit_group=231, tgkill=234, set_robust_list=273,
     get_robust_list=274, dup3=292, rt_tgsigqueueinfo=297, prlimit64=302,
-    getcpu=309, process_vm_readv=310, process_vm_writev=311, kcmp=312,
+    getcpu=309, setpgid=109, setsid=112, getsid=124, process_vm_readv=310, process_vm_writev=311, kcmp=312,
     memfd_create=319, userfaultfd=323, rseq=334, pidfd_open=434, clone3=435,
     close_range=436, pidfd_getfd=438, restart_syscall=219,
 )

@@ -1,0 +1,80 @@
+"""Per-thread state: registers, xstate, signal mask, sigaltstack, rseq,
+robust list, clear_child_tid, name, pending signals.  Dump and restore.
+
+Some of it has no /proc or ptrace interface and is read by syscalls injected
+into the thread itself: sigaltstack(2) and prctl(PR_GET_TID_ADDRESS).
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+
+from .images import core_pb2
+from .inject import Remote
+from .sys import proc, ptrace, x86_64
+from .sys.libc import syscall
+from .sys.x86_64 import NR
+
+PR_GET_TID_ADDRESS = 40
+SS_ONSTACK, SS_DISABLE = 1, 2
+RSEQ_FLAG_UNREGISTER = 1
+_STACK_T = struct.Struct("<QiiQ")  # ss_sp, ss_flags, (pad), ss_size
+
+
+def get_robust_list(tid: int) -> tuple[int, int]:
+    head, ln = ctypes.c_uint64(), ctypes.c_size_t()
+    syscall(NR["get_robust_list"], tid, ctypes.byref(head), ctypes.byref(ln), request="get_robust_list", pid=tid)
+    return head.value, ln.value
+
+
+def dump_thread(pid: int, tid: int, remote: Remote, xstate_size: int) -> core_pb2.ThreadCore:
+    """`remote` is an open Remote on this very thread, with a scratch page."""
+    t = core_pb2.ThreadCore(tid=tid, comm=proc.comm(pid, tid))
+    t.regs = bytes(remote.saved_regs)
+    t.xstate = ptrace.getregset(tid, ptrace.NT_X86_XSTATE, xstate_size)
+    t.sigmask = remote.saved_mask
+    rs = ptrace.get_rseq_configuration(tid)
+    t.rseq_addr, t.rseq_len, t.rseq_sig = rs.rseq_abi_pointer, rs.rseq_abi_size, rs.signature
+    t.robust_head, t.robust_len = get_robust_list(tid)
+    scratch = remote.scratch
+    remote.syscall("prctl", PR_GET_TID_ADDRESS, scratch)
+    (t.clear_child_tid,) = struct.unpack("<Q", remote.read(scratch, 8))
+    remote.syscall("sigaltstack", 0, scratch)
+    sp, flags, _, size = _STACK_T.unpack(remote.read(scratch, _STACK_T.size))
+    t.altstack_sp, t.altstack_flags, t.altstack_size = sp, flags, size
+    t.pending.extend(ptrace.peek_pending(tid, shared=False))
+    return t
+
+
+def restore_thread_state(remote: Remote, t: core_pb2.ThreadCore, signal_pending) -> None:
+    """Everything but registers, injected into the restored thread itself."""
+    remote.syscall("set_tid_address", t.clear_child_tid)
+    if t.robust_head:
+        remote.syscall("set_robust_list", t.robust_head, t.robust_len)
+    if t.rseq_addr:
+        remote.syscall("rseq", t.rseq_addr, t.rseq_len, 0, t.rseq_sig)
+    if not t.altstack_flags & SS_DISABLE:
+        # SS_ONSTACK is a status, not a request; the stub is not on that stack.
+        remote.write(remote.scratch, _STACK_T.pack(t.altstack_sp, t.altstack_flags & ~SS_ONSTACK, 0, t.altstack_size))
+        remote.syscall("sigaltstack", remote.scratch, 0)
+    for info in t.pending:
+        signal_pending(remote, info, t.tid)
+    try:
+        with open(f"/proc/{remote.pid}/task/{t.tid}/comm", "w") as f:
+            f.write(t.comm)
+    except OSError:
+        pass
+
+
+def final_regs(t: core_pb2.ThreadCore) -> x86_64.Regs:
+    regs = x86_64.regs_from_bytes(t.regs)
+    x86_64.rewind_interrupted_syscall(regs)
+    return regs
+
+
+def unregister_rseq(remote: Remote, tid: int) -> None:
+    """The stub inherited the engine thread's rseq area; drop it before the
+    memory behind it is unmapped (else the kernel faults the thread on resume)."""
+    rs = ptrace.get_rseq_configuration(tid)
+    if rs.rseq_abi_pointer:
+        remote.syscall("rseq", rs.rseq_abi_pointer, rs.rseq_abi_size, RSEQ_FLAG_UNREGISTER, rs.signature)

@@ -1,0 +1,137 @@
+"""Dump: freeze a process, save everything, then kill it or let it go on.
+
+Phases, in order:
+
+1. validate the images dir (before touching the target);
+2. freeze every thread (seize.py);
+3. collect what needs no injection: VMAs (mm.py), fds (files/);
+4. inject into the process (a scratch page, brk(0), handlers, per-thread
+   state) and put every register back: after this phase the process is as
+   it was, so a failure later only needs a thaw;
+5. stream private pages and shmem objects (pages.py);
+6. leave-running: thaw now, so the process is frozen only while we copy;
+7. fsync everything, write the inventory, rename: the image appears whole;
+8. otherwise kill the still-frozen process only now that the image is safe.
+
+Any failure before 8 thaws the process and removes the partial image.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass
+
+from .core import dump_thread
+from .errors import DumpError
+from .files import dump_fds
+from .images import imagedir, inventory_pb2, pstree_pb2
+from .inject import Remote, find_syscall_insn
+from .mm import dump_mm, private_dirty_vmas
+from .images import mm_pb2
+from . import pages
+from .seize import Frozen
+from .sys import proc, x86_64
+from .sys.libc import PAGE_SIZE
+from .task import dump_task
+
+
+@dataclass
+class DumpStats:
+    pid: int
+    images_dir: str
+    threads: int
+    vmas: int
+    pages_bytes: int
+    image_bytes: int
+    frozen_seconds: float
+    total_seconds: float
+
+
+def dump(pid: int, images_dir, leave_running: bool = False, progress=None) -> DumpStats:
+    t0 = time.monotonic()
+    img = imagedir.ImageWriter(os.fspath(images_dir))
+    frozen = None
+    try:
+        frozen = Frozen(pid).freeze()
+        if progress:
+            progress("frozen", len(frozen.tids), 0)
+        st = proc.stat(pid)
+        process = pstree_pb2.Process(pid=pid, ppid=int(st[4]), pgid=int(st[5]), sid=int(st[6]), tids=frozen.tids)
+        mm = dump_mm(pid)
+        fds = dump_fds(pid, img)
+        vdso = next((v for v in mm.vmas if v.kind == mm_pb2.VDSO), None)
+        if vdso is None:
+            raise DumpError(f"process {pid} has no [vdso] mapping; the engine needs one to run syscalls in it")
+        task, threads = _inject_phase(pid, frozen.tids, mm, find_syscall_insn(pid, vdso.start, vdso.end))
+
+        pages_bytes = pages.dump_private(pid, list(private_dirty_vmas(mm)), img, str(pid), progress)
+        done_shmem = set()
+        for v in mm.vmas:
+            if v.shmem_id and v.shmem_id not in done_shmem:
+                done_shmem.add(v.shmem_id)
+                pages_bytes += pages.dump_shmem(pid, v, img)
+
+        img.messages("pstree.img", "nbcheckpoint.images.Process").add(process)
+        img.messages(f"task-{pid}.img", "nbcheckpoint.images.TaskCore").add(task)
+        cores = img.messages(f"core-{pid}.img", "nbcheckpoint.images.ThreadCore")
+        for t in threads:
+            cores.add(t)
+        img.messages(f"mm-{pid}.img", "nbcheckpoint.images.Mm").add(mm)
+        fw = img.messages(f"files-{pid}.img", "nbcheckpoint.images.FdEntry")
+        for e in fds:
+            fw.add(e)
+
+        frozen_s = time.monotonic() - t0
+        if leave_running:
+            frozen.thaw()
+            frozen = None
+        if progress:
+            progress("sync", 0, 0)
+        img.finish_files()
+        image_bytes = sum(s.size for s in img._sums)
+        inv = inventory_pb2.Inventory(
+            engine_version=_version(), root_pid=pid, kernel_release=platform.release(),
+            arch=platform.machine(), page_size=PAGE_SIZE, xstate_size=x86_64.xstate_size(),
+            xfeatures=_xfeatures(), created=time.time(), leave_running=leave_running,
+            hostname=platform.node(), frozen_seconds=frozen_s)
+        final = img.commit(inv)
+        if frozen is not None:
+            frozen.kill()
+            frozen = None
+            frozen_s = time.monotonic() - t0
+        return DumpStats(pid=pid, images_dir=final, threads=len(threads), vmas=len(mm.vmas),
+                         pages_bytes=pages_bytes, image_bytes=image_bytes,
+                         frozen_seconds=frozen_s, total_seconds=time.monotonic() - t0)
+    except BaseException:
+        img.abort()
+        if frozen is not None:
+            frozen.thaw()
+        raise
+
+
+def _inject_phase(pid: int, tids: list[int], mm, syscall_addr: int):
+    """State only the process itself can tell us; registers are restored after."""
+    xsize = x86_64.xstate_size()
+    with Remote(pid, pid, syscall_addr) as main:
+        main.map_scratch()
+        try:
+            mm.brk = main.syscall("brk", 0)
+            task = dump_task(pid, main)
+            threads = [dump_thread(pid, pid, main, xsize)]
+            for tid in tids[1:]:
+                with Remote(pid, tid, syscall_addr, scratch=main.scratch) as r:
+                    threads.append(dump_thread(pid, tid, r, xsize))
+        finally:
+            main.syscall("munmap", main.scratch, PAGE_SIZE)
+    return task, threads
+
+
+def _xfeatures() -> int:
+    eax, _, _, edx = x86_64.cpuid(0xD, 0)
+    return eax | (edx << 32)
+
+
+def _version() -> str:
+    from .. import __version__
+    return __version__

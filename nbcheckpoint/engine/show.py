@@ -1,0 +1,64 @@
+"""A readable summary of an image, like CRIU's `crit show` condensed."""
+from __future__ import annotations
+
+import datetime
+import os
+
+from .images import core_pb2, files_pb2, imagedir, mm_pb2, pagemap_pb2, pstree_pb2
+from .sys.libc import PAGE_SIZE
+
+_PROT = lambda p: ("r" if p & 1 else "-") + ("w" if p & 2 else "-") + ("x" if p & 4 else "-")  # noqa: E731
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def show(images_dir) -> str:
+    rd = imagedir.ImageReader(os.fspath(images_dir))
+    inv = rd.inventory
+    total = sum(s.size for s in inv.files)
+    when = datetime.datetime.fromtimestamp(inv.created).isoformat(timespec="seconds")
+    out = [f"image {rd.dir}",
+           f"  format {inv.format_version}, nbcheckpoint {inv.engine_version}, taken {when} on {inv.hostname} "
+           f"(Linux {inv.kernel_release} {inv.arch})",
+           f"  {len(inv.files)} files, {_size(total)}; frozen {inv.frozen_seconds:.3f} s"
+           + ("; the process was left running" if inv.leave_running else "")]
+    for p in rd.messages("pstree.img", pstree_pb2.Process):
+        task = rd.messages(f"task-{p.pid}.img", core_pb2.TaskCore)[0]
+        out.append(f"process {p.pid} (ppid {p.ppid}, pgid {p.pgid}, sid {p.sid}), cwd {task.cwd}, "
+                   f"uid {list(task.creds.uids)[:1]}, {len(task.sigactions)} signal handlers, "
+                   f"{len(task.shared_pending)} pending signals")
+        for t in rd.messages(f"core-{p.pid}.img", core_pb2.ThreadCore):
+            from .sys.x86_64 import regs_from_bytes
+            r = regs_from_bytes(t.regs)
+            out.append(f"  thread {t.tid} {t.comm!r}: rip {r.rip:#x} rsp {r.rsp:#x}, sigmask {t.sigmask:#x}, "
+                       f"{len(t.pending)} pending" + (f", altstack {t.altstack_sp:#x}+{t.altstack_size}"
+                                                       if t.altstack_size and not t.altstack_flags & 2 else ""))
+        mm = rd.messages(f"mm-{p.pid}.img", mm_pb2.Mm)[0]
+        saved = {}
+        for e in rd.messages(f"pagemap-{p.pid}.img", pagemap_pb2.PagemapEntry):
+            saved[e.vaddr] = e.nr_pages
+        starts = sorted(saved)
+        out.append(f"  exe {mm.exe.path}; {len(mm.vmas)} mappings, {_size(sum(saved.values()) * PAGE_SIZE)} of pages saved")
+        import bisect
+        for v in mm.vmas:
+            i = bisect.bisect_left(starts, v.start)
+            npg = 0
+            while i < len(starts) and starts[i] < v.end:
+                npg += saved[starts[i]]
+                i += 1
+            kind = mm_pb2.VmaKind.Name(v.kind).lower()
+            out.append(f"    {v.start:#014x}-{v.end:#014x} {_PROT(v.prot)} {kind:<12} {_size(v.end - v.start):>10}"
+                       f" saved {_size(npg * PAGE_SIZE):>10}  {v.name}")
+        out.append("  fds:")
+        for e in rd.messages(f"files-{p.pid}.img", files_pb2.FdEntry):
+            kind = files_pb2.FdKind.Name(e.kind).lower()
+            extra = " (deleted, content saved)" if e.reg.deleted else ""
+            out.append(f"    {e.fd:>4} {kind:<4} {e.reg.stat.path} flags {e.reg.flags:#o} pos {e.reg.pos}"
+                       f"{' cloexec' if e.cloexec else ''}{extra}")
+    return "\n".join(out)

@@ -1,0 +1,148 @@
+"""Per-process state: signal handlers and process-directed pending signals,
+rlimits, credentials, cwd/root, umask, personality, pdeathsig, dumpable.
+
+Signal handlers have no /proc interface: rt_sigaction(2) is injected, one call
+per signal.  Credentials are per thread in Linux (glibc's setuid() signals
+every thread); raw injected calls set them thread by thread, last, because
+restoring threads with clone3(set_tid) needs our privileges.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+
+from .errors import UnsupportedError
+from .images import core_pb2
+from .inject import Remote
+from .sys import proc, ptrace
+from .sys.libc import syscall
+from .sys.x86_64 import NR
+
+NSIG = 64
+_SIGACTION = struct.Struct("<QQQQ")     # handler, flags, restorer, mask (kernel struct sigaction)
+PR_GET_PDEATHSIG, PR_SET_PDEATHSIG = 2, 1
+PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
+RLIM_NLIMITS = 16
+
+
+class _Rlimit(ctypes.Structure):
+    _fields_ = [("cur", ctypes.c_uint64), ("max", ctypes.c_uint64)]
+
+
+def prlimit(pid: int, res: int, new: tuple[int, int] | None = None) -> tuple[int, int]:
+    old = _Rlimit()
+    newp = ctypes.byref(_Rlimit(*new)) if new else None
+    syscall(NR["prlimit64"], pid, res, newp, ctypes.byref(old), request=f"prlimit64(resource {res})", pid=pid)
+    return old.cur, old.max
+
+
+def dump_task(pid: int, remote: Remote) -> core_pb2.TaskCore:
+    t = core_pb2.TaskCore(pid=pid, personality=proc.personality(pid))
+    st = proc.status(pid)
+    t.umask = int(st["Umask"], 8)
+    t.creds.uids.extend(int(x) for x in st["Uid"].split())
+    t.creds.gids.extend(int(x) for x in st["Gid"].split())
+    t.creds.groups.extend(int(x) for x in st["Groups"].split())
+    for f in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        setattr(t.creds, "cap_" + f[3:].lower(), int(st[f], 16))
+    for res in range(RLIM_NLIMITS):
+        cur, mx = prlimit(pid, res)
+        t.rlimits.append(core_pb2.Rlimit(resource=res, cur=cur, max=mx))
+    t.cwd = _fs_path(pid, "cwd")
+    t.root = _fs_path(pid, "root")
+    s = remote.scratch
+    for sig in range(1, NSIG + 1):
+        if sig in (9, 19):      # SIGKILL, SIGSTOP cannot have handlers
+            continue
+        remote.syscall("rt_sigaction", sig, 0, s, 8)
+        h, fl, rst, mask = _SIGACTION.unpack(remote.read(s, _SIGACTION.size))
+        if h or fl or mask:
+            t.sigactions.append(core_pb2.SigAction(sig=sig, handler=h, flags=fl, restorer=rst, mask=mask))
+    remote.syscall("prctl", PR_GET_PDEATHSIG, s)
+    t.pdeathsig = struct.unpack("<i", remote.read(s, 4))[0]
+    t.dumpable = remote.syscall("prctl", PR_GET_DUMPABLE) == 1
+    t.shared_pending.extend(ptrace.peek_pending(pid, shared=True))
+    return t
+
+
+def _fs_path(pid: int, which: str) -> str:
+    path = proc.readlink(f"/proc/{pid}/{which}", pid)
+    if path.endswith(" (deleted)"):
+        raise UnsupportedError(f"process {pid}: its {which} directory {path} was deleted; not supported")
+    return path
+
+
+def fs_fds(t: core_pb2.TaskCore) -> dict[str, int]:
+    """Engine fds of cwd (and root if not '/'), inherited by the stub for fchdir."""
+    out = {"cwd": os.open(t.cwd, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)}
+    if t.root != "/":
+        out["root"] = os.open(t.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return out
+
+
+def restore_fs(remote: Remote, t: core_pb2.TaskCore, fds: dict[str, int]) -> None:
+    if "root" in fds:
+        remote.syscall("fchdir", fds["root"])
+        remote.write(remote.scratch, b".\0")
+        remote.syscall("chroot", remote.scratch)
+    remote.syscall("fchdir", fds["cwd"])
+    remote.syscall("umask", t.umask)
+    remote.syscall("personality", t.personality)
+
+
+def restore_sigactions(remote: Remote, t: core_pb2.TaskCore) -> None:
+    by_sig = {a.sig: a for a in t.sigactions}
+    s = remote.scratch
+    for sig in range(1, NSIG + 1):
+        if sig in (9, 19):
+            continue
+        a = by_sig.get(sig)
+        remote.write(s, _SIGACTION.pack(a.handler, a.flags, a.restorer, a.mask) if a else bytes(_SIGACTION.size))
+        remote.syscall("rt_sigaction", sig, s, 0, 8)
+
+
+def restore_misc(remote: Remote, t: core_pb2.TaskCore) -> None:
+    remote.syscall("prctl", PR_SET_PDEATHSIG, t.pdeathsig)
+    remote.syscall("prctl", PR_SET_DUMPABLE, 1 if t.dumpable else 0)
+
+
+def restore_rlimits(pid: int, t: core_pb2.TaskCore) -> None:
+    for r in t.rlimits:
+        prlimit(pid, r.resource, (r.cur, r.max))
+
+
+def queue_signal(remote: Remote, info: bytes, tid: int | None) -> None:
+    """Queue a saved siginfo again: to thread `tid`, or to the process if None.
+
+    rt_(tg)sigqueueinfo accepts any si_code when a process signals itself,
+    which is why this runs inside the restored process.
+    """
+    sig = struct.unpack_from("<i", info, 0)[0]
+    remote.write(remote.scratch, info)
+    if tid is None:
+        remote.syscall("rt_sigqueueinfo", remote.pid, sig, remote.scratch)
+    else:
+        remote.syscall("rt_tgsigqueueinfo", remote.pid, tid, sig, remote.scratch)
+
+
+def restore_creds(remote: Remote, t: core_pb2.TaskCore) -> None:
+    """Set credentials in the thread behind `remote` (skipped if already equal)."""
+    c = t.creds
+    cur = proc.status(remote.pid, remote.tid)
+    if ([int(x) for x in cur["Uid"].split()] == list(c.uids) and [int(x) for x in cur["Gid"].split()] == list(c.gids)
+            and [int(x) for x in cur["Groups"].split()] == list(c.groups)
+            and int(cur["CapEff"], 16) == c.cap_eff and int(cur["CapPrm"], 16) == c.cap_prm
+            and int(cur["CapInh"], 16) == c.cap_inh):
+        return
+    s = remote.scratch
+    remote.write(s, struct.pack(f"<{len(c.groups)}I", *c.groups) if c.groups else b"\0" * 4)
+    remote.syscall("setgroups", len(c.groups), s)
+    remote.syscall("setresgid", c.gids[0], c.gids[1], c.gids[2])
+    remote.syscall("setresuid", c.uids[0], c.uids[1], c.uids[2])
+    # capset(2): header {version 3, pid 0} then two {effective, permitted, inheritable} words
+    hdr = struct.pack("<Ii", 0x20080522, 0)
+    lo = struct.pack("<III", c.cap_eff & 0xFFFFFFFF, c.cap_prm & 0xFFFFFFFF, c.cap_inh & 0xFFFFFFFF)
+    hi = struct.pack("<III", c.cap_eff >> 32, c.cap_prm >> 32, c.cap_inh >> 32)
+    remote.write(s, hdr + lo + hi)
+    remote.syscall("capset", s, s + len(hdr))
