@@ -105,7 +105,8 @@ class Frozen:
             os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        for tid in self.tids:
+        # The leader's death is reported only after all other threads are gone.
+        for tid in sorted(self.tids, key=lambda t: t == self.pid):
             try:
                 while (ptrace.wait(tid)[1] & 0xFF) == 0x7F:
                     pass
