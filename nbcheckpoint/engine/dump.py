@@ -44,8 +44,9 @@ class DumpStats:
     vmas: int
     pages_bytes: int
     image_bytes: int
-    frozen_seconds: float
-    total_seconds: float
+    copy_seconds: float      # freeze to image data written (page cache), not yet durable
+    frozen_seconds: float    # how long the process could not run
+    total_seconds: float     # until the image is durable and renamed into place
 
 
 def dump(pid: int, images_dir, leave_running: bool = False, progress=None) -> DumpStats:
@@ -82,7 +83,7 @@ def dump(pid: int, images_dir, leave_running: bool = False, progress=None) -> Du
         for e in fds:
             fw.add(e)
 
-        frozen_s = time.monotonic() - t0
+        copy_s = frozen_s = time.monotonic() - t0
         if leave_running:
             frozen.thaw()
             frozen = None
@@ -101,7 +102,7 @@ def dump(pid: int, images_dir, leave_running: bool = False, progress=None) -> Du
             frozen = None
             frozen_s = time.monotonic() - t0
         return DumpStats(pid=pid, images_dir=final, threads=len(threads), vmas=len(mm.vmas),
-                         pages_bytes=pages_bytes, image_bytes=image_bytes,
+                         pages_bytes=pages_bytes, image_bytes=image_bytes, copy_seconds=copy_s,
                          frozen_seconds=frozen_s, total_seconds=time.monotonic() - t0)
     except BaseException:
         img.abort()

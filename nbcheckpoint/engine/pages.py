@@ -4,15 +4,17 @@ Only pages that hold data are saved: PAGEMAP_SCAN gives the present or
 swapped runs, minus the shared zero page and, in private file mappings, the
 page-cache pages (those are in the file; only copied-on-write pages differ).
 
-Pages move in batches of up to CHUNK bytes through one reusable buffer: one
-process_vm_readv/writev call per batch with an iovec per run.  The engine
-never holds more than one chunk, whatever the target's size.
+Pages move in batches of up to CHUNK bytes: one process_vm_readv/writev call
+per batch with an iovec per run, through two reusable buffers so that image
+I/O overlaps the copy (see _Pipeline).  The engine never holds more than two
+chunks, whatever the target's size.
 """
 from __future__ import annotations
 
 import ctypes
 import mmap
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 from .errors import ImageError
 from .images import pagemap_pb2
@@ -28,11 +30,6 @@ class _Buffer:
         self.mem = mmap.mmap(-1, size)
         self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.mem))
         self.view = memoryview(self.mem)
-        self.size = size
-
-    def close(self) -> None:
-        self.view.release()
-        # from_buffer keeps an export alive until collected; the mmap dies with the process anyway.
 
 
 def _pieces(addr: int, length: int):
@@ -43,111 +40,138 @@ def _pieces(addr: int, length: int):
         length -= n
 
 
-class _Batcher:
-    """Collects remote runs until a chunk is full, then moves them in one call."""
+def _batches(runs):
+    """Group (addr, length, direct) runs into chunk-sized batches.
 
-    def __init__(self, flush):
-        self.runs: list[tuple[int, int]] = []
-        self.total = 0
-        self._flush = flush
-
-    def add(self, addr: int, length: int) -> None:
+    `direct` runs go through process_vm_readv/writev, one call per batch;
+    the others (pages the target itself may not read or write) through
+    /proc/PID/mem, and never share a batch with direct ones.
+    """
+    batch, total, kind = [], 0, None
+    for addr, length, direct in runs:
         for a, n in _pieces(addr, length):
-            if self.total + n > CHUNK:
-                self.flush()
-            self.runs.append((a, n))
-            self.total += n
+            if batch and (total + n > CHUNK or kind != direct):
+                yield kind, batch, total
+                batch, total = [], 0
+            batch.append((a, n))
+            total += n
+            kind = direct
+    if batch:
+        yield kind, batch, total
 
-    def flush(self) -> None:
-        if self.runs:
-            self._flush(self.runs, self.total)
-            self.runs, self.total = [], 0
+
+class _Pipeline:
+    """Two buffers and one I/O thread: the image file is read or written for
+    one batch while the engine thread moves the other batch to or from the
+    target.  Only the engine thread touches the target (ptrace rule); the
+    I/O thread only does read(2)/write(2) on the image, which release the GIL."""
+
+    def __init__(self):
+        self.bufs = [_Buffer(), _Buffer()]
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbcheckpoint-io")
+        self.pending = [None, None]
+
+    def wait(self, i: int) -> None:
+        f, self.pending[i] = self.pending[i], None
+        if f is not None:
+            f.result()
+
+    def submit(self, i: int, fn, *args) -> None:
+        self.pending[i] = self.pool.submit(fn, *args)
+
+    def close(self) -> None:
+        for i in (0, 1):
+            try:
+                self.wait(i)
+            except BaseException:
+                pass
+        self.pool.shutdown(wait=True)
 
 
 def dump_private(pid: int, vmas, img, name: str, progress=None) -> int:
     """Save the private pages of `vmas`; returns the bytes written."""
     entries = img.messages(f"pagemap-{name}.img", "nbcheckpoint.images.PagemapEntry")
     out = img.raw(f"pages-{name}.img")
-    buf = _Buffer()
     scanner = PagemapScanner(pid)
-    mem = None
-    done = 0
-
-    def flush(runs, total):
-        nonlocal done
-        vm_read(pid, buf.addr, runs)
-        out.write(buf.view[:total])
-        done += total
-        if progress:
-            progress("pages", done, 0)
-
-    batch = _Batcher(flush)
+    runs = []
     try:
         for v in vmas:
-            runs = scanner.data_runs(v.start, v.end, anon_only=True)
-            for a, n in runs:
+            for a, n in scanner.data_runs(v.start, v.end, anon_only=True):
                 entries.add(pagemap_pb2.PagemapEntry(vaddr=a, nr_pages=n // PAGE_SIZE))
-                if v.prot & PROT_READ:
-                    batch.add(a, n)
-                    continue
-                # process_vm_readv honours the target's protections; /proc/PID/mem does not.
-                batch.flush()
-                mem = mem or ProcMem(pid)
-                for pa, pn in _pieces(a, n):
-                    data = mem.pread(pn, pa)
-                    out.write(data)
-                    done += pn
-        batch.flush()
+                runs.append((a, n, bool(v.prot & PROT_READ)))
     finally:
         scanner.close()
+    total_bytes = sum(n for _, n, _ in runs)
+    pipe = _Pipeline()
+    mem = None
+    done = 0
+    try:
+        for k, (direct, batch, total) in enumerate(_batches(runs)):
+            i = k % 2
+            pipe.wait(i)                  # this buffer's previous write is done
+            buf = pipe.bufs[i]
+            if direct:
+                vm_read(pid, buf.addr, batch)
+            else:
+                # process_vm_readv honours the target's protections; /proc/PID/mem does not.
+                mem = mem or ProcMem(pid)
+                buf.view[:total] = mem.pread(total, batch[0][0]) if len(batch) == 1 else b"".join(
+                    mem.pread(n, a) for a, n in batch)
+            pipe.submit(i, out.write, buf.view[:total])
+            done += total
+            if progress:
+                progress("pages", done, total_bytes)
+    finally:
+        pipe.close()
         if mem:
             mem.close()
-        buf.close()
     return done
 
 
 def restore_private(pid: int, reader, name: str, index: VmaIndex, progress=None) -> int:
     """Write the saved pages into process `pid`, whose VMAs are already mapped."""
-    entries = reader.messages(f"pagemap-{name}.img", pagemap_pb2.PagemapEntry)
+    runs = []
+    for e in reader.messages(f"pagemap-{name}.img", pagemap_pb2.PagemapEntry):
+        length = e.nr_pages * PAGE_SIZE
+        v = index.find(e.vaddr)
+        if e.source != pagemap_pb2.LOCAL:
+            raise ImageError(f"pagemap-{name}.img: page source {e.source} is not supported by this version")
+        if v is None or e.vaddr + length > v.end:
+            raise ImageError(f"pagemap-{name}.img: pages at {e.vaddr:#x} (+{length}) lie outside "
+                             "every mapping: the image is inconsistent")
+        runs.append((e.vaddr, length, bool(v.prot & PROT_WRITE)))
+    total_bytes = sum(n for _, n, _ in runs)
+    batches = list(_batches(runs))
     src = reader.open_raw(f"pages-{name}.img")
-    buf = _Buffer()
+    pipe = _Pipeline()
     mem = None
     done = 0
-
-    def flush(runs, total):
-        nonlocal done
-        src.readinto(buf.view[:total])
-        vm_write(pid, buf.addr, runs)
-        done += total
-        if progress:
-            progress("pages", done, 0)
-
-    batch = _Batcher(flush)
     try:
-        for e in entries:
-            length = e.nr_pages * PAGE_SIZE
-            v = index.find(e.vaddr)
-            if e.source != pagemap_pb2.LOCAL:
-                raise ImageError(f"pagemap-{name}.img: page source {e.source} is not supported by this version")
-            if v is None or e.vaddr + length > v.end:
-                raise ImageError(f"pagemap-{name}.img: pages at {e.vaddr:#x} (+{length}) lie outside "
-                                 "every mapping: the image is inconsistent")
-            if v.prot & PROT_WRITE:
-                batch.add(e.vaddr, length)
-                continue
-            batch.flush()
-            mem = mem or ProcMem(pid, write=True)
-            for pa, pn in _pieces(e.vaddr, length):
-                src.readinto(buf.view[:pn])
-                mem.pwrite(buf.view[:pn], pa)
-                done += pn
-        batch.flush()
+        for k in range(min(2, len(batches))):          # prefetch
+            pipe.submit(k, src.readinto, pipe.bufs[k].view[:batches[k][2]])
+        for k, (direct, batch, total) in enumerate(batches):
+            i = k % 2
+            pipe.wait(i)
+            buf = pipe.bufs[i]
+            if direct:
+                vm_write(pid, buf.addr, batch)
+            else:
+                mem = mem or ProcMem(pid, write=True)
+                off = 0
+                for a, n in batch:
+                    mem.pwrite(buf.view[off:off + n], a)
+                    off += n
+            if k + 2 < len(batches):
+                pipe.submit(i, src.readinto, buf.view[:batches[k + 2][2]])
+            done += total
+            if progress:
+                progress("pages", done, total_bytes)
         src.finish()
     finally:
+        pipe.close()
         src.close()
         if mem:
             mem.close()
-        buf.close()
     return done
 
 
@@ -206,7 +230,7 @@ def restore_shmem(reader, vma) -> int:
         # the object lives on through fd; the engine's mapping is dropped with m
     entries = reader.messages(f"pagemap-{name}.img", pagemap_pb2.PagemapEntry)
     src = reader.open_raw(f"pages-{name}.img")
-    buf = _Buffer()
+    buf = _Buffer(CHUNK)
     done = 0
     try:
         for e in entries:
@@ -223,5 +247,4 @@ def restore_shmem(reader, vma) -> int:
         raise
     finally:
         src.close()
-        buf.close()
     return fd
