@@ -7,8 +7,10 @@ into the thread itself: sigaltstack(2) and prctl(PR_GET_TID_ADDRESS).
 from __future__ import annotations
 
 import ctypes
+import os
 import struct
 
+from .errors import RestoreError
 from .images import core_pb2
 from .inject import Remote
 from .sys import proc, ptrace, x86_64
@@ -43,7 +45,22 @@ def dump_thread(pid: int, tid: int, remote: Remote, xstate_size: int) -> core_pb
     sp, flags, _, size = _STACK_T.unpack(remote.read(scratch, _STACK_T.size))
     t.altstack_sp, t.altstack_flags, t.altstack_size = sp, flags, size
     t.pending.extend(ptrace.peek_pending(tid, shared=False))
+    t.cpus.extend(sorted(os.sched_getaffinity(tid)))
+    t.sched_policy = os.sched_getscheduler(tid)
+    t.sched_priority = os.sched_getparam(tid).sched_priority
+    t.nice = os.getpriority(os.PRIO_PROCESS, tid)
     return t
+
+
+def restore_sched(t: core_pb2.ThreadCore) -> None:
+    """Affinity, policy and nice value, set from the engine (no injection needed)."""
+    try:
+        os.sched_setaffinity(t.tid, t.cpus)
+    except OSError as e:
+        raise RestoreError(f"thread {t.tid}: cannot restore its CPU affinity {list(t.cpus)}: {e.strerror} "
+                           "(fewer CPUs here than where it was dumped?)") from None
+    os.sched_setscheduler(t.tid, t.sched_policy, os.sched_param(t.sched_priority))
+    os.setpriority(os.PRIO_PROCESS, t.tid, t.nice)
 
 
 def restore_thread_state(remote: Remote, t: core_pb2.ThreadCore, signal_pending) -> None:
@@ -53,10 +70,10 @@ def restore_thread_state(remote: Remote, t: core_pb2.ThreadCore, signal_pending)
         remote.syscall("set_robust_list", t.robust_head, t.robust_len)
     if t.rseq_addr:
         remote.syscall("rseq", t.rseq_addr, t.rseq_len, 0, t.rseq_sig)
-    if not t.altstack_flags & SS_DISABLE:
-        # SS_ONSTACK is a status, not a request; the stub is not on that stack.
-        remote.write(remote.scratch, _STACK_T.pack(t.altstack_sp, t.altstack_flags & ~SS_ONSTACK, 0, t.altstack_size))
-        remote.syscall("sigaltstack", remote.scratch, 0)
+    # Always set: the main thread's stub inherited the engine's alternate stack.
+    # SS_ONSTACK is a status, not a request; the stub is not on that stack.
+    remote.write(remote.scratch, _STACK_T.pack(t.altstack_sp, t.altstack_flags & ~SS_ONSTACK, 0, t.altstack_size))
+    remote.syscall("sigaltstack", remote.scratch, 0)
     for info in t.pending:
         signal_pending(remote, info, t.tid)
     try:

@@ -285,6 +285,7 @@ def _rebuild(pid: int, img: _Image, p: _Prepared, progress) -> int:
     # 7. FPU/vector state last: nothing injected may disturb it afterwards.
     for th in threads:
         ptrace.setregset(th.tid, ptrace.NT_X86_XSTATE, th.xstate)
+        core.restore_sched(th)
     for tid in tids:
         ptrace.detach(tid)
     return npages
