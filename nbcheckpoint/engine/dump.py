@@ -26,6 +26,7 @@ from .core import dump_thread
 from .errors import DumpError
 from .files import dump_fds
 from .images import imagedir, inventory_pb2, pstree_pb2
+from . import sigframe
 from .inject import Remote, find_syscall_insn
 from .mm import dump_mm, private_dirty_vmas
 from .images import mm_pb2
@@ -112,19 +113,32 @@ def dump(pid: int, images_dir, leave_running: bool = False, progress=None) -> Du
 
 
 def _inject_phase(pid: int, tids: list[int], mm, syscall_addr: int):
-    """State only the process itself can tell us; registers are restored after."""
+    """State only the process itself can tell us, read by injected syscalls.
+
+    One page holds the sigreturn gadget and a signal frame (sigframe.py), so
+    that if the engine dies mid-call the thread returns to its own state.
+    Only mapping and unmapping that page are unguarded: two calls, a few
+    ptrace requests each.
+    """
     xsize = x86_64.xstate_size()
-    with Remote(pid, pid, syscall_addr) as main:
-        main.map_scratch()
-        try:
-            mm.brk = main.syscall("brk", 0)
+    size = PAGE_SIZE + ((sigframe.frame_size(xsize) + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
+    with Remote(pid, pid, syscall_addr, settle=True) as boot:
+        base = boot.map_scratch(size, prot=7)     # rwx, for a few milliseconds
+    try:
+        boot.write(base, sigframe.GADGET)
+        guard = (base, base + PAGE_SIZE, xsize, _xfeatures())
+        data = base + 256
+        with Remote(pid, pid, syscall_addr, scratch=data, guard=guard) as main:
+            brk = main.syscall("brk", 0)
             task = dump_task(pid, main)
             threads = [dump_thread(pid, pid, main, xsize)]
-            for tid in tids[1:]:
-                with Remote(pid, tid, syscall_addr, scratch=main.scratch) as r:
-                    threads.append(dump_thread(pid, tid, r, xsize))
-        finally:
-            main.syscall("munmap", main.scratch, PAGE_SIZE)
+        for tid in tids[1:]:
+            with Remote(pid, tid, syscall_addr, scratch=data, guard=guard) as r:
+                threads.append(dump_thread(pid, tid, r, xsize))
+    finally:
+        with Remote(pid, pid, syscall_addr, settle=True) as boot:
+            boot.syscall("munmap", base, size)
+    mm.brk = brk
     return task, threads
 
 
