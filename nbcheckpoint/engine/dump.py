@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from .core import dump_thread
 from .errors import DumpError
-from .files import dump_fds
+from .files import DumpContext
 from .images import imagedir, inventory_pb2, pstree_pb2
 from . import sigframe
 from .inject import Remote, find_syscall_insn
@@ -54,6 +54,7 @@ def dump(pid: int, images_dir, leave_running: bool = False, progress=None) -> Du
     t0 = time.monotonic()
     img = imagedir.ImageWriter(os.fspath(images_dir))
     frozen = None
+    files = DumpContext(img)
     try:
         frozen = Frozen(pid).freeze()
         if progress:
@@ -61,7 +62,7 @@ def dump(pid: int, images_dir, leave_running: bool = False, progress=None) -> Du
         st = proc.stat(pid)
         process = pstree_pb2.Process(pid=pid, ppid=int(st[4]), pgid=int(st[5]), sid=int(st[6]), tids=frozen.tids)
         mm = dump_mm(pid)
-        fds = dump_fds(pid, img)
+        fds = files.dump_fds(pid)
         vdso = next((v for v in mm.vmas if v.kind == mm_pb2.VDSO), None)
         if vdso is None:
             raise DumpError(f"process {pid} has no [vdso] mapping; the engine needs one to run syscalls in it")
@@ -80,9 +81,12 @@ def dump(pid: int, images_dir, leave_running: bool = False, progress=None) -> Du
         for t in threads:
             cores.add(t)
         img.messages(f"mm-{pid}.img", "nbcheckpoint.images.Mm").add(mm)
-        fw = img.messages(f"files-{pid}.img", "nbcheckpoint.images.FdEntry")
+        fw = img.messages(f"fds-{pid}.img", "nbcheckpoint.images.FdEntry")
         for e in fds:
             fw.add(e)
+        fw = img.messages("files.img", "nbcheckpoint.images.FileEntry")
+        for f in files.files:
+            fw.add(f)
 
         copy_s = frozen_s = time.monotonic() - t0
         if leave_running:
@@ -110,6 +114,8 @@ def dump(pid: int, images_dir, leave_running: bool = False, progress=None) -> Du
         if frozen is not None:
             frozen.thaw()
         raise
+    finally:
+        files.close()
 
 
 def _inject_phase(pid: int, tids: list[int], mm, syscall_addr: int):

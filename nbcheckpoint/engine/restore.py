@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import resource
 import signal
@@ -73,6 +74,7 @@ def restore(images_dir, progress=None) -> RestoreResult:
     finally:
         for fd in engine_fds:
             os.close(fd)
+        img.files.close()
     return RestoreResult(pid=pid, seconds=time.monotonic() - t0, pages_bytes=npages)
 
 
@@ -102,9 +104,10 @@ class _Image:
             if len(t.regs) != x86_64.REGS_SIZE or len(t.xstate) != inv.xstate_size:
                 raise ImageError(f"image {rd.dir}: registers of thread {t.tid} are damaged")
         self.mm = _one(rd.messages(f"mm-{pid}.img", mm_pb2.Mm), f"mm-{pid}.img")
-        self.fds = rd.messages(f"files-{pid}.img", files_pb2.FdEntry)
+        self.fds = rd.messages(f"fds-{pid}.img", files_pb2.FdEntry)
+        self.files = files.RestoreContext(rd, rd.messages("files.img", files_pb2.FileEntry))
         mmmod.check_files_unchanged(self.mm, pid)
-        files.check_restorable(pid, self.fds)
+        self.files.check(pid, self.fds)
 
 
 def _one(msgs, name):
@@ -134,7 +137,7 @@ def _describe(pid: int) -> str:
 
 class _Prepared:
     def __init__(self):
-        self.ofd: dict[int, int] = {}       # open file description id -> fd
+        self.ofd: dict[int, int] = {}       # FileEntry id -> fd
         self.maps: dict[str, int] = {}      # mapped file path -> fd
         self.shmem: dict[int, int] = {}     # shmem id -> fd
         self.exe = -1
@@ -150,17 +153,20 @@ def _open_everything(img: _Image, engine_fds: list[int]) -> _Prepared:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, need + 1024)), hard))
     base = max(target_max + 1, 3)
 
-    def high(fd: int) -> int:
+    def high(fd: int, owned: bool = True) -> int:
         # Above every fd the target uses, so dup3() into place never hits a source.
         try:
-            new = ctypes_fcntl_dupfd(fd, base)
+            new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base)
         finally:
-            os.close(fd)
+            if owned:
+                os.close(fd)
         engine_fds.append(new)
         return new
 
-    for k, fd in files.open_all(img.reader, img.fds).items():
-        p.ofd[k] = high(fd)
+    for e in img.fds:
+        if e.id not in p.ofd:
+            p.ofd[e.id] = high(img.files.open(e.id), owned=False)
+    img.files.close()     # the stub inherits the high copies
     for path, flags in mmmod.mapped_files(img.mm).items():
         try:
             p.maps[path] = high(os.open(path, flags | os.O_CLOEXEC))
@@ -172,11 +178,6 @@ def _open_everything(img: _Image, engine_fds: list[int]) -> _Prepared:
     p.exe = high(os.open(img.mm.exe.path, os.O_RDONLY | os.O_CLOEXEC))
     p.fs = {k: high(fd) for k, fd in taskmod.fs_fds(img.task).items()}
     return p
-
-
-def ctypes_fcntl_dupfd(fd: int, lowest: int) -> int:
-    import fcntl
-    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, lowest)
 
 
 # --- the stub -----------------------------------------------------------------
@@ -261,6 +262,7 @@ def _rebuild(pid: int, img: _Image, p: _Prepared, progress) -> int:
         # 5. files and process state
         taskmod.restore_fs(r, t, p.fs)
         _place_fds(r, img.fds, p.ofd)
+        img.files.after_place(r, pid, img.fds)
         if img.process.sid == pid:
             r.syscall("setsid")
         elif img.process.pgid == pid:
@@ -294,7 +296,7 @@ def _rebuild(pid: int, img: _Image, p: _Prepared, progress) -> int:
 def _place_fds(r: Remote, entries, ofd: dict[int, int]) -> None:
     wanted = sorted(e.fd for e in entries)
     for e in entries:
-        r.syscall("dup3", ofd[e.reg.id], e.fd, O_CLOEXEC if e.cloexec else 0)
+        r.syscall("dup3", ofd[e.id], e.fd, O_CLOEXEC if e.cloexec else 0)
     # Close everything else the stub inherited from the engine.
     lo = 0
     for fd in wanted + [1 << 31]:

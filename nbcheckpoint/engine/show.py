@@ -28,6 +28,7 @@ def show(images_dir) -> str:
            f"(Linux {inv.kernel_release} {inv.arch})",
            f"  {len(inv.files)} files, {_size(total)}; frozen {inv.frozen_seconds:.3f} s"
            + ("; the process was left running" if inv.leave_running else "")]
+    files = {f.id: f for f in rd.messages("files.img", files_pb2.FileEntry)}
     for p in rd.messages("pstree.img", pstree_pb2.Process):
         task = rd.messages(f"task-{p.pid}.img", core_pb2.TaskCore)[0]
         out.append(f"process {p.pid} (ppid {p.ppid}, pgid {p.pgid}, sid {p.sid}), cwd {task.cwd}, "
@@ -56,9 +57,21 @@ def show(images_dir) -> str:
             out.append(f"    {v.start:#014x}-{v.end:#014x} {_PROT(v.prot)} {kind:<12} {_size(v.end - v.start):>10}"
                        f" saved {_size(npg * PAGE_SIZE):>10}  {v.name}")
         out.append("  fds:")
-        for e in rd.messages(f"files-{p.pid}.img", files_pb2.FdEntry):
-            kind = files_pb2.FdKind.Name(e.kind).lower()
-            extra = " (deleted, content saved)" if e.reg.deleted else ""
-            out.append(f"    {e.fd:>4} {kind:<4} {e.reg.stat.path} flags {e.reg.flags:#o} pos {e.reg.pos}"
-                       f"{' cloexec' if e.cloexec else ''}{extra}")
+        for e in rd.messages(f"fds-{p.pid}.img", files_pb2.FdEntry):
+            f = files[e.id]
+            out.append(f"    {e.fd:>4} {files_pb2.FdKind.Name(f.kind).lower():<8} #{f.id:<4} {describe_file(f)}"
+                       f"{' cloexec' if e.cloexec else ''}")
     return "\n".join(out)
+
+
+def describe_file(f) -> str:
+    """One line about an open file description, whatever its kind."""
+    if f.kind in (files_pb2.REG, files_pb2.CHR):
+        extra = " (deleted, content saved)" if f.reg.deleted else ""
+        return f"{f.reg.stat.path} flags {f.flags:#o} pos {f.reg.pos}{extra}"
+    for name in ("pipe", "eventfd", "epoll", "timerfd", "signalfd", "inotify", "unix", "inet", "tty"):
+        if f.HasField(name):
+            payload = getattr(f, name)
+            body = " ".join(str(payload).split())
+            return f"flags {f.flags:#o} {name} {{{body}}}"
+    return f"flags {f.flags:#o}"

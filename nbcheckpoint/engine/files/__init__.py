@@ -1,8 +1,19 @@
 """File descriptors: classified in ONE place (:func:`classify`), one module per kind.
 
-Each kind module has ``dump(pid, fd, ...) -> message`` and ``open(msg) -> engine fd``.
-Restore opens every file in the engine; the stub inherits those fds when it is
-forked, and injected dup3() calls move them to their dumped numbers.
+The model is CRIU's: an *open file description* (what open(2) returns, shared
+by dup(2), fork(2) and SCM_RIGHTS) is one ``FileEntry`` with an id; each
+process has a table of ``FdEntry`` (fd number, close-on-exec, id).  Two fds
+refer to the same description when kcmp(2) KCMP_FILE says so.
+
+A kind module provides::
+
+    dump(ctx, pid, fd, st, link, fdinfo, entry)   fill entry's payload
+    open(ctx, entry) -> int                       an engine fd for that description
+    after_place(ctx, remote, pid, fds, entry)     optional: state that needs the
+                                                  process's own fd numbers (epoll)
+
+Restore opens each description once in the engine; the stubs inherit the fds
+and injected dup3() calls put them at their numbers (restore.py).
 """
 from __future__ import annotations
 
@@ -13,78 +24,167 @@ from ..errors import UnsupportedError
 from ..images import files_pb2
 from ..sys import proc
 from ..sys.libc import syscall
+from ..sys.memory import pidfd_getfd, pidfd_open
 from ..sys.x86_64 import NR
 from . import regfile
 
 O_CLOEXEC = 0o2000000
 KCMP_FILE = 0
 
+# The one table of supported kinds.  A kind missing here fails the dump by name.
+KINDS = {
+    files_pb2.REG: regfile,
+    files_pb2.CHR: regfile,
+}
+
+_ANON_KINDS = {"[eventfd]": files_pb2.EVENTFD, "[eventpoll]": files_pb2.EPOLL, "[timerfd]": files_pb2.TIMERFD,
+               "[signalfd]": files_pb2.SIGNALFD, "inotify": files_pb2.INOTIFY}
+
 
 def classify(pid: int, fd: int) -> tuple[int, os.stat_result, str]:
-    """(FdKind, stat, link) of one fd; an unsupported kind raises, naming it."""
+    """(FdKind, stat, link) of one fd; a kind we cannot save raises, naming it."""
     link = proc.fdlink(pid, fd)
     s = os.stat(f"/proc/{pid}/fd/{fd}")
     mode = s.st_mode
+    kind, what = None, link
     if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-        return files_pb2.REG, s, link
-    if stat.S_ISCHR(mode) and (os.major(s.st_rdev), os.minor(s.st_rdev)) in regfile.SIMPLE_DEVICES:
-        return files_pb2.CHR, s, link
-    if stat.S_ISCHR(mode):
-        kind = f"character device {os.major(s.st_rdev)}:{os.minor(s.st_rdev)} ({link})"
-    elif stat.S_ISFIFO(mode):
-        kind = f"pipe or FIFO ({link})"
-    elif stat.S_ISSOCK(mode):
-        kind = f"socket ({link})"
-    elif stat.S_ISBLK(mode):
-        kind = f"block device ({link})"
-    elif link.startswith("anon_inode:"):
-        kind = f"{link[len('anon_inode:'):]} ({link})"
-    else:
-        kind = link
-    raise UnsupportedError(f"process {pid}: fd {fd} is a {kind}, which this version cannot "
-                           "checkpoint; close it before checkpointing")
-
-
-def _same_file(pid: int, fd1: int, fd2: int) -> bool:
-    """kcmp(2) KCMP_FILE: do the two fds share one open file description?"""
-    return syscall(NR["kcmp"], pid, pid, KCMP_FILE, fd1, fd2, request="kcmp", pid=pid) == 0
-
-
-def dump_fds(pid: int, img) -> list[files_pb2.FdEntry]:
-    """Describe every fd; fds sharing an open file description share an id."""
-    out = []
-    by_inode: dict[tuple[int, int], list[files_pb2.FdEntry]] = {}
-    next_id = 1
-    for fd in proc.fds(pid):
-        kind, s, link = classify(pid, fd)
-        info = proc.fdinfo(pid, fd)
-        flags = int(info["flags"], 8)
-        e = files_pb2.FdEntry(fd=fd, cloexec=bool(flags & O_CLOEXEC), kind=kind)
-        shared = next((o for o in by_inode.get((s.st_dev, s.st_ino), []) if _same_file(pid, o.fd, fd)), None)
-        if shared is not None:
-            e.reg.CopyFrom(shared.reg)
+        kind = files_pb2.REG
+    elif stat.S_ISCHR(mode):
+        dev = (os.major(s.st_rdev), os.minor(s.st_rdev))
+        if dev in regfile.SIMPLE_DEVICES:
+            kind = files_pb2.CHR
+        elif dev[0] in (136, 5) or (dev[0] == 4 and dev[1] >= 64):   # devpts slaves, /dev/tty, /dev/ptmx
+            kind, what = files_pb2.TTY, f"terminal {link}"
         else:
-            e.reg.CopyFrom(regfile.dump(pid, fd, s, link, flags & ~O_CLOEXEC, int(info["pos"]), next_id, img))
-            next_id += 1
-        by_inode.setdefault((s.st_dev, s.st_ino), []).append(e)
-        out.append(e)
-    return out
+            what = f"character device {dev[0]}:{dev[1]} ({link})"
+    elif stat.S_ISFIFO(mode):
+        kind = files_pb2.PIPE if link.startswith("pipe:") else files_pb2.FIFO
+        what = f"pipe ({link})" if kind == files_pb2.PIPE else f"FIFO {link}"
+    elif stat.S_ISSOCK(mode):
+        fam = _socket_family(pid, fd)
+        kind = {1: files_pb2.UNIX, 2: files_pb2.INET, 10: files_pb2.INET}.get(fam)
+        what = f"socket ({link}, family {fam})"
+    elif stat.S_ISBLK(mode):
+        what = f"block device ({link})"
+    elif link.startswith("anon_inode:"):
+        name = link[len("anon_inode:"):]
+        kind = _ANON_KINDS.get(name)
+        what = f"{name.strip('[]')} ({link})"
+    if kind is None or kind not in KINDS:
+        raise UnsupportedError(f"process {pid}: fd {fd} is a {what}, which this version cannot "
+                               "checkpoint; close it before checkpointing")
+    return kind, s, link
 
 
-def check_restorable(pid: int, entries) -> None:
-    for e in entries:
-        regfile.check(pid, e)
-
-
-def open_all(reader, entries) -> dict[int, int]:
-    """Open each open file description once in the engine: {description id: engine fd}."""
-    opened: dict[int, int] = {}
+def _socket_family(pid: int, fd: int) -> int:
+    import socket
     try:
-        for e in entries:
-            if e.reg.id not in opened:
-                opened[e.reg.id] = regfile.open_file(reader, e)
-    except BaseException:
-        for fd in opened.values():
+        with socket.socket(fileno=os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY)) as sk:
+            return sk.family
+    except OSError:
+        # sockets cannot be opened through /proc; ask the kernel via a duplicate
+        pidfd = pidfd_open(pid)
+        try:
+            dup = pidfd_getfd(pidfd, fd, pid)
+        finally:
+            os.close(pidfd)
+        sk = socket.socket(fileno=dup)
+        try:
+            return int(sk.family)
+        finally:
+            sk.close()
+
+
+class DumpContext:
+    """What the fd dumpers share: the image, ids, and duplicates of target fds."""
+
+    def __init__(self, img, options=None):
+        self.img = img
+        self.options = options or {}
+        self.files: list[files_pb2.FileEntry] = []
+        self._seen: dict[tuple[int, int], list[tuple[int, int, int]]] = {}   # (dev, ino) -> [(pid, fd, id)]
+        self._pidfds: dict[int, int] = {}
+
+    def getfd(self, pid: int, fd: int) -> int:
+        """A duplicate of the target's fd in the engine (pidfd_getfd); the caller closes it."""
+        if pid not in self._pidfds:
+            self._pidfds[pid] = pidfd_open(pid)
+        return pidfd_getfd(self._pidfds[pid], fd, pid)
+
+    def _identify(self, pid: int, fd: int, s: os.stat_result) -> int | None:
+        for opid, ofd, oid in self._seen.get((s.st_dev, s.st_ino), []):
+            if syscall(NR["kcmp"], pid, opid, KCMP_FILE, fd, ofd, request="kcmp", pid=pid) == 0:
+                return oid
+        return None
+
+    def dump_fds(self, pid: int) -> list[files_pb2.FdEntry]:
+        out = []
+        for fd in proc.fds(pid):
+            kind, s, link = classify(pid, fd)
+            info = proc.fdinfo(pid, fd)
+            flags = int(info["flags"], 8)
+            fid = self._identify(pid, fd, s)
+            if fid is None:
+                fid = len(self.files) + 1
+                entry = files_pb2.FileEntry(id=fid, kind=kind, flags=flags & ~O_CLOEXEC)
+                KINDS[kind].dump(self, pid, fd, s, link, info, entry)
+                self.files.append(entry)
+                self._seen.setdefault((s.st_dev, s.st_ino), []).append((pid, fd, fid))
+            out.append(files_pb2.FdEntry(fd=fd, cloexec=bool(flags & O_CLOEXEC), id=fid))
+        return out
+
+    def close(self) -> None:
+        for fd in self._pidfds.values():
             os.close(fd)
-        raise
-    return opened
+        self._pidfds.clear()
+
+
+class RestoreContext:
+    """Opens each file description once, in the engine; kinds may open peers together."""
+
+    def __init__(self, reader, files: list[files_pb2.FileEntry], options=None):
+        self.reader = reader
+        self.options = options or {}
+        self.files = {f.id: f for f in files}
+        self.opened: dict[int, int] = {}
+
+    def check(self, pid: int, fds) -> None:
+        """Before any process exists: is everything these fds need still there?"""
+        for e in fds:
+            f = self.files.get(e.id)
+            if f is None:
+                from ..errors import ImageError
+                raise ImageError(f"process {pid}: fd {e.fd} refers to file {e.id}, which the image lacks")
+            check = getattr(KINDS.get(f.kind), "check", None)
+            if check:
+                check(self, pid, e, f)
+
+    def open(self, fid: int) -> int:
+        if fid not in self.opened:
+            f = self.files[fid]
+            mod = KINDS.get(f.kind)
+            if mod is None:
+                from ..errors import ImageError
+                raise ImageError(f"file {fid} is of kind {files_pb2.FdKind.Name(f.kind)}, "
+                                 "which this version cannot restore")
+            self.opened[fid] = mod.open(self, f)
+        return self.opened[fid]
+
+    def remember(self, fid: int, fd: int) -> None:
+        """For kinds that create several descriptions at once (pipe ends, socketpairs)."""
+        self.opened.setdefault(fid, fd)
+
+    def after_place(self, remote, pid: int, fds) -> None:
+        for fid in dict.fromkeys(e.id for e in fds):
+            f = self.files[fid]
+            hook = getattr(KINDS[f.kind], "after_place", None)
+            if hook:
+                hook(self, remote, pid, fds, f)
+
+    def close(self) -> None:
+        for fd in self.opened.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.opened.clear()
