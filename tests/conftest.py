@@ -1,0 +1,425 @@
+"""Shared pytest machinery: the ZDTM-style targets in tests/targets and a ``Target`` helper.
+
+A target sets up some state, prints ``READY``, waits for SIGUSR1, verifies its state and
+prints ``PASS`` (exit 0) or ``FAIL: why`` (exit 1).  Targets run with stdin on /dev/null,
+stdout+stderr on a regular log file opened O_APPEND, in a new session with no tty, and
+inherit no other fds -- so the engine sees only fd kinds it supports.
+
+Typical engine test::
+
+    t = launch("counter")                  # started, READY seen
+    t.checkpoint(images)                   # engine.dump(); the original is killed and reaped
+    t.restore(images)                      # engine.restore(); same pid, now our child
+    t.expect_pass()                        # SIGUSR1, then PASS and exit status 0
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+TARGETS_DIR = TESTS_DIR / "targets"
+BIN_DIR = TARGETS_DIR / "bin"
+CFLAGS = ["-O1", "-g", "-pthread"]
+
+C_TARGETS = sorted(p.stem for p in TARGETS_DIR.glob("*.c"))
+PY_TARGETS = sorted(p.stem for p in TARGETS_DIR.glob("*.py"))
+ALL_TARGETS = C_TARGETS + PY_TARGETS
+# targets that take a scratch directory as argv[1]
+NEEDS_DIR = {"deleted_file", "mappings"}
+
+READY_TIMEOUT = 20.0
+RESULT_TIMEOUT = 60.0
+EXIT_TIMEOUT = 10.0
+
+
+# ----------------------------------------------------------------------------- building
+
+def compile_targets() -> None:
+    """Compile every tests/targets/*.c into tests/targets/bin; fail loudly on any error."""
+    BIN_DIR.mkdir(exist_ok=True)
+    for name in C_TARGETS:
+        src = TARGETS_DIR / f"{name}.c"
+        out = BIN_DIR / name
+        deps = [src, TARGETS_DIR / "zdtm.h", Path(__file__)]
+        if out.exists() and out.stat().st_mtime >= max(d.stat().st_mtime for d in deps if d.exists()):
+            continue   # up to date: rebuilding would change a file that a live image maps
+        tmp = BIN_DIR / f".{name}.{os.getpid()}.tmp"
+        cmd = ["gcc", *CFLAGS, "-Wall", "-o", str(tmp), str(src)]
+        r = subprocess.run(cmd, cwd=TARGETS_DIR, capture_output=True, text=True)
+        if r.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            pytest.fail(f"compiling target {name} failed:\n$ {' '.join(cmd)}\n{r.stderr}",
+                        pytrace=False)
+        os.replace(tmp, BIN_DIR / name)   # atomic: parallel sessions never see half a binary
+
+
+@pytest.fixture(scope="session")
+def target_bins() -> Path:
+    compile_targets()
+    return BIN_DIR
+
+
+# ----------------------------------------------------------------------------- processes
+
+def _proc_state(pid: int) -> str | None:
+    """State letter from /proc/PID/stat, or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return data[data.rindex(")") + 2]
+
+
+def wait_pid_free(pid: int, timeout: float = 15.0) -> None:
+    """Wait until nothing (not even a zombie) holds pid: restore needs it free."""
+    deadline = time.monotonic() + timeout
+    while _proc_state(pid) is not None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"pid {pid} still taken (state {_proc_state(pid)})\n"
+                               f"{thread_report(pid)}")
+        time.sleep(0.01)
+
+
+_WALL = 0x40000000   # __WALL: also wait for (traced) non-leader threads
+
+
+def thread_report(pid: int) -> str:
+    """One line per thread of pid: tid, state, tracer -- for diagnosing stuck processes."""
+    lines = []
+    try:
+        tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return f"(pid {pid}: no /proc entry)"
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                st = dict(line.split(":", 1) for line in f if ":" in line)
+            lines.append(f"  tid {tid}: {st.get('State', '?').strip()}, "
+                         f"tracer {st.get('TracerPid', '?').strip()}")
+        except OSError:
+            lines.append(f"  tid {tid}: gone")
+    return "\n".join(lines)
+
+
+def force_reap(pid: int, timeout: float = EXIT_TIMEOUT) -> bool:
+    """SIGKILL pid (which must be our child) and reap it without ever blocking: also reaps
+    zombie threads still ptrace-attached to us, which would otherwise keep the leader
+    unreapable forever.  Returns False if it could not be reaped in time."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
+        except OSError:
+            tids = []
+        for tid in tids:
+            try:
+                os.waitpid(tid, os.WNOHANG | _WALL)
+            except ChildProcessError:
+                pass
+        try:
+            r, _ = os.waitpid(pid, os.WNOHANG | _WALL)
+        except ChildProcessError:
+            return True
+        if r:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+
+
+class Result:
+    def __init__(self, verdict: str | None, status: int | None, log: str):
+        self.verdict = verdict    # "PASS", "FAIL: ...", or None (died or hung without one)
+        self.status = status      # exit code, -signal, or None when not our child
+        self.log = log            # the log text written since SIGUSR1
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "PASS" and self.status in (0, None)
+
+    def __repr__(self) -> str:
+        return f"Result(verdict={self.verdict!r}, status={self.status!r})"
+
+
+class Target:
+    """One target process across its lives: the original (a Popen child of ours), then
+    each restored incarnation (same pid; our child when restored through the Python API,
+    someone else's -- polled through /proc -- when restored by a detached CLI)."""
+
+    def __init__(self, name: str, workdir: Path, env: dict | None = None,
+                 extra_args: tuple = ()):
+        if name not in ALL_TARGETS:
+            raise ValueError(f"unknown target {name!r}; have {ALL_TARGETS}")
+        self.name = name
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / f"{name}.log"
+        self.env = env or {}
+        self.argv = self._argv(extra_args)
+        self.popen: subprocess.Popen | None = None
+        self.pid: int | None = None
+        self.restored = False     # current incarnation came from restore()
+        self.is_child = True      # current incarnation is our child
+        self.status: int | None = None    # exit status of the current incarnation, once reaped
+        self._mark = 0            # log offset where the current run's output starts
+        self.pids_seen: set[int] = set()
+
+    def _argv(self, extra_args) -> list[str]:
+        if self.name in PY_TARGETS:
+            argv = [sys.executable, str(TARGETS_DIR / f"{self.name}.py")]
+        else:
+            argv = [str(BIN_DIR / self.name)]
+        if self.name in NEEDS_DIR:
+            data = self.workdir / "data"
+            data.mkdir(exist_ok=True)
+            argv.append(str(data))
+        return argv + [str(a) for a in extra_args]
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> "Target":
+        env = {k: v for k, v in os.environ.items() if k != "ZDTM_CORRUPT"}
+        env.update(self.env)
+        with open(self.log_path, "ab") as log:     # O_APPEND, shared by stdout and stderr
+            self.popen = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                cwd=self.workdir, env=env, close_fds=True, start_new_session=True)
+        self.pid = self.popen.pid
+        self.pids_seen.add(self.pid)
+        return self
+
+    def alive(self) -> bool:
+        """Is the current incarnation still running?  Reaps it if it is our child."""
+        if self.status is not None:
+            return False
+        if not self.restored:
+            rc = self.popen.poll()
+            if rc is None:
+                return not self._stuck_zombie()
+            self.status = rc
+            return False
+        if self.is_child:
+            try:
+                pid, st = os.waitpid(self.pid, os.WNOHANG | _WALL)
+            except ChildProcessError:
+                self.is_child = False      # someone else reaped it (or it is not ours)
+            else:
+                if pid == 0:
+                    return not self._stuck_zombie()
+                self.status = os.waitstatus_to_exitcode(st)
+                return False
+        state = _proc_state(self.pid)
+        return state is not None and state not in "ZX"
+
+    def _stuck_zombie(self) -> bool:
+        """A zombie leader that waitpid cannot reap for over a second (its other threads
+        are zombies still ptrace-attached, e.g. after an engine failure) counts as dead,
+        with an unknown status."""
+        if _proc_state(self.pid) != "Z":
+            self._zombie_since = None
+            return False
+        if getattr(self, "_zombie_since", None) is None:
+            self._zombie_since = time.monotonic()
+        return time.monotonic() - self._zombie_since > 1.0
+
+    def reap(self, timeout: float = EXIT_TIMEOUT) -> int | None:
+        """Wait for the current incarnation to exit (e.g. killed by dump); returns its
+        status (None if it was not our child), and waits until its pid is free."""
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} (pid {self.pid}) did not exit\n"
+                                   f"{thread_report(self.pid)}\n--- log ---\n{self.log()}")
+            time.sleep(0.01)
+        if self.status is None and self.is_child and _proc_state(self.pid) == "Z":
+            raise TimeoutError(f"{self.name} (pid {self.pid}) is a zombie that cannot be "
+                               f"reaped (threads still ptrace-attached?)\n"
+                               f"{thread_report(self.pid)}")
+        wait_pid_free(self.pid)
+        return self.status
+
+    def adopt_restored(self, pid: int, is_child: bool = True) -> None:
+        """The image was restored as pid: track that incarnation from now on."""
+        assert pid == self.pid, f"restored as pid {pid}, expected the original {self.pid}"
+        self.restored = True
+        self.is_child = is_child
+        self.status = None
+        self.pids_seen.add(pid)
+
+    def kill(self) -> None:
+        """Teardown: SIGKILL and reap whatever incarnation is still ours and alive."""
+        if self.pid is None:
+            return
+        if not self.restored:
+            if self.popen.poll() is None:
+                if not force_reap(self.pid):
+                    print(f"teardown: could not reap {self.name} pid {self.pid}\n"
+                          f"{thread_report(self.pid)}", file=sys.stderr)
+                self.popen.poll()
+            return
+        if self.is_child:
+            if self.alive() and not force_reap(self.pid):
+                print(f"teardown: could not reap restored {self.name} pid {self.pid}\n"
+                      f"{thread_report(self.pid)}", file=sys.stderr)
+            return
+        # not our child: only kill it if that pid still runs our target
+        try:
+            with open(f"/proc/{self.pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            return
+        if self.argv[-1].encode() in cmd or self.name.encode() in cmd:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    # -- protocol ----------------------------------------------------------------------
+
+    def log(self, since_mark: bool = False) -> str:
+        try:
+            data = self.log_path.read_bytes()
+        except FileNotFoundError:
+            return ""
+        return data[self._mark if since_mark else 0:].decode(errors="replace")
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> "Target":
+        deadline = time.monotonic() + timeout
+        while "READY\n" not in self.log():
+            if not self.alive():
+                raise AssertionError(f"{self.name} died before READY (status {self.status})"
+                                     f"\n--- log ---\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: no READY within {timeout}s"
+                                     f"\n--- log ---\n{self.log()}")
+            time.sleep(0.02)
+        return self
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def go(self) -> None:
+        """Send SIGUSR1; output from here on is this run's verdict."""
+        self._mark = self.log_path.stat().st_size
+        self.signal(signal.SIGUSR1)
+
+    @staticmethod
+    def _verdict(text: str) -> str | None:
+        for line in text.splitlines():
+            if line == "PASS" or line.startswith("FAIL"):
+                return line
+        return None
+
+    def wait_result(self, timeout: float = RESULT_TIMEOUT) -> Result:
+        """Wait for PASS/FAIL after go(), then for the exit; or for death without one."""
+        deadline = time.monotonic() + timeout
+        verdict = None
+        while time.monotonic() < deadline:
+            verdict = self._verdict(self.log(since_mark=True))
+            if verdict is not None or not self.alive():
+                break
+            time.sleep(0.02)
+        exit_deadline = time.monotonic() + EXIT_TIMEOUT
+        while self.alive() and time.monotonic() < exit_deadline:
+            time.sleep(0.01)
+        if verdict is None:                 # it may have written it just before exiting
+            verdict = self._verdict(self.log(since_mark=True))
+        return Result(verdict, self.status, self.log(since_mark=True))
+
+    def run_to_result(self, delay: float = 0.0) -> Result:
+        if delay:
+            time.sleep(delay)
+        self.go()
+        return self.wait_result()
+
+    def describe(self, res: Result) -> str:
+        return (f"{self.name} (pid {self.pid}, restored={self.restored}): {res!r}"
+                f"\n--- full log ---\n{self.log()}")
+
+    def expect_pass(self, delay: float = 0.0) -> Result:
+        res = self.run_to_result(delay)
+        assert res.verdict == "PASS", self.describe(res)
+        if self.is_child:
+            assert res.status == 0, self.describe(res)
+        return res
+
+    # -- engine ------------------------------------------------------------------------
+
+    def checkpoint(self, images: Path, leave_running: bool = False):
+        """engine.dump() the current incarnation; unless leave_running, reap it (the
+        engine killed it) so that its pid is free for restore."""
+        from nbcheckpoint.engine import dump
+        stats = dump(self.pid, str(images), leave_running=leave_running)
+        if not leave_running:
+            status = self.reap()
+            assert status in (-signal.SIGKILL, 0, None), \
+                f"dumped {self.name} exited with {status}\n{self.log()}"
+        return stats
+
+    def restore(self, images: Path):
+        """engine.restore() (pid must be free): the restored process is our child."""
+        from nbcheckpoint.engine import restore
+        wait_pid_free(self.pid)
+        res = restore(str(images))
+        self.adopt_restored(res.pid, is_child=True)
+        return res
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep
+
+
+@pytest.fixture
+def launch(target_bins, tmp_path):
+    """launch(name, env=None, args=(), ready=True, tag=None) -> Target, started (and READY
+    unless ready=False).  Everything launched is killed and reaped at teardown."""
+    started: list[Target] = []
+
+    def _launch(name: str, env: dict | None = None, args: tuple = (), ready: bool = True,
+                tag: str | None = None) -> Target:
+        t = Target(name, tmp_path / (tag or name), env=env, extra_args=args)
+        started.append(t)
+        t.start()
+        if ready:
+            t.wait_ready()
+        return t
+
+    yield _launch
+    for t in started:
+        t.kill()
+
+
+@pytest.fixture
+def images(tmp_path, request):
+    """images(tag="img") -> a fresh, not yet existing image directory path.  Removed at
+    teardown when the test passed (images can be hundreds of MB); kept when it failed."""
+    made: list[Path] = []
+
+    def _images(tag: str = "img") -> Path:
+        p = tmp_path / f"{tag}-{len(made)}"
+        made.append(p)
+        return p
+
+    yield _images
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.passed:
+        for p in made:
+            shutil.rmtree(p, ignore_errors=True)
