@@ -52,12 +52,36 @@ def _dump_summary(stats) -> str:
             f"frozen {stats.frozen_seconds:.2f}s, total {stats.total_seconds:.2f}s")
 
 
+def _options(args) -> engine.Options:
+    o = engine.Options(leave_running=getattr(args, "leave_running", False))
+    for name in ("ext_unix_sk", "tcp_established", "tcp_close", "file_locks", "shell_job"):
+        setattr(o, name, getattr(args, name, False))
+    for spec in getattr(args, "inherit_fd", None) or []:
+        key, fd = engine.Options.parse_inherit_fd(spec)
+        o.inherit_fd[key] = fd
+    return o
+
+
+def _add_criu_options(p, restore: bool) -> None:
+    """Options that CRIU spells the same way, meaning the same thing."""
+    p.add_argument("--ext-unix-sk", action="store_true",
+                   help="allow unix sockets whose peer is outside the tree (reconnected by path on restore)")
+    p.add_argument("--tcp-established", action="store_true", help="checkpoint/restore established TCP connections")
+    p.add_argument("--file-locks", action="store_true", help="checkpoint/restore file locks")
+    p.add_argument("--shell-job", "-j", action="store_true",
+                   help="the process was started from a shell: its session leader and terminal are outside")
+    if restore:
+        p.add_argument("--tcp-close", action="store_true",
+                       help="restore connections to peers outside the tree closed (the process sees a reset)")
+        p.add_argument("--inherit-fd", action="append", metavar="fd[N]:KEY",
+                       help="use our fd N in place of the object KEY (e.g. fd[3]:socket:[12345]); repeatable")
+
+
 # --- subcommands -----------------------------------------------------------------
 def cmd_dump(args) -> int:
     progress = Progress()
     try:
-        stats = engine.dump(args.pid, args.images_dir, leave_running=args.leave_running,
-                            progress=progress)
+        stats = engine.dump(args.pid, args.images_dir, progress=progress, options=_options(args))
     finally:
         progress.clear()
     print(_dump_summary(stats))
@@ -67,7 +91,7 @@ def cmd_dump(args) -> int:
 def cmd_restore(args) -> int:
     progress = Progress()
     try:
-        res = engine.restore(args.images_dir, progress=progress)
+        res = engine.restore(args.images_dir, progress=progress, options=_options(args))
     finally:
         progress.clear()
     if args.pidfile:
@@ -135,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-D", "--images-dir", "--images", required=True, **images)
     d.add_argument("-R", "--leave-running", action="store_true",
                    help="let the process continue after the dump (default: kill it)")
+    _add_criu_options(d, restore=False)
     d.set_defaults(func=cmd_dump)
 
     r = sub.add_parser("restore", parents=[common], help="restore a process from an image")
@@ -142,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-d", "--restore-detached", "--detach", dest="detach", action="store_true",
                    help="print the pid and exit instead of waiting for the process")
     r.add_argument("--pidfile", metavar="FILE", help="write the restored pid to FILE")
+    _add_criu_options(r, restore=True)
     r.set_defaults(func=cmd_restore)
 
     s = sub.add_parser("show", parents=[common], help="describe an image")

@@ -2,20 +2,21 @@
 
 Public API::
 
-    dump(pid, images_dir, leave_running=False, progress=None) -> DumpStats
-    restore(images_dir, progress=None) -> RestoreResult
+    dump(pid, images_dir, leave_running=False, progress=None, options=None) -> DumpStats
+    restore(images_dir, progress=None, options=None) -> RestoreResult
     show(images_dir) -> str
 
 ``progress``, when given, is called as ``progress(phase, done, total)``.
 The restored process is a child of the calling process (reap it, or let the
 CLI's ``--detach`` hand it to init).
 """
+from .options import Options
 from .errors import DumpError, EngineError, ImageError, RestoreError, SysError, UnsupportedError
 from .dump import DumpStats, dump
 from .restore import RestoreResult, restore
 from .show import show
 
 __all__ = [
-    "dump", "restore", "show", "DumpStats", "RestoreResult",
+    "dump", "restore", "show", "DumpStats", "RestoreResult", "Options",
     "EngineError", "DumpError", "RestoreError", "ImageError", "UnsupportedError", "SysError",
 ]

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from .core import dump_thread
 from .errors import DumpError
 from .files import DumpContext
+from .options import Options
 from .images import imagedir, inventory_pb2, pstree_pb2
 from . import sigframe
 from .inject import Remote, find_syscall_insn
@@ -50,11 +51,13 @@ class DumpStats:
     total_seconds: float     # until the image is durable and renamed into place
 
 
-def dump(pid: int, images_dir, leave_running: bool = False, progress=None) -> DumpStats:
+def dump(pid: int, images_dir, leave_running: bool = False, progress=None, options: Options | None = None) -> DumpStats:
     t0 = time.monotonic()
+    options = options or Options()
+    leave_running = options.leave_running = leave_running or options.leave_running
     img = imagedir.ImageWriter(os.fspath(images_dir))
     frozen = None
-    files = DumpContext(img)
+    files = DumpContext(img, options)
     try:
         frozen = Frozen(pid).freeze()
         if progress:

@@ -34,6 +34,7 @@ from . import core, files, mm as mmmod, pages, task as taskmod
 from .errors import ImageError, RestoreError, SysError
 from .images import core_pb2, files_pb2, imagedir, mm_pb2, pstree_pb2
 from .inject import Remote, find_syscall_insn
+from .options import Options
 from .sys import proc, ptrace, x86_64
 from .sys.libc import PAGE_SIZE
 from .sys.x86_64 import NR
@@ -55,9 +56,9 @@ class CloneArgs(ctypes.Structure):
         "tls", "set_tid", "set_tid_size", "cgroup")]
 
 
-def restore(images_dir, progress=None) -> RestoreResult:
+def restore(images_dir, progress=None, options: Options | None = None) -> RestoreResult:
     t0 = time.monotonic()
-    img = _Image(os.fspath(images_dir))
+    img = _Image(os.fspath(images_dir), options or Options())
     pid = img.pid
     _wait_pid_free(pid)
     engine_fds: list[int] = []
@@ -81,7 +82,7 @@ def restore(images_dir, progress=None) -> RestoreResult:
 class _Image:
     """Everything restore needs from the image, read and checked up front."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, options: Options):
         self.reader = rd = imagedir.ImageReader(path)
         inv = rd.inventory
         if inv.arch != "x86_64" or inv.page_size != PAGE_SIZE:
@@ -105,7 +106,7 @@ class _Image:
                 raise ImageError(f"image {rd.dir}: registers of thread {t.tid} are damaged")
         self.mm = _one(rd.messages(f"mm-{pid}.img", mm_pb2.Mm), f"mm-{pid}.img")
         self.fds = rd.messages(f"fds-{pid}.img", files_pb2.FdEntry)
-        self.files = files.RestoreContext(rd, rd.messages("files.img", files_pb2.FileEntry))
+        self.files = files.RestoreContext(rd, rd.messages("files.img", files_pb2.FileEntry), options)
         mmmod.check_files_unchanged(self.mm, pid)
         self.files.check(pid, self.fds)
 

@@ -9,8 +9,12 @@ A kind module provides::
 
     dump(ctx, pid, fd, st, link, fdinfo, entry)   fill entry's payload
     open(ctx, entry) -> int                       an engine fd for that description
+    check(ctx, pid, fdentry, entry)               optional: before any process exists,
+                                                  raise RestoreError if it cannot be opened
     after_place(ctx, remote, pid, fds, entry)     optional: state that needs the
                                                   process's own fd numbers (epoll)
+    external_key(entry) -> str | None             optional: "socket:[INO]", "pipe:[INO]" ...
+                                                  for --inherit-fd
 
 Restore opens each description once in the engine; the stubs inherit the fds
 and injected dup3() calls put them at their numbers (restore.py).
@@ -99,8 +103,9 @@ class DumpContext:
     """What the fd dumpers share: the image, ids, and duplicates of target fds."""
 
     def __init__(self, img, options=None):
+        from ..options import Options
         self.img = img
-        self.options = options or {}
+        self.options = options or Options()
         self.files: list[files_pb2.FileEntry] = []
         self._seen: dict[tuple[int, int], list[tuple[int, int, int]]] = {}   # (dev, ino) -> [(pid, fd, id)]
         self._pidfds: dict[int, int] = {}
@@ -143,8 +148,9 @@ class RestoreContext:
     """Opens each file description once, in the engine; kinds may open peers together."""
 
     def __init__(self, reader, files: list[files_pb2.FileEntry], options=None):
+        from ..options import Options
         self.reader = reader
-        self.options = options or {}
+        self.options = options or Options()
         self.files = {f.id: f for f in files}
         self.opened: dict[int, int] = {}
 
@@ -167,8 +173,16 @@ class RestoreContext:
                 from ..errors import ImageError
                 raise ImageError(f"file {fid} is of kind {files_pb2.FdKind.Name(f.kind)}, "
                                  "which this version cannot restore")
-            self.opened[fid] = mod.open(self, f)
+            inherited = self.inherited(f)
+            self.opened[fid] = os.dup(inherited) if inherited is not None else mod.open(self, f)
         return self.opened[fid]
+
+    def inherited(self, f: files_pb2.FileEntry) -> int | None:
+        """The caller's fd handed in for this object with --inherit-fd, if any."""
+        key_fn = getattr(KINDS.get(f.kind), "external_key", None)
+        key = key_fn(f) if key_fn else None
+        inherit = getattr(self.options, "inherit_fd", {}) or {}
+        return inherit.get(key) if key else None
 
     def remember(self, fid: int, fd: int) -> None:
         """For kinds that create several descriptions at once (pipe ends, socketpairs)."""
