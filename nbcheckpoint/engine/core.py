@@ -18,6 +18,7 @@ from .sys.libc import syscall
 from .sys.x86_64 import NR
 
 PR_GET_TID_ADDRESS = 40
+PR_SET_NAME = 15
 SS_ONSTACK, SS_DISABLE = 1, 2
 RSEQ_FLAG_UNREGISTER = 1
 _STACK_T = struct.Struct("<QiiQ")  # ss_sp, ss_flags, (pad), ss_size
@@ -76,11 +77,9 @@ def restore_thread_state(remote: Remote, t: core_pb2.ThreadCore, signal_pending)
     remote.syscall("sigaltstack", remote.scratch, 0)
     for info in t.pending:
         signal_pending(remote, info, t.tid)
-    try:
-        with open(f"/proc/{remote.pid}/task/{t.tid}/comm", "w") as f:
-            f.write(t.comm)
-    except OSError:
-        pass
+    # /proc/PID/task/TID/comm is writable only from the thread's own group.
+    remote.write(remote.scratch, t.comm.encode()[:15] + b"\0")
+    remote.syscall("prctl", PR_SET_NAME, remote.scratch)
 
 
 def final_regs(t: core_pb2.ThreadCore) -> x86_64.Regs:

@@ -1,14 +1,14 @@
-"""Dump: freeze a process, save everything, then kill it or let it go on.
+"""Dump: freeze a process tree, save everything, then kill it or let it go on.
 
 Phases, in order:
 
 1. validate the images dir (before touching the target);
-2. freeze every thread (seize.py);
-3. collect what needs no injection: VMAs (mm.py), fds (files/);
+2. freeze every thread of every process of the tree (seize.py);
+3. per process: collect what needs no injection: VMAs (mm.py), fds (files/);
 4. inject into the process (a scratch page, brk(0), handlers, per-thread
    state) and put every register back: after this phase the process is as
    it was, so a failure later only needs a thaw;
-5. stream private pages and shmem objects (pages.py);
+5. stream its private pages and the shmem objects it maps (pages.py);
 6. leave-running: thaw now, so the process is frozen only while we copy;
 7. fsync everything, write the inventory, rename: the image appears whole;
 8. otherwise kill the still-frozen process only now that the image is safe.
@@ -32,7 +32,7 @@ from .inject import Remote, find_syscall_insn
 from .mm import dump_mm, private_dirty_vmas
 from .images import mm_pb2
 from . import pages
-from .seize import Frozen
+from .seize import FrozenTree
 from .sys import proc, x86_64
 from .sys.libc import PAGE_SIZE
 from .task import dump_task
@@ -52,6 +52,7 @@ class DumpStats:
 
 
 def dump(pid: int, images_dir, leave_running: bool = False, progress=None, options: Options | None = None) -> DumpStats:
+    """Checkpoint the process tree rooted at `pid` into `images_dir`."""
     t0 = time.monotonic()
     options = options or Options()
     leave_running = options.leave_running = leave_running or options.leave_running
@@ -59,34 +60,22 @@ def dump(pid: int, images_dir, leave_running: bool = False, progress=None, optio
     frozen = None
     files = DumpContext(img, options)
     try:
-        frozen = Frozen(pid).freeze()
+        frozen = FrozenTree(pid).freeze()
         if progress:
-            progress("frozen", len(frozen.tids), 0)
-        st = proc.stat(pid)
-        process = pstree_pb2.Process(pid=pid, ppid=int(st[4]), pgid=int(st[5]), sid=int(st[6]), tids=frozen.tids)
-        mm = dump_mm(pid)
-        fds = files.dump_fds(pid)
-        vdso = next((v for v in mm.vmas if v.kind == mm_pb2.VDSO), None)
-        if vdso is None:
-            raise DumpError(f"process {pid} has no [vdso] mapping; the engine needs one to run syscalls in it")
-        task, threads = _inject_phase(pid, frozen.tids, mm, find_syscall_insn(pid, vdso.start, vdso.end))
-
-        pages_bytes = pages.dump_private(pid, list(private_dirty_vmas(mm)), img, str(pid), progress)
-        done_shmem = set()
-        for v in mm.vmas:
-            if v.shmem_id and v.shmem_id not in done_shmem:
-                done_shmem.add(v.shmem_id)
-                pages_bytes += pages.dump_shmem(pid, v, img)
-
-        img.messages("pstree.img", "nbcheckpoint.images.Process").add(process)
-        img.messages(f"task-{pid}.img", "nbcheckpoint.images.TaskCore").add(task)
-        cores = img.messages(f"core-{pid}.img", "nbcheckpoint.images.ThreadCore")
-        for t in threads:
-            cores.add(t)
-        img.messages(f"mm-{pid}.img", "nbcheckpoint.images.Mm").add(mm)
-        fw = img.messages(f"fds-{pid}.img", "nbcheckpoint.images.FdEntry")
-        for e in fds:
-            fw.add(e)
+            progress("frozen", len(frozen.all_tids()), 0)
+        tree = img.messages("pstree.img", "nbcheckpoint.images.Process")
+        nthreads = nvmas = pages_bytes = 0
+        shmem_done: set[int] = set()
+        for p in frozen.order:
+            st = proc.stat(p)
+            tree.add(pstree_pb2.Process(pid=p, ppid=int(st[4]), pgid=int(st[5]),
+                                        sid=int(st[6]), tids=frozen.tids[p], stopped=p in frozen.stopped))
+            n, v, b = _dump_process(p, frozen.tids[p], img, files, shmem_done, progress)
+            nthreads, nvmas, pages_bytes = nthreads + n, nvmas + v, pages_bytes + b
+        for z, status in frozen.zombies.items():
+            st = proc.stat(z)
+            tree.add(pstree_pb2.Process(pid=z, ppid=int(st[4]), pgid=int(st[5]), sid=int(st[6]),
+                                        zombie=True, exit_status=status, comm=st[2]))
         fw = img.messages("files.img", "nbcheckpoint.images.FileEntry")
         for f in files.files:
             fw.add(f)
@@ -109,7 +98,7 @@ def dump(pid: int, images_dir, leave_running: bool = False, progress=None, optio
             frozen.kill()
             frozen = None
             frozen_s = time.monotonic() - t0
-        return DumpStats(pid=pid, images_dir=final, threads=len(threads), vmas=len(mm.vmas),
+        return DumpStats(pid=pid, images_dir=final, threads=nthreads, vmas=nvmas,
                          pages_bytes=pages_bytes, image_bytes=image_bytes, copy_seconds=copy_s,
                          frozen_seconds=frozen_s, total_seconds=time.monotonic() - t0)
     except BaseException:
@@ -119,6 +108,30 @@ def dump(pid: int, images_dir, leave_running: bool = False, progress=None, optio
         raise
     finally:
         files.close()
+
+
+def _dump_process(pid: int, tids: list[int], img, files: DumpContext, shmem_done: set, progress):
+    """One live process: address space, fds, per-process and per-thread state, pages."""
+    mm = dump_mm(pid)
+    fds = files.dump_fds(pid)
+    vdso = next((v for v in mm.vmas if v.kind == mm_pb2.VDSO), None)
+    if vdso is None:
+        raise DumpError(f"process {pid} has no [vdso] mapping; the engine needs one to run syscalls in it")
+    task, threads = _inject_phase(pid, tids, mm, find_syscall_insn(pid, vdso.start, vdso.end))
+    nbytes = pages.dump_private(pid, list(private_dirty_vmas(mm)), img, str(pid), progress)
+    for v in mm.vmas:
+        if v.shmem_id and v.shmem_id not in shmem_done:
+            shmem_done.add(v.shmem_id)
+            nbytes += pages.dump_shmem(pid, v, img)
+    img.messages(f"task-{pid}.img", "nbcheckpoint.images.TaskCore").add(task)
+    cores = img.messages(f"core-{pid}.img", "nbcheckpoint.images.ThreadCore")
+    for t in threads:
+        cores.add(t)
+    img.messages(f"mm-{pid}.img", "nbcheckpoint.images.Mm").add(mm)
+    fw = img.messages(f"fds-{pid}.img", "nbcheckpoint.images.FdEntry")
+    for e in fds:
+        fw.add(e)
+    return len(threads), len(mm.vmas), nbytes
 
 
 def _inject_phase(pid: int, tids: list[int], mm, syscall_addr: int):

@@ -113,7 +113,7 @@ class Remote:
                 raise SysError(3, "injected syscall", self.pid, f"thread {self.tid} died (status {status:#x})")
             sig = (status >> 8) & 0xFF
             event = ptrace.stop_event(status)
-            if event == ptrace.PTRACE_EVENT_CLONE:
+            if event in (1, 2, ptrace.PTRACE_EVENT_CLONE):     # FORK, VFORK, CLONE
                 self.clone_tids.append(ptrace.geteventmsg(self.tid))
                 ptrace.singlestep(self.tid)
                 continue

@@ -1,28 +1,30 @@
-"""Restore: bring a dumped process back with the same PID and TIDs.
+"""Restore: bring a dumped process tree back with the same PIDs and TIDs.
 
 Phases, in order (why, where it matters):
 
 1. read and verify the image; check that mapped and open files are unchanged
-   and that the PID is free -- all before any process exists;
-2. open every file, shmem object and directory the process needs *in the
-   engine*, at fd numbers above any the process uses, so the stub inherits
-   them when it is created and no dup3() can clobber a source;
-3. create the stub with clone3(set_tid=[pid]) and seize it;
-4. in the stub, by injected syscalls: unregister the inherited rseq, unmap
+   and that every PID is free -- all before any process exists;
+2. open every file, shmem object and directory the tree needs *in the
+   engine*, at fd numbers above any the processes use, so the stubs inherit
+   them and no dup3() can clobber a source;
+3. create the stubs, parents before children (pstree.py): the root by
+   clone3(set_tid=[pid]) in the engine, the others by the same call injected
+   into their parent; session leaders setsid() at once; then process groups;
+4. per process, by injected syscalls: unregister the inherited rseq, unmap
    the engine's memory, move the vDSO, PR_SET_MM_MAP (after the unmap: EBUSY
    while the old exe is mapped), map every VMA, write the pages;
 5. fds into place (dup3), everything else closed; cwd, umask, personality,
    signal handlers, rlimits, pdeathsig;
 6. threads by injected clone3(set_tid=[tid]); per-thread state injected into
    each thread; credentials last (clone3 with set_tid needs our privileges);
-7. registers and xstate, then detach: the process runs.
+   zombies exit with their dumped status (their parents are still stubs);
+7. registers and xstate of every thread, then detach them all: the tree runs,
+   and no process runs before every process is whole.
 
-Any failure kills the stub: no half-restored process is ever left running.
+Any failure kills every stub: no half-restored process is ever left running.
 """
 from __future__ import annotations
 
-import ctypes
-import errno
 import fcntl
 import os
 import resource
@@ -30,17 +32,15 @@ import signal
 import time
 from dataclasses import dataclass
 
-from . import core, files, mm as mmmod, pages, task as taskmod
-from .errors import ImageError, RestoreError, SysError
+from . import core, files, mm as mmmod, pages, pstree, task as taskmod
+from .errors import ImageError, RestoreError
 from .images import core_pb2, files_pb2, imagedir, mm_pb2, pstree_pb2
-from .inject import Remote, find_syscall_insn
+from .inject import Remote
 from .options import Options
 from .sys import proc, ptrace, x86_64
 from .sys.libc import PAGE_SIZE
-from .sys.x86_64 import NR
 
 O_CLOEXEC = 0o2000000
-CLONE_THREAD_FLAGS = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000  # VM FS FILES SIGHAND THREAD SYSVSEM
 
 
 @dataclass
@@ -48,35 +48,26 @@ class RestoreResult:
     pid: int
     seconds: float
     pages_bytes: int
+    pids: list[int] = None
 
 
-class CloneArgs(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_uint64) for n in (
-        "flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack", "stack_size",
-        "tls", "set_tid", "set_tid_size", "cgroup")]
+class _Proc:
+    """One process of the image."""
 
-
-def restore(images_dir, progress=None, options: Options | None = None) -> RestoreResult:
-    t0 = time.monotonic()
-    img = _Image(os.fspath(images_dir), options or Options())
-    pid = img.pid
-    _wait_pid_free(pid)
-    engine_fds: list[int] = []
-    stub = None
-    try:
-        prepared = _open_everything(img, engine_fds)
-        stub = _create_stub(pid)
-        npages = _rebuild(stub, img, prepared, progress)
-        stub = None
-    except BaseException:
-        if stub is not None:
-            _kill_stub(stub)
-        raise
-    finally:
-        for fd in engine_fds:
-            os.close(fd)
-        img.files.close()
-    return RestoreResult(pid=pid, seconds=time.monotonic() - t0, pages_bytes=npages)
+    def __init__(self, rd, p: pstree_pb2.Process, xstate_size: int):
+        self.p = p
+        self.pid = pid = p.pid
+        if p.zombie:
+            return
+        self.task = _one(rd.messages(f"task-{pid}.img", core_pb2.TaskCore), f"task-{pid}.img")
+        self.threads = rd.messages(f"core-{pid}.img", core_pb2.ThreadCore)
+        if [t.tid for t in self.threads] != list(p.tids) or not self.threads or self.threads[0].tid != pid:
+            raise ImageError(f"image {rd.dir}: core-{pid}.img does not match the process's thread list")
+        for t in self.threads:
+            if len(t.regs) != x86_64.REGS_SIZE or len(t.xstate) != xstate_size:
+                raise ImageError(f"image {rd.dir}: registers of thread {t.tid} are damaged")
+        self.mm = _one(rd.messages(f"mm-{pid}.img", mm_pb2.Mm), f"mm-{pid}.img")
+        self.fds = rd.messages(f"fds-{pid}.img", files_pb2.FdEntry)
 
 
 class _Image:
@@ -93,22 +84,22 @@ class _Image:
                              f"this CPU's is {x86_64.xstate_size()} bytes: restore on a CPU like the original")
         rd.verify_all_metadata()
         procs = rd.messages("pstree.img", pstree_pb2.Process)
-        if len(procs) != 1:
-            raise ImageError(f"image {rd.dir} holds {len(procs)} processes; this version restores one")
-        self.process = procs[0]
-        self.pid = pid = self.process.pid
-        self.task = _one(rd.messages(f"task-{pid}.img", core_pb2.TaskCore), f"task-{pid}.img")
-        self.threads = rd.messages(f"core-{pid}.img", core_pb2.ThreadCore)
-        if [t.tid for t in self.threads] != list(self.process.tids) or self.threads[0].tid != pid:
-            raise ImageError(f"image {rd.dir}: core-{pid}.img does not match the process's thread list")
-        for t in self.threads:
-            if len(t.regs) != x86_64.REGS_SIZE or len(t.xstate) != inv.xstate_size:
-                raise ImageError(f"image {rd.dir}: registers of thread {t.tid} are damaged")
-        self.mm = _one(rd.messages(f"mm-{pid}.img", mm_pb2.Mm), f"mm-{pid}.img")
-        self.fds = rd.messages(f"fds-{pid}.img", files_pb2.FdEntry)
+        if not procs or procs[0].pid != inv.root_pid or procs[0].zombie:
+            raise ImageError(f"image {rd.dir}: pstree.img does not start with the root process {inv.root_pid}")
+        self.procs = [_Proc(rd, p, inv.xstate_size) for p in procs]
+        pids = [p.pid for p in self.procs]
+        if len(set(pids)) != len(pids):
+            raise ImageError(f"image {rd.dir}: pstree.img lists a PID twice")
+        known = set()
+        for p in self.procs:
+            if p is not self.procs[0] and p.p.ppid not in known:
+                raise ImageError(f"image {rd.dir}: process {p.pid}'s parent {p.p.ppid} comes after it or is missing")
+            known.add(p.pid)
+        self.live = [p for p in self.procs if not p.p.zombie]
         self.files = files.RestoreContext(rd, rd.messages("files.img", files_pb2.FileEntry), options)
-        mmmod.check_files_unchanged(self.mm, pid)
-        self.files.check(pid, self.fds)
+        for p in self.live:
+            mmmod.check_files_unchanged(p.mm, p.pid)
+            self.files.check(p.pid, p.fds)
 
 
 def _one(msgs, name):
@@ -117,23 +108,53 @@ def _one(msgs, name):
     return msgs[0]
 
 
-def _wait_pid_free(pid: int, timeout: float = 3.0) -> None:
+def restore(images_dir, progress=None, options: Options | None = None) -> RestoreResult:
+    t0 = time.monotonic()
+    img = _Image(os.fspath(images_dir), options or Options())
+    for p in img.procs:
+        _wait_pid_free(p.pid)
+    engine_fds: list[int] = []
+    stubs: dict[int, pstree.Stub] = {}
+    done = False
+    try:
+        prepared = _open_everything(img, engine_fds)
+        stubs = _create_tree(img)
+        npages = 0
+        tids: list[int] = []
+        for p in img.live:
+            npages += _rebuild(stubs[p.pid], p, img, prepared, progress)
+            tids += [t.tid for t in p.threads]
+        for p in img.live:
+            if p.p.stopped:
+                os.kill(p.pid, signal.SIGSTOP)     # takes effect once detached
+        # 7. the FPU/vector state last: nothing injected may disturb it afterwards
+        for p in img.live:
+            for th in p.threads:
+                ptrace.setregset(th.tid, ptrace.NT_X86_XSTATE, th.xstate)
+                core.restore_sched(th)
+        for tid in tids:
+            ptrace.detach(tid)
+        done = True
+    finally:
+        if not done:
+            for pid in reversed(list(stubs)):
+                pstree.kill(pid)
+        for fd in engine_fds:
+            os.close(fd)
+        img.files.close()
+    return RestoreResult(pid=img.procs[0].pid, seconds=time.monotonic() - t0, pages_bytes=npages,
+                         pids=[p.pid for p in img.live])
+
+
+def _wait_pid_free(pid: int, timeout: float = 5.0) -> None:
     """A killed process may stay a zombie until its parent reaps it: give that a moment."""
     deadline = time.monotonic() + timeout
     while proc.exists(pid):
         state = proc.pid_state(pid)
         if state not in ("Z", "X", "") or time.monotonic() > deadline:
-            who = _describe(pid)
-            raise RestoreError(f"PID {pid} is taken by another process ({who}); the image needs that "
-                               "exact PID. Stop that process, or restore where the PID is free")
+            raise RestoreError(f"PID {pid} is taken by another process ({pstree.describe(pid)}); the image "
+                               "needs that exact PID. Stop that process, or restore where the PID is free")
         time.sleep(0.01)
-
-
-def _describe(pid: int) -> str:
-    try:
-        return f"{proc.comm(pid, pid)!r}, state {proc.pid_state(pid)}"
-    except Exception:
-        return "unknown"
 
 
 class _Prepared:
@@ -141,21 +162,21 @@ class _Prepared:
         self.ofd: dict[int, int] = {}       # FileEntry id -> fd
         self.maps: dict[str, int] = {}      # mapped file path -> fd
         self.shmem: dict[int, int] = {}     # shmem id -> fd
-        self.exe = -1
-        self.fs: dict[str, int] = {}
+        self.exe: dict[str, int] = {}       # executable path -> fd
+        self.fs: dict[int, dict[str, int]] = {}   # pid -> {"cwd": fd, "root": fd}
 
 
 def _open_everything(img: _Image, engine_fds: list[int]) -> _Prepared:
     p = _Prepared()
-    target_max = max([e.fd for e in img.fds], default=2)
-    need = target_max + 64 + len(img.fds) + len(img.mm.vmas)
+    target_max = max([e.fd for pr in img.live for e in pr.fds], default=2)
+    need = target_max + 64 + sum(len(pr.fds) + len(pr.mm.vmas) for pr in img.live)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < need + 1024:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, need + 1024)), hard))
     base = max(target_max + 1, 3)
 
     def high(fd: int, owned: bool = True) -> int:
-        # Above every fd the target uses, so dup3() into place never hits a source.
+        # Above every fd the tree uses, so dup3() into place never hits a source.
         try:
             new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base)
         finally:
@@ -164,80 +185,47 @@ def _open_everything(img: _Image, engine_fds: list[int]) -> _Prepared:
         engine_fds.append(new)
         return new
 
-    for e in img.fds:
-        if e.id not in p.ofd:
-            p.ofd[e.id] = high(img.files.open(e.id), owned=False)
-    img.files.close()     # the stub inherits the high copies
-    for path, flags in mmmod.mapped_files(img.mm).items():
-        try:
-            p.maps[path] = high(os.open(path, flags | os.O_CLOEXEC))
-        except OSError as e:
-            raise RestoreError(f"cannot open mapped file {path}: {e.strerror}") from None
-    for v in img.mm.vmas:
-        if v.shmem_id and v.shmem_id not in p.shmem:
-            p.shmem[v.shmem_id] = high(pages.restore_shmem(img.reader, v))
-    p.exe = high(os.open(img.mm.exe.path, os.O_RDONLY | os.O_CLOEXEC))
-    p.fs = {k: high(fd) for k, fd in taskmod.fs_fds(img.task).items()}
+    for pr in img.live:
+        for e in pr.fds:
+            if e.id not in p.ofd:
+                p.ofd[e.id] = high(img.files.open(e.id), owned=False)
+    img.files.close()     # the stubs inherit the high copies
+    for pr in img.live:
+        for path, flags in mmmod.mapped_files(pr.mm).items():
+            if path in p.maps:
+                continue
+            try:
+                p.maps[path] = high(os.open(path, flags | os.O_CLOEXEC))
+            except OSError as e:
+                raise RestoreError(f"cannot open mapped file {path}: {e.strerror}") from None
+        for v in pr.mm.vmas:
+            if v.shmem_id and v.shmem_id not in p.shmem:
+                p.shmem[v.shmem_id] = high(pages.restore_shmem(img.reader, v))
+        if pr.mm.exe.path not in p.exe:
+            p.exe[pr.mm.exe.path] = high(os.open(pr.mm.exe.path, os.O_RDONLY | os.O_CLOEXEC))
+        p.fs[pr.pid] = {k: high(fd) for k, fd in taskmod.fs_fds(pr.task).items()}
     return p
 
 
-# --- the stub -----------------------------------------------------------------
-# PyDLL keeps the GIL across the call, so the child starts holding it, as after
-# os.fork(); a CDLL call would release it and the child could block forever on
-# a GIL owned by a thread that does not exist in the child.
-_pysyscall = ctypes.PyDLL(None, use_errno=True).syscall
-_pysyscall.restype = ctypes.c_long
-
-
-def _create_stub(pid: int) -> int:
-    tids = (ctypes.c_int32 * 1)(pid)
-    args = CloneArgs(exit_signal=signal.SIGCHLD, set_tid=ctypes.addressof(tids), set_tid_size=1)
-    # The child must run no Python code that could act (signal handlers
-    # raising into the engine's frames): it inherits a fully blocked mask.
-    old = signal.pthread_sigmask(signal.SIG_SETMASK, set(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP})
+def _create_tree(img: _Image) -> dict[int, pstree.Stub]:
+    """3. Stubs with the right PIDs and parents; sessions, then process groups."""
+    stubs: dict[int, pstree.Stub] = {}
     try:
-        r = _pysyscall(ctypes.c_long(NR["clone3"]), ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args)))
-        if r == 0:
-            _pysyscall(ctypes.c_long(NR["prctl"]), ctypes.c_long(1), ctypes.c_long(signal.SIGKILL))
-            while True:
-                _pysyscall(ctypes.c_long(NR["pause"]))
-        err = ctypes.get_errno()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-    if r < 0:
-        if err == errno.EEXIST:
-            raise RestoreError(f"PID {pid} is taken ({_describe(pid)}); the image needs that exact PID")
-        raise SysError(err, "clone3(set_tid)", pid,
-                       "creating a process with a chosen PID needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE")
-    try:
-        ptrace.seize(r, ptrace.PTRACE_O_TRACECLONE | ptrace.PTRACE_O_EXITKILL)
-        ptrace.interrupt(r)
-        _wait_event_stop(r)
+        root = img.procs[0]
+        stubs[root.pid] = pstree.Stub(pstree.create_root(root.pid))
+        pstree.make_sessions(stubs[root.pid], root.p)
+        for pr in img.procs[1:]:
+            stubs[pr.pid] = stubs[pr.p.ppid].fork(pr.pid)
+            pstree.make_sessions(stubs[pr.pid], pr.p)
+        pstree.join_groups(stubs, [pr.p for pr in img.live])
+        for z in img.procs:
+            if z.p.zombie:      # while its parent is still a stub (it has scratch memory)
+                pstree.make_zombie(stubs[z.pid], stubs[z.p.ppid], z.p.exit_status, z.p.comm)
     except BaseException:
-        _kill_stub(r)
+        for pid in reversed(list(stubs)):
+            pstree.kill(pid)
         raise
-    return r
-
-
-def _wait_event_stop(tid: int) -> None:
-    while True:
-        _, status = ptrace.wait(tid)
-        if (status & 0xFF) != 0x7F:
-            raise RestoreError(f"restored thread {tid} died during restore (status {status:#x})")
-        if ptrace.stop_event(status) == ptrace.PTRACE_EVENT_STOP:
-            return
-        ptrace.cont(tid, 0)    # any signal-stop before ours: drop it, wait for the interrupt
-
-
-def _kill_stub(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
+    return stubs
 
 
 def _specials(pid: int) -> dict[int, tuple[int, int]]:
@@ -245,35 +233,30 @@ def _specials(pid: int) -> dict[int, tuple[int, int]]:
             if m.path in mmmod.SPECIAL and mmmod.SPECIAL[m.path] in mmmod.VDSO_KINDS}
 
 
-def _rebuild(pid: int, img: _Image, p: _Prepared, progress) -> int:
-    mm, t, threads = img.mm, img.task, img.threads
+def _rebuild(stub: pstree.Stub, pr: _Proc, img: _Image, p: _Prepared, progress) -> int:
+    """4-6 for one process; its threads stay stopped with their final registers."""
+    pid, mm, t, threads = pr.pid, pr.mm, pr.task, pr.threads
     current = _specials(pid)
-    vdso = current[mm_pb2.VDSO]
-    tids = [pid]
-    with Remote(pid, pid, find_syscall_insn(pid, *vdso)) as r:
+    with Remote(pid, pid, stub.syscall_addr) as r:
         # 4. the address space
         core.unregister_rseq(r, pid)
         mmmod.teardown(r, list(current.values()))
         mmmod.move_vdso(r, mm, current)
         r.map_scratch(addr=mmmod.free_hole(mm, PAGE_SIZE))
-        mmmod.set_mm_map(r, mm, p.exe)
+        mmmod.set_mm_map(r, mm, p.exe[mm.exe.path])
         mmmod.map_vmas(r, mm, p.maps, p.shmem)
         npages = pages.restore_private(pid, img.reader, str(pid), mmmod.VmaIndex(mm.vmas), progress)
         mmmod.apply_advice(r, mm)
         # 5. files and process state
-        taskmod.restore_fs(r, t, p.fs)
-        _place_fds(r, img.fds, p.ofd)
-        img.files.after_place(r, pid, img.fds)
-        if img.process.sid == pid:
-            r.syscall("setsid")
-        elif img.process.pgid == pid:
-            r.syscall("setpgid", 0, 0)
+        taskmod.restore_fs(r, t, p.fs[pid])
+        _place_fds(r, pr.fds, p.ofd)
+        img.files.after_place(r, pid, pr.fds)
         taskmod.restore_sigactions(r, t)
         taskmod.restore_misc(r, t)
         taskmod.restore_rlimits(pid, t)
         # 6. threads
         for th in threads[1:]:
-            tids.append(_clone_thread(r, th.tid))
+            _clone_thread(r, th.tid)
         for th in threads[1:]:
             with Remote(pid, th.tid, r.syscall_addr, scratch=r.scratch) as tr:
                 core.restore_thread_state(tr, th, taskmod.queue_signal)
@@ -285,12 +268,6 @@ def _rebuild(pid: int, img: _Image, p: _Prepared, progress) -> int:
         taskmod.restore_creds(r, t)
         r.syscall("munmap", r.scratch, PAGE_SIZE)
         r.set_final_state(core.final_regs(threads[0]), threads[0].sigmask)
-    # 7. FPU/vector state last: nothing injected may disturb it afterwards.
-    for th in threads:
-        ptrace.setregset(th.tid, ptrace.NT_X86_XSTATE, th.xstate)
-        core.restore_sched(th)
-    for tid in tids:
-        ptrace.detach(tid)
     return npages
 
 
@@ -307,13 +284,14 @@ def _place_fds(r: Remote, entries, ofd: dict[int, int]) -> None:
 
 
 def _clone_thread(r: Remote, tid: int) -> int:
+    import ctypes
+    import struct
     s = r.scratch
-    r.write(s + 256, tid.to_bytes(4, "little", signed=True))
-    args = CloneArgs(flags=CLONE_THREAD_FLAGS, set_tid=s + 256, set_tid_size=1)
+    r.write(s + 256, struct.pack("<i", tid))
+    args = pstree.CloneArgs(flags=pstree.CLONE_THREAD_FLAGS, set_tid=s + 256, set_tid_size=1)
     r.write(s, bytes(args))
-    r.clone_tids.clear()
     new = r.syscall("clone3", s, ctypes.sizeof(args))
     if new != tid:
         raise RestoreError(f"thread {tid} came back as {new}")
-    _wait_event_stop(tid)
+    pstree.wait_event_stop(tid)
     return tid

@@ -1,8 +1,10 @@
-"""Freezing and thawing a process: PTRACE_SEIZE + PTRACE_INTERRUPT of every thread.
+"""Freezing and thawing a process tree: PTRACE_SEIZE + PTRACE_INTERRUPT of every thread.
 
-Threads may be created while we seize: we list /proc/PID/task again until a
-pass finds no new thread.  PTRACE_O_TRACECLONE on each seized thread makes any
-thread it creates afterwards start traced and stopped, so the loop converges.
+Threads and children may appear while we seize.  Each thread is seized with
+PTRACE_O_TRACECLONE|TRACEFORK|TRACEVFORK, so anything it creates afterwards
+starts traced and stopped; what existed before shows up when we list
+/proc/PID/task and /proc/PID/task/*/children again, which we do until a pass
+finds nothing new.  Zombies are recorded (with their exit status), not seized.
 """
 from __future__ import annotations
 
@@ -13,103 +15,156 @@ import signal
 from .errors import DumpError, SysError
 from .sys import proc, ptrace
 
+PTRACE_EVENT_FORK, PTRACE_EVENT_VFORK = 1, 2
+_OPTIONS = ptrace.PTRACE_O_TRACECLONE | 0x2 | 0x4      # TRACEFORK, TRACEVFORK
 
-class Frozen:
-    """The threads of one process, all in a ptrace stop; thaw() lets them go."""
 
-    def __init__(self, pid: int):
-        self.pid = pid
-        self.tids: list[int] = []
+class FrozenTree:
+    """Every thread of every process in the tree, in a ptrace stop."""
 
-    def freeze(self) -> "Frozen":
-        state = proc.pid_state(self.pid)
+    def __init__(self, root: int):
+        self.root = root
+        self.order: list[int] = []              # live processes, parents before children
+        self.tids: dict[int, list[int]] = {}    # pid -> tids, leader first
+        self.zombies: dict[int, int] = {}       # pid -> wait status (proc(5) exit_code)
+        self.stopped: set[int] = set()          # job-control stopped before the dump
+        self._traced: set[int] = set()
+
+    # --- freeze ---------------------------------------------------------------
+    def freeze(self) -> "FrozenTree":
+        state = proc.pid_state(self.root)
         if not state:
-            raise DumpError(f"process {self.pid} does not exist")
+            raise DumpError(f"process {self.root} does not exist")
         if state in "Zx":
-            raise DumpError(f"process {self.pid} is a zombie; there is nothing to checkpoint")
-        if state in "Tt":
-            raise DumpError(f"process {self.pid} is stopped (state {state}); stopped tasks are "
-                            "not supported yet: continue it (kill -CONT) and retry")
-        seen: set[int] = set()
+            raise DumpError(f"process {self.root} is a zombie; there is nothing to checkpoint")
         try:
-            while True:
-                new = [t for t in proc.tids(self.pid) if t not in seen]
-                if not new:
-                    break
-                for tid in new:
-                    seen.add(tid)
-                    try:
-                        ptrace.seize(tid, ptrace.PTRACE_O_TRACECLONE)
-                    except SysError as e:
-                        if e.errno == errno.ESRCH:      # exited meanwhile
-                            continue
-                        if e.errno == errno.EPERM:
-                            raise DumpError(
-                                f"cannot seize thread {tid} of process {self.pid}: it is already "
-                                "traced (a debugger or another checkpoint?) or we lack permission") from None
-                        raise
-                    self.tids.append(tid)
-                    ptrace.interrupt(tid)
-            for tid in list(self.tids):
-                self._wait_stop(tid)
+            changed = True
+            while changed:
+                changed = False
+                for pid in [self.root] + [c for p in list(self.order) for c in _children(p)]:
+                    if pid in self.tids or pid in self.zombies:
+                        continue
+                    if self._freeze_process(pid):
+                        changed = True
+                for pid in list(self.order):
+                    if self._freeze_threads(pid):
+                        changed = True
         except BaseException:
             self.thaw()
             raise
-        if self.pid not in self.tids:
-            self.thaw()
-            raise DumpError(f"process {self.pid}: its main thread has exited; not supported")
-        self.tids.sort(key=lambda t: (t != self.pid, t))
+        for pid in self.order:
+            if pid not in self.tids[pid]:
+                self.thaw()
+                raise DumpError(f"process {pid}: its main thread has exited while others run; not supported")
+            self.tids[pid].sort(key=lambda t: (t != pid, t))
         return self
 
-    def _wait_stop(self, tid: int) -> None:
+    def _freeze_process(self, pid: int) -> bool:
+        state = proc.pid_state(pid)
+        if not state:
+            return False
+        if state == "Z":
+            self.zombies[pid] = int(proc.stat(pid)[52])
+            return True
+        if state == "T":
+            self.stopped.add(pid)
+        self.order.append(pid)
+        self.tids[pid] = []
+        self._freeze_threads(pid)
+        return True
+
+    def _freeze_threads(self, pid: int) -> bool:
+        new = False
+        try:
+            current = proc.tids(pid)
+        except SysError:
+            return False
+        for tid in current:
+            if tid in self.tids[pid]:
+                continue
+            if tid not in self._traced:
+                try:
+                    ptrace.seize(tid, _OPTIONS)
+                except SysError as e:
+                    if e.errno == errno.ESRCH:      # exited meanwhile
+                        continue
+                    if e.errno == errno.EPERM:
+                        raise DumpError(
+                            f"cannot seize thread {tid} of process {pid}: it is already traced "
+                            "(a debugger or another checkpoint?) or we lack permission") from None
+                    raise
+                self._traced.add(tid)
+                ptrace.interrupt(tid)
+            if self._wait_stop(tid):
+                self.tids[pid].append(tid)
+                new = True
+        return new
+
+    def _wait_stop(self, tid: int) -> bool:
+        """Wait until tid is in PTRACE_EVENT_STOP; False if it died instead."""
         while True:
             _, status = ptrace.wait(tid)
-            if (status & 0xFF) != 0x7F:          # exited or killed
-                self.tids.remove(tid)
-                return
+            if (status & 0xFF) != 0x7F:
+                self._traced.discard(tid)
+                return False
             event = ptrace.stop_event(status)
             if event == ptrace.PTRACE_EVENT_STOP:
-                return
-            if event == ptrace.PTRACE_EVENT_CLONE:
-                # A thread created while we were seizing: it is auto-attached
-                # and will report its own stop; list it and keep waiting here.
-                child = ptrace.geteventmsg(tid)
-                if child not in self.tids:
-                    self.tids.append(child)
-                    self._wait_stop(child)
+                return True
+            if event in (ptrace.PTRACE_EVENT_CLONE, PTRACE_EVENT_FORK, PTRACE_EVENT_VFORK):
+                # Created while we were seizing: already traced; it reports its own
+                # stop, and the next pass over /proc lists it.
+                self._traced.add(ptrace.geteventmsg(tid))
                 ptrace.cont(tid)
                 ptrace.interrupt(tid)
                 continue
-            # A signal arrived before our interrupt: let it be delivered later
-            # by re-injecting it on resume; we must stop first.
-            sig = (status >> 8) & 0xFF
-            ptrace.cont(tid, sig)
+            # A signal arrived before our interrupt: deliver it, then stop.
+            ptrace.cont(tid, (status >> 8) & 0xFF)
             ptrace.interrupt(tid)
+
+    # --- release ----------------------------------------------------------------
+    def all_tids(self) -> list[int]:
+        return [t for pid in self.order for t in self.tids[pid]]
 
     def thaw(self) -> None:
         """Detach every thread; each resumes where it was (syscalls restart)."""
-        for tid in self.tids:
+        for tid in self.all_tids() + [t for t in self._traced if t not in self.all_tids()]:
             try:
                 ptrace.detach(tid)
             except SysError:
                 pass
-        self.tids = []
+        self.tids, self.order, self._traced = {}, [], set()
 
     def kill(self) -> None:
-        """SIGKILL the process while it is still frozen, so it never runs again.
+        """SIGKILL every process while still frozen, so none runs again.
 
-        As its tracer we are told of each thread's death first; consume those
-        reports so the real parent can reap the process.
+        As their tracer we are told of each thread's death first; consume those
+        reports so the real parents can reap them.  A leader's death is reported
+        only after all its other threads are gone.
         """
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        # The leader's death is reported only after all other threads are gone.
-        for tid in sorted(self.tids, key=lambda t: t == self.pid):
+        for pid in self.order:
             try:
-                while (ptrace.wait(tid)[1] & 0xFF) == 0x7F:
-                    pass
-            except SysError:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
                 pass
-        self.tids = []
+        for pid in reversed(self.order):
+            for tid in sorted(self.tids[pid], key=lambda t: t == pid):
+                try:
+                    while (ptrace.wait(tid)[1] & 0xFF) == 0x7F:
+                        pass
+                except SysError:
+                    pass
+        self.tids, self.order, self._traced = {}, [], set()
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for tid in proc.tids(pid):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    out.extend(int(c) for c in f.read().split())
+            except OSError:
+                pass
+    except SysError:
+        pass
+    return out

@@ -31,6 +31,7 @@ from ..sys.libc import syscall
 from ..sys.memory import pidfd_getfd, pidfd_open
 from ..sys.x86_64 import NR
 from . import regfile
+from . import pipe
 
 O_CLOEXEC = 0o2000000
 KCMP_FILE = 0
@@ -39,6 +40,8 @@ KCMP_FILE = 0
 KINDS = {
     files_pb2.REG: regfile,
     files_pb2.CHR: regfile,
+    files_pb2.PIPE: pipe,
+    files_pb2.FIFO: pipe,
 }
 
 _ANON_KINDS = {"[eventfd]": files_pb2.EVENTFD, "[eventpoll]": files_pb2.EPOLL, "[timerfd]": files_pb2.TIMERFD,

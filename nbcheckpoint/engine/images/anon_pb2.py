@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%nbcheckpoint/engine/images/anon.proto\x12\x13nbcheckpoint.images\"/\n\x0b\x45ventfdFile\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\x11\n\tsemaphore\x18\x02 \x01(\x08\"8\n\x0b\x45pollTarget\x12\x0b\n\x03tfd\x18\x01 \x01(\r\x12\x0e\n\x06\x65vents\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x04\">\n\tEpollFile\x12\x31\n\x07targets\x18\x01 \x03(\x0b\x32 .nbcheckpoint.images.EpollTarget\"\x98\x01\n\x0bTimerfdFile\x12\x0f\n\x07\x63lockid\x18\x01 \x01(\r\x12\r\n\x05ticks\x18\x02 \x01(\x04\x12\x15\n\rsettime_flags\x18\x03 \x01(\r\x12\x11\n\tvalue_sec\x18\x04 \x01(\x04\x12\x12\n\nvalue_nsec\x18\x05 \x01(\x04\x12\x14\n\x0cinterval_sec\x18\x06 \x01(\x04\x12\x15\n\rinterval_nsec\x18\x07 \x01(\x04\"\x1f\n\x0cSignalfdFile\x12\x0f\n\x07sigmask\x18\x01 \x01(\x04\"6\n\x0cInotifyWatch\x12\n\n\x02wd\x18\x01 \x01(\x04\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04mask\x18\x03 \x01(\r\"A\n\x0bInotifyFile\x12\x32\n\x07watches\x18\x01 \x03(\x0b\x32!.nbcheckpoint.images.InotifyWatchb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%nbcheckpoint/engine/images/anon.proto\x12\x13nbcheckpoint.images\"/\n\x0b\x45ventfdFile\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\x11\n\tsemaphore\x18\x02 \x01(\x08\"X\n\x0b\x45pollTarget\x12\x0b\n\x03tfd\x18\x01 \x01(\r\x12\x0e\n\x06\x65vents\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x04\x12\x13\n\x06via_fd\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\t\n\x07_via_fd\"Q\n\tEpollFile\x12\x31\n\x07targets\x18\x01 \x03(\x0b\x32 .nbcheckpoint.images.EpollTarget\x12\x11\n\towner_pid\x18\x02 \x01(\r\"\x98\x01\n\x0bTimerfdFile\x12\x0f\n\x07\x63lockid\x18\x01 \x01(\r\x12\r\n\x05ticks\x18\x02 \x01(\x04\x12\x15\n\rsettime_flags\x18\x03 \x01(\r\x12\x11\n\tvalue_sec\x18\x04 \x01(\x04\x12\x12\n\nvalue_nsec\x18\x05 \x01(\x04\x12\x14\n\x0cinterval_sec\x18\x06 \x01(\x04\x12\x15\n\rinterval_nsec\x18\x07 \x01(\x04\"\x1f\n\x0cSignalfdFile\x12\x0f\n\x07sigmask\x18\x01 \x01(\x04\"P\n\x0cInotifyWatch\x12\n\n\x02wd\x18\x01 \x01(\x04\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04mask\x18\x03 \x01(\r\x12\x0b\n\x03ino\x18\x04 \x01(\x04\x12\x0b\n\x03\x64\x65v\x18\x05 \x01(\x04\"A\n\x0bInotifyFile\x12\x32\n\x07watches\x18\x01 \x03(\x0b\x32!.nbcheckpoint.images.InotifyWatchb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,15 +34,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENTFDFILE']._serialized_start=62
   _globals['_EVENTFDFILE']._serialized_end=109
   _globals['_EPOLLTARGET']._serialized_start=111
-  _globals['_EPOLLTARGET']._serialized_end=167
-  _globals['_EPOLLFILE']._serialized_start=169
-  _globals['_EPOLLFILE']._serialized_end=231
-  _globals['_TIMERFDFILE']._serialized_start=234
-  _globals['_TIMERFDFILE']._serialized_end=386
-  _globals['_SIGNALFDFILE']._serialized_start=388
-  _globals['_SIGNALFDFILE']._serialized_end=419
-  _globals['_INOTIFYWATCH']._serialized_start=421
-  _globals['_INOTIFYWATCH']._serialized_end=475
-  _globals['_INOTIFYFILE']._serialized_start=477
-  _globals['_INOTIFYFILE']._serialized_end=542
+  _globals['_EPOLLTARGET']._serialized_end=199
+  _globals['_EPOLLFILE']._serialized_start=201
+  _globals['_EPOLLFILE']._serialized_end=282
+  _globals['_TIMERFDFILE']._serialized_start=285
+  _globals['_TIMERFDFILE']._serialized_end=437
+  _globals['_SIGNALFDFILE']._serialized_start=439
+  _globals['_SIGNALFDFILE']._serialized_end=470
+  _globals['_INOTIFYWATCH']._serialized_start=472
+  _globals['_INOTIFYWATCH']._serialized_end=552
+  _globals['_INOTIFYFILE']._serialized_start=554
+  _globals['_INOTIFYFILE']._serialized_end=619
 # @@protoc_insertion_point(module_scope)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%nbcheckpoint/engine/images/pipe.proto\x12\x13nbcheckpoint.images\"^\n\x08PipeFile\x12\x0f\n\x07pipe_id\x18\x01 \x01(\x04\x12\x11\n\twrite_end\x18\x02 \x01(\x08\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\r\x12\x12\n\ndata_bytes\x18\x05 \x01(\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%nbcheckpoint/engine/images/pipe.proto\x12\x13nbcheckpoint.images\"}\n\x08PipeFile\x12\x0f\n\x07pipe_id\x18\x01 \x01(\x04\x12\x11\n\twrite_end\x18\x02 \x01(\x08\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\r\x12\x12\n\ndata_bytes\x18\x05 \x01(\x04\x12\x10\n\x08\x65xternal\x18\x06 \x01(\x08\x12\x0b\n\x03\x64\x65v\x18\x07 \x01(\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,5 +32,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nbcheckpoint.engine.images.
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PIPEFILE']._serialized_start=62
-  _globals['_PIPEFILE']._serialized_end=156
+  _globals['_PIPEFILE']._serialized_end=187
 # @@protoc_insertion_point(module_scope)

@@ -24,13 +24,13 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'nbcheckpoint/engine/images/pstree.proto\x12\x13nbcheckpoint.images\"M\n\x07Process\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0c\n\x04ppid\x18\x02 \x01(\r\x12\x0c\n\x04pgid\x18\x03 \x01(\r\x12\x0b\n\x03sid\x18\x04 \x01(\r\x12\x0c\n\x04tids\x18\x05 \x03(\rb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'nbcheckpoint/engine/images/pstree.proto\x12\x13nbcheckpoint.images\"\x91\x01\n\x07Process\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0c\n\x04ppid\x18\x02 \x01(\r\x12\x0c\n\x04pgid\x18\x03 \x01(\r\x12\x0b\n\x03sid\x18\x04 \x01(\r\x12\x0c\n\x04tids\x18\x05 \x03(\r\x12\x0e\n\x06zombie\x18\x06 \x01(\x08\x12\x13\n\x0b\x65xit_status\x18\x07 \x01(\r\x12\x0f\n\x07stopped\x18\x08 \x01(\x08\x12\x0c\n\x04\x63omm\x18\t \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nbcheckpoint.engine.images.pstree_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROCESS']._serialized_start=64
-  _globals['_PROCESS']._serialized_end=141
+  _globals['_PROCESS']._serialized_start=65
+  _globals['_PROCESS']._serialized_end=210
 # @@protoc_insertion_point(module_scope)

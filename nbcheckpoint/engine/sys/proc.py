@@ -147,3 +147,113 @@ def ppid(pid: int) -> int:
 
 def mnt_root_ok(pid: int) -> bool:
     return os.path.samefile(f"/proc/{pid}/root", "/")
+
+
+# --- anonymous-inode files (files/anon.py) and POSIX timers (timers.py) ---------------
+
+def _kv_fields(text: str) -> dict[str, str]:
+    """'a:1 b: 2 c:3' -> {'a': '1', 'b': '2', 'c': '3'} (fdinfo's 'key:value' runs)."""
+    out: dict[str, str] = {}
+    key = None
+    for tok in text.split():
+        if ":" in tok:
+            key, _, val = tok.partition(":")
+            out[key] = val
+        elif key is not None and out[key] == "":
+            out[key] = tok
+    return out
+
+
+def epoll_targets(info: dict[str, str]) -> list[dict[str, int]]:
+    """The registrations of an epoll fd, in the kernel's (rbtree) order.
+
+    fdinfo: ``tfd: N events: X data: Y  pos:P ino:I sdev:D`` per line; fdinfo()
+    keys the line by 'tfd' and joins repeats with newlines.  events, data, ino
+    and sdev are hex; sdev is the kernel's dev_t (major << 20 | minor).
+    """
+    out = []
+    for line in filter(None, info.get("tfd", "").split("\n")):
+        f = _kv_fields("tfd:" + line)
+        out.append(dict(tfd=int(f["tfd"]), events=int(f["events"], 16), data=int(f["data"], 16),
+                        ino=int(f["ino"], 16), sdev=int(f["sdev"], 16)))
+    return out
+
+
+def inotify_watches(info: dict[str, str]) -> list[dict]:
+    """The watches of an inotify fd: ``inotify wd:.. ino:.. sdev:.. mask:.. ignored_mask:..
+    fhandle-bytes:.. fhandle-type:.. f_handle:..`` (all hex but wd); handle as bytes."""
+    out = []
+    for line in filter(None, info.get("inotify wd", "").split("\n")):
+        f = _kv_fields("wd:" + line)
+        nbytes = int(f.get("fhandle-bytes", "0"), 16)
+        out.append(dict(wd=int(f["wd"]), ino=int(f["ino"], 16), sdev=int(f["sdev"], 16),
+                        mask=int(f["mask"], 16), ignored_mask=int(f.get("ignored_mask", "0"), 16),
+                        handle_type=int(f.get("fhandle-type", "0"), 16),
+                        handle=bytes.fromhex(f.get("f_handle", ""))[:nbytes]))
+    return out
+
+
+def kernel_dev(kdev: int) -> int:
+    """The kernel's internal dev_t (fdinfo's sdev) as a userspace st_dev."""
+    return os.makedev(kdev >> 20, kdev & 0xFFFFF)
+
+
+def timerfd_state(info: dict[str, str]) -> dict[str, int]:
+    """clockid, ticks, settime flags (octal), it_value/it_interval '(sec, nsec)'."""
+    def pair(v: str) -> tuple[int, int]:
+        a, b = v.strip("()").split(",")
+        return int(a), int(b)
+    vs, vn = pair(info["it_value"])
+    is_, in_ = pair(info["it_interval"])
+    return dict(clockid=int(info["clockid"]), ticks=int(info["ticks"]),
+                settime_flags=int(info["settime flags"], 8),
+                value_sec=vs, value_nsec=vn, interval_sec=is_, interval_nsec=in_)
+
+
+@dataclass
+class PosixTimer:
+    id: int
+    signo: int
+    sigev_value: int
+    notify: int         # SIGEV_SIGNAL 0 / NONE 1 / THREAD 2, | SIGEV_THREAD_ID 4
+    notify_pid: int     # the pid (or tid with SIGEV_THREAD_ID) the signal goes to
+    clockid: int
+
+
+_SIGEV = {"signal": 0, "none": 1, "thread": 2}
+
+
+def posix_timers(pid: int) -> list[PosixTimer]:
+    """/proc/PID/timers (proc(5)): ID, signal: SIGNO/VALUE, notify: KIND/pid|tid.N, ClockID."""
+    out: list[PosixTimer] = []
+    cur: dict[str, str] = {}
+    lines = _read(f"/proc/{pid}/timers", pid).decode().splitlines() + ["ID: -"]
+    for line in lines:
+        k, _, v = line.partition(":")
+        v = v.strip()
+        if k == "ID" and cur:
+            signo, _, val = cur["signal"].partition("/")
+            kind, _, who = cur["notify"].partition("/")
+            whom, _, n = who.partition(".")
+            out.append(PosixTimer(id=int(cur["ID"]), signo=int(signo), sigev_value=int(val or "0", 16),
+                                  notify=_SIGEV[kind] | (4 if whom == "tid" else 0),
+                                  notify_pid=int(n), clockid=int(cur["ClockID"])))
+            cur = {}
+        cur[k] = v
+    return sorted(out, key=lambda t: t.id)
+
+
+def mount_for_dev(dev: int) -> str | None:
+    """A mount point of the filesystem `dev` (st_dev), from /proc/self/mountinfo:
+    preferably one that mounts the filesystem's root, so any inode is reachable."""
+    best = None
+    for line in _read("/proc/self/mountinfo").decode("utf-8", "surrogateescape").splitlines():
+        f = line.split()
+        major, _, minor = f[2].partition(":")
+        if os.makedev(int(major), int(minor)) != dev:
+            continue
+        point = f[4].replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+        if f[3] == "/":
+            return point
+        best = best or point
+    return best

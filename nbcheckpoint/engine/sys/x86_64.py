@@ -19,10 +19,15 @@ NR = dict(
     capset=126, rt_sigqueueinfo=129, sigaltstack=131, personality=135,
     mlock=149, prctl=157, arch_prctl=158, chroot=161, gettid=186, futex=202,
     set_tid_address=218, exit_group=231, tgkill=234, set_robust_list=273,
-    get_robust_list=274, dup3=292, rt_tgsigqueueinfo=297, prlimit64=302,
+    get_robust_list=274, splice=275, tee=276, dup3=292, rt_tgsigqueueinfo=297, prlimit64=302,
     getcpu=309, setpgid=109, setsid=112, getsid=124, process_vm_readv=310, process_vm_writev=311, kcmp=312,
     memfd_create=319, userfaultfd=323, rseq=334, pidfd_open=434, clone3=435,
-    close_range=436, pidfd_getfd=438, restart_syscall=219,
+    close_range=436, pidfd_getfd=438, restart_syscall=219, rt_sigtimedwait=128,
+    # anon-inode files (files/anon.py) and timers (timers.py)
+    ioctl=16, getitimer=36, setitimer=38, timer_create=222, timer_settime=223, timer_gettime=224,
+    timer_getoverrun=225, timer_delete=226, epoll_ctl=233, inotify_add_watch=254, inotify_rm_watch=255,
+    timerfd_create=283, timerfd_settime=286, timerfd_gettime=287, signalfd4=289, eventfd2=290,
+    epoll_create1=291, inotify_init1=294, name_to_handle_at=303, open_by_handle_at=304,
 )
 SYSCALL_NAMES = {v: k for k, v in NR.items()}
 

@@ -1,0 +1,313 @@
+"""Pipes and FIFOs.
+
+Saved per open file description (one ``FileEntry`` per end; dup'd fds share it):
+the pipe's inode (``pipe_id``), the end (access mode), the FIFO's path, the
+pipe size (F_GETPIPE_SZ) and -- once per pipe, not per end -- the queued data,
+in ``pipe-data-PIPE_ID.img`` (FIFOs: ``fifo-data-DEV-INO.img``).
+
+Dump peeks the data without consuming it: it opens its own read end through
+``/proc/PID/fd/N`` (O_RDONLY|O_NONBLOCK: an independent description of the
+same pipe, like opening a FIFO) and tee(2)s the queued buffers into a
+temporary pipe of the same size, then reads them from there.  The target's
+pipe is untouched, so ``--leave-running`` dumps are harmless.
+
+A pipe is *internal* when the image holds descriptions of both ends; else it
+is *external* (its other end belonged to a process outside the dump, e.g. a
+stdin pipe from the parent).  Restore creates each pipe once (pipe2), sets
+its size, writes the saved data, opens any further descriptions through
+``/proc/self/fd`` and sets each description's status flags.  An end that no
+description in the image needs is closed, as CRIU does: a restored reader of
+an external pipe reads the saved data then EOF, a restored writer gets EPIPE.
+``--inherit-fd fd[N]:pipe:[PIPE_ID]`` hands in a replacement end instead
+(``external_key``); its content is then the caller's business.
+
+FIFOs are reopened by path: first O_RDWR (which never blocks and keeps the
+pipe alive), then each description with its own mode; the saved data is
+written only if the FIFO is empty (if it is not, the FIFO is still open
+elsewhere and its data never left).
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+import struct
+import termios
+
+from ..errors import DumpError, ImageError, RestoreError, UnsupportedError
+from ..images import files_pb2
+from ..sys.libc import syscall
+from ..sys.x86_64 import NR
+
+F_SETPIPE_SZ = 1031
+F_GETPIPE_SZ = 1032
+SPLICE_F_NONBLOCK = 0x02
+O_ACCMODE = 0o3
+# The status flags F_SETFL can restore on a pipe (O_DIRECT, packet mode, only
+# comes from pipe2; O_ASYNC would need its owner, which is not saved).
+_SETFL = os.O_APPEND | os.O_NONBLOCK | os.O_NOATIME
+_DELETED = " (deleted)"
+
+
+def _acc(flags: int) -> int:
+    return flags & O_ACCMODE
+
+
+def _reads(flags: int) -> bool:
+    return _acc(flags) in (os.O_RDONLY, os.O_RDWR)
+
+
+def _writes(flags: int) -> bool:
+    return _acc(flags) in (os.O_WRONLY, os.O_RDWR)
+
+
+def _key(f: files_pb2.FileEntry) -> tuple[int, int, int]:
+    return (f.kind, f.pipe.dev, f.pipe.pipe_id)
+
+
+def data_name(f: files_pb2.FileEntry) -> str:
+    """The image file holding the pipe's queued data."""
+    if f.kind == files_pb2.FIFO:
+        return f"fifo-data-{f.pipe.dev}-{f.pipe.pipe_id}.img"
+    return f"pipe-data-{f.pipe.pipe_id}.img"
+
+
+def _queued(fd: int) -> int:
+    buf = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    return struct.unpack("i", buf)[0]
+
+
+# ----------------------------------------------------------------------------- dump
+
+class _DumpPipe:
+    def __init__(self):
+        self.entries: list[files_pb2.FileEntry] = []
+        self.size = 0
+        self.data_bytes = 0
+
+
+def dump(ctx, pid: int, fd: int, s: os.stat_result, link: str, info: dict, entry: files_pb2.FileEntry) -> None:
+    flags = int(info["flags"], 8)
+    fifo = entry.kind == files_pb2.FIFO
+    if fifo and link.endswith(_DELETED):
+        raise UnsupportedError(f"process {pid}: fd {fd} is a FIFO deleted while open ({link}), "
+                               "which this version cannot checkpoint")
+    pipes = ctx.__dict__.setdefault("_pipes", {})
+    key = (entry.kind, s.st_dev if fifo else 0, s.st_ino)
+    p = pipes.get(key)
+    entry.pipe.pipe_id = s.st_ino
+    entry.pipe.write_end = _acc(flags) == os.O_WRONLY
+    if fifo:
+        entry.pipe.dev = s.st_dev
+        entry.pipe.path = link
+    if p is None:
+        p = pipes[key] = _DumpPipe()
+        p.size, p.data_bytes = _save_data(ctx, pid, fd, link, entry, flags)
+    entry.pipe.size = p.size
+    entry.pipe.data_bytes = p.data_bytes
+    p.entries.append(entry)
+    if not fifo:
+        # Internal once both ends are seen; earlier entries of this pipe are
+        # still ours to update (dump.py writes files.img after all fds).
+        external = not (any(_reads(e.flags) for e in p.entries) and any(_writes(e.flags) for e in p.entries))
+        for e in p.entries:
+            e.pipe.external = external
+
+
+def _save_data(ctx, pid: int, fd: int, link: str, entry: files_pb2.FileEntry, flags: int) -> tuple[int, int]:
+    """(pipe size, queued bytes); the bytes go to the image without being consumed."""
+    try:
+        peek = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as ex:
+        raise DumpError(f"process {pid}: cannot open fd {fd} ({link}) to read its queued data: "
+                        f"{ex.strerror}") from None
+    try:
+        size = fcntl.fcntl(peek, F_GETPIPE_SZ)
+        n = _queued(peek)
+        if n == 0:
+            return size, 0
+        if flags & os.O_DIRECT:
+            raise UnsupportedError(f"process {pid}: fd {fd} ({link}) is a packet-mode (O_DIRECT) pipe "
+                                   f"with {n} bytes queued, which this version cannot checkpoint")
+        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            if fcntl.fcntl(w, F_GETPIPE_SZ) < size:
+                fcntl.fcntl(w, F_SETPIPE_SZ, size)    # as many slots as the source: one tee takes all
+            # tee(2) always starts at the head of the pipe and never consumes.
+            got = syscall(NR["tee"], peek, w, n, SPLICE_F_NONBLOCK, request="tee", pid=pid)
+            if got < n and _queued(peek) >= n:
+                raise DumpError(f"process {pid}: fd {fd} ({link}): tee copied {got} of {n} queued bytes")
+            out = ctx.img.raw(data_name(entry))
+            left = got
+            while left:
+                chunk = os.read(r, min(left, 1 << 20))
+                if not chunk:
+                    raise DumpError(f"process {pid}: fd {fd} ({link}): queued data ended early")
+                out.write(chunk)
+                left -= len(chunk)
+            return size, got
+        finally:
+            os.close(r)
+            os.close(w)
+    finally:
+        os.close(peek)
+
+
+# ----------------------------------------------------------------------------- restore
+
+def external_key(f: files_pb2.FileEntry) -> str | None:
+    """``pipe:[INO]`` for an end whose peer was outside the dump (for --inherit-fd)."""
+    if f.kind == files_pb2.PIPE and f.pipe.external:
+        return f"pipe:[{f.pipe.pipe_id}]"
+    return None
+
+
+def _max_size() -> int:
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as fh:
+            return int(fh.read())
+    except OSError:
+        return 1 << 20
+
+
+def check(ctx, pid: int, fde, f: files_pb2.FileEntry) -> None:
+    """Before any process exists: the FIFO is still there, the size can be had."""
+    p = f.pipe
+    if f.kind == files_pb2.FIFO:
+        try:
+            st = os.stat(p.path)
+        except OSError:
+            raise RestoreError(f"process {pid}: fd {fde.fd} was the FIFO {p.path}, which no longer "
+                               f"exists; recreate it (mkfifo {p.path}) to restore") from None
+        if not stat.S_ISFIFO(st.st_mode):
+            raise RestoreError(f"process {pid}: fd {fde.fd} was the FIFO {p.path}, which is now "
+                               "something else; put the FIFO back to restore")
+    if p.data_bytes > p.size:
+        raise ImageError(f"pipe {p.pipe_id}: {p.data_bytes} bytes queued in a {p.size}-byte pipe")
+    if p.size > _max_size():
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(w, F_SETPIPE_SZ, p.size)
+        except OSError as ex:
+            raise RestoreError(f"process {pid}: fd {fde.fd} is a pipe of {p.size} bytes, above "
+                               f"/proc/sys/fs/pipe-max-size ({_max_size()}), and this engine may not "
+                               f"exceed it ({ex.strerror}); raise pipe-max-size to restore") from None
+        finally:
+            os.close(r)
+            os.close(w)
+
+
+def open(ctx, f: files_pb2.FileEntry) -> int:  # noqa: A001 - the kind interface's name
+    """Create the whole pipe once: every description of it in the image is opened
+    here, the others handed to ctx.remember()."""
+    key = _key(f)
+    group = [e for e in ctx.files.values()
+             if e.kind == f.kind and _key(e) == key and e.id not in ctx.opened
+             and (e.id == f.id or ctx.inherited(e) is None)]
+    made: dict[int, int] = {}
+    try:
+        if f.kind == files_pb2.FIFO:
+            _open_fifo(ctx, f, group, made)
+        else:
+            _open_pipe(ctx, f, group, made)
+    except BaseException:
+        for fd in made.values():
+            os.close(fd)
+        raise
+    for e in group:
+        if e.id != f.id:
+            ctx.remember(e.id, made[e.id])
+    return made[f.id]
+
+
+def _set_size(fd: int, f: files_pb2.FileEntry) -> None:
+    size = f.pipe.size
+    if size and fcntl.fcntl(fd, F_GETPIPE_SZ) != size:
+        try:
+            fcntl.fcntl(fd, F_SETPIPE_SZ, size)
+        except OSError as ex:
+            raise RestoreError(f"cannot set the size of pipe {f.pipe.pipe_id} to {size} bytes: "
+                               f"{ex.strerror}") from None
+
+
+def _data(ctx, f: files_pb2.FileEntry) -> bytes:
+    if not f.pipe.data_bytes:
+        return b""
+    data = ctx.reader.read_bytes(data_name(f))
+    if len(data) != f.pipe.data_bytes:
+        raise ImageError(f"{data_name(f)} holds {len(data)} bytes, the image says {f.pipe.data_bytes}")
+    return data
+
+
+def _write_all(fd: int, data: bytes, f: files_pb2.FileEntry) -> None:
+    """Into a pipe sized for it: never blocks (O_NONBLOCK), EAGAIN means it does not fit."""
+    fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, fl | os.O_NONBLOCK)
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except BlockingIOError:
+        raise RestoreError(f"pipe {f.pipe.pipe_id}: its {len(data)} queued bytes do not fit "
+                           f"({len(data) - len(view)} written)") from None
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fl)
+
+
+def _set_flags(made: dict[int, int], group) -> None:
+    for e in group:
+        fd = made[e.id]
+        fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, (fl & ~_SETFL) | (e.flags & _SETFL))
+
+
+def _open_pipe(ctx, f, group, made: dict[int, int]) -> None:
+    direct = os.O_DIRECT if any(e.flags & os.O_DIRECT for e in group) else 0
+    r, w = os.pipe2(os.O_CLOEXEC | direct)
+    ends = {r, w}
+    try:
+        _set_size(w, f)
+        has_reader = any(_reads(e.flags) for e in group)
+        if has_reader:    # data for nobody would only be dropped with the read end
+            data = _data(ctx, f)
+            if data:
+                _write_all(w, data, f)
+        for e in group:
+            acc = _acc(e.flags)
+            if acc == os.O_RDONLY and r in ends and r not in made.values():
+                made[e.id] = r
+            elif acc == os.O_WRONLY and w in ends and w not in made.values():
+                made[e.id] = w
+            else:
+                # a further description of the same pipe, like opening a FIFO;
+                # O_NONBLOCK so that it never waits (we hold both ends anyway)
+                made[e.id] = os.open(f"/proc/self/fd/{r}", acc | os.O_NONBLOCK | os.O_CLOEXEC)
+        _set_flags(made, group)
+    finally:
+        # The ends no description needs are closed: for an external pipe the
+        # restored reader then sees EOF after the data, the writer EPIPE.
+        for fd in ends - set(made.values()):
+            os.close(fd)
+
+
+def _open_fifo(ctx, f, group, made: dict[int, int]) -> None:
+    path = f.pipe.path
+    try:
+        helper = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as ex:
+        raise RestoreError(f"cannot reopen the FIFO {path}: {ex.strerror}") from None
+    try:
+        if not stat.S_ISFIFO(os.fstat(helper).st_mode):
+            raise RestoreError(f"{path} is no longer a FIFO")
+        _set_size(helper, f)
+        data = _data(ctx, f)
+        if data and _queued(helper) == 0:
+            _write_all(helper, data, f)
+        for e in group:
+            try:
+                made[e.id] = os.open(path, _acc(e.flags) | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as ex:
+                raise RestoreError(f"cannot reopen the FIFO {path}: {ex.strerror}") from None
+        _set_flags(made, group)
+    finally:
+        os.close(helper)

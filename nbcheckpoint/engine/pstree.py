@@ -1,0 +1,203 @@
+"""Creating the restored process tree: stubs with the exact PIDs, sessions,
+process groups and zombies.
+
+Every process starts as a *stub*: a copy of the engine that does nothing but
+wait, traced by us.  The root stub comes from clone3(set_tid=[pid]) in the
+engine; each child from the same call injected into its parent's stub, so
+parent links are right by construction.  All stubs exist before any is
+rebuilt, so each inherits every fd the engine opened for the tree.
+
+Order matters:
+1. a session leader calls setsid() right after it is created, before it forks
+   the children that must inherit its session;
+2. process groups are joined once every process exists (leaders first);
+3. zombies exit last, with their dumped status, and the SIGCHLD this sends
+   their parents is taken back.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+import struct
+
+from .errors import RestoreError, SysError
+from .inject import Remote, find_syscall_insn
+from .sys import proc, ptrace
+from .sys.x86_64 import NR
+
+CLONE_THREAD_FLAGS = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000  # VM FS FILES SIGHAND THREAD SYSVSEM
+TRACE_OPTIONS = ptrace.PTRACE_O_TRACECLONE | 0x2 | 0x4 | ptrace.PTRACE_O_EXITKILL   # + TRACEFORK, TRACEVFORK
+
+
+class CloneArgs(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in (
+        "flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack", "stack_size",
+        "tls", "set_tid", "set_tid_size", "cgroup")]
+
+
+# PyDLL keeps the GIL across the call, so the child starts holding it, as after
+# os.fork(); a CDLL call would release it and the child could block forever on
+# a GIL owned by a thread that does not exist in the child.
+_pysyscall = ctypes.PyDLL(None, use_errno=True).syscall
+_pysyscall.restype = ctypes.c_long
+
+
+def describe(pid: int) -> str:
+    try:
+        return f"{proc.comm(pid, pid)!r}, state {proc.pid_state(pid)}"
+    except Exception:
+        return "unknown"
+
+
+def create_root(pid: int) -> int:
+    """The root stub, a child of the engine, with PID `pid`, traced and stopped."""
+    tids = (ctypes.c_int32 * 1)(pid)
+    args = CloneArgs(exit_signal=signal.SIGCHLD, set_tid=ctypes.addressof(tids), set_tid_size=1)
+    # The child must run no Python code that could act (signal handlers
+    # raising into the engine's frames): it inherits a fully blocked mask.
+    old = signal.pthread_sigmask(signal.SIG_SETMASK, set(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP})
+    try:
+        r = _pysyscall(ctypes.c_long(NR["clone3"]), ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args)))
+        if r == 0:
+            _pysyscall(ctypes.c_long(NR["prctl"]), ctypes.c_long(1), ctypes.c_long(signal.SIGKILL))
+            while True:
+                _pysyscall(ctypes.c_long(NR["pause"]))
+        err = ctypes.get_errno()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    if r < 0:
+        if err == errno.EEXIST:
+            raise RestoreError(f"PID {pid} is taken ({describe(pid)}); the image needs that exact PID")
+        raise SysError(err, "clone3(set_tid)", pid,
+                       "creating a process with a chosen PID needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE")
+    try:
+        ptrace.seize(r, TRACE_OPTIONS)
+        ptrace.interrupt(r)
+        wait_event_stop(r)
+    except BaseException:
+        kill(r)
+        raise
+    return r
+
+
+def wait_event_stop(tid: int) -> None:
+    while True:
+        _, status = ptrace.wait(tid)
+        if (status & 0xFF) != 0x7F:
+            raise RestoreError(f"restored thread {tid} died during restore (status {status:#x})")
+        if ptrace.stop_event(status) == ptrace.PTRACE_EVENT_STOP:
+            return
+        ptrace.cont(tid, 0)    # any signal-stop before ours: drop it, wait for the interrupt
+
+
+def kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    try:
+        os.waitpid(pid, os.WNOHANG if pid != os.getpid() else 0)
+    except ChildProcessError:
+        pass
+
+
+class Stub:
+    """A stub not yet rebuilt: an engine copy we can run syscalls in."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        vdso = next((m for m in proc.maps(pid) if m.path == "[vdso]"))
+        self.syscall_addr = find_syscall_insn(pid, vdso.start, vdso.end)
+        self.scratch = 0
+
+    def remote(self) -> Remote:
+        return Remote(self.pid, self.pid, self.syscall_addr, scratch=self.scratch)
+
+    def ensure_scratch(self, r: Remote) -> None:
+        if not self.scratch:
+            self.scratch = r.map_scratch()      # anywhere: teardown removes it later
+
+    def fork(self, child_pid: int) -> int:
+        """Inject clone3(set_tid=[child_pid]) (a fork) into this stub; the child starts stopped."""
+        with self.remote() as r:
+            self.ensure_scratch(r)
+            s = self.scratch
+            r.write(s + 256, struct.pack("<i", child_pid))
+            args = CloneArgs(exit_signal=signal.SIGCHLD, set_tid=s + 256, set_tid_size=1)
+            r.write(s, bytes(args))
+            try:
+                new = r.syscall("clone3", s, ctypes.sizeof(args))
+            except SysError as e:
+                if e.errno == errno.EEXIST:
+                    raise RestoreError(f"PID {child_pid} is taken ({describe(child_pid)}); "
+                                       "the image needs that exact PID") from None
+                raise
+        if new != child_pid:
+            raise RestoreError(f"process {child_pid} came back as {new}")
+        wait_event_stop(new)
+        child = Stub(new)
+        child.scratch = self.scratch          # inherited mapping
+        return child
+
+    def syscall(self, name: str, *args: int) -> int:
+        with self.remote() as r:
+            return r.syscall(name, *args)
+
+
+def make_sessions(stub: Stub, process) -> None:
+    """Right after creation: become a session leader if the process was one."""
+    if process.sid == process.pid:
+        stub.syscall("setsid")
+
+
+def join_groups(stubs: dict[int, Stub], processes) -> None:
+    """Once all exist: process groups, leaders before members."""
+    live = {p.pid for p in processes}
+    for leaders_pass in (True, False):
+        for p in processes:
+            if (p.pgid == p.pid) != leaders_pass or p.pid not in stubs or p.sid == p.pid:
+                continue
+            cur = int(proc.stat(p.pid)[5])
+            if cur == p.pgid:
+                continue
+            if p.pgid == p.pid:
+                stubs[p.pid].syscall("setpgid", 0, 0)
+            elif p.pgid in live:
+                stubs[p.pid].syscall("setpgid", 0, p.pgid)
+            # else: the group's leader was outside the tree; the process stays
+            # in the group it inherited (the engine's, for the root).
+
+
+def make_zombie(stub: Stub, parent: Stub, status: int, comm: str) -> None:
+    """End `stub` with the dumped wait status, leaving it unreaped for `parent`."""
+    sig = status & 0x7F
+    with stub.remote() as r:
+        stub.ensure_scratch(r)
+        r.write(stub.scratch, comm.encode()[:15] + b"\0")
+        r.syscall("prctl", 15, stub.scratch)               # PR_SET_NAME
+        if sig:
+            r.syscall("prctl", 4, 0)                       # PR_SET_DUMPABLE 0: no core file
+            stub.ensure_scratch(r)
+            r.write(stub.scratch, bytes(32))               # SIG_DFL
+            r.syscall("rt_sigaction", sig, stub.scratch, 0, 8)
+            r.syscall("tgkill", stub.pid, stub.pid, sig)
+        r.saved_mask = 0 if sig else r.saved_mask
+        if not sig:
+            r.saved_regs.rax = NR["exit_group"]
+            r.saved_regs.orig_rax = (1 << 64) - 1
+            r.saved_regs.rdi = (status >> 8) & 0xFF
+            r.saved_regs.rip = stub.syscall_addr
+    # Let it run: straight into exit_group, or into the pending fatal signal.
+    ptrace.cont(stub.pid, 0)
+    while True:
+        _, st = ptrace.wait(stub.pid)
+        if (st & 0xFF) != 0x7F:
+            break                                          # dead: the parent now sees a zombie
+        ptrace.cont(stub.pid, (st >> 8) & 0xFF if ptrace.stop_event(st) == 0 else 0)
+    # Its death queued a SIGCHLD in the parent that the dumped parent never had.
+    with parent.remote() as r:
+        parent.ensure_scratch(r)
+        r.write(parent.scratch, struct.pack("<Q", 1 << (signal.SIGCHLD - 1)) + bytes(16))
+        r.syscall("rt_sigtimedwait", parent.scratch, 0, parent.scratch + 8, 8, check=False)

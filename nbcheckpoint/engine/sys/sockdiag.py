@@ -1,0 +1,147 @@
+"""sock_diag(7) netlink: what the kernel knows about sockets that userspace cannot ask a socket.
+
+Only AF_UNIX (unix_diag) for now: one dump of every unix socket of the engine's network
+namespace, with name, bound file, peer, pending connections (icons), queue lengths and
+shutdown state.  Failures raise :class:`SysError` (request "sock_diag").
+"""
+from __future__ import annotations
+
+import errno as _errno
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+
+from ..errors import SysError
+
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST, NLM_F_ROOT, NLM_F_MATCH = 0x1, 0x100, 0x200
+NLM_F_DUMP = NLM_F_ROOT | NLM_F_MATCH
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+
+# linux/unix_diag.h
+UDIAG_SHOW_NAME, UDIAG_SHOW_VFS, UDIAG_SHOW_PEER, UDIAG_SHOW_ICONS = 0x1, 0x2, 0x4, 0x8
+UDIAG_SHOW_RQLEN, UDIAG_SHOW_MEMINFO, UDIAG_SHOW_UID = 0x10, 0x20, 0x40
+(UNIX_DIAG_NAME, UNIX_DIAG_VFS, UNIX_DIAG_PEER, UNIX_DIAG_ICONS, UNIX_DIAG_RQLEN,
+ UNIX_DIAG_MEMINFO, UNIX_DIAG_SHUTDOWN, UNIX_DIAG_UID) = range(8)
+
+# sk_state values unix sockets use (net/tcp_states.h)
+TCP_ESTABLISHED, TCP_CLOSE, TCP_LISTEN = 1, 7, 10
+
+_NLHDR = struct.Struct("=IHHII")          # len, type, flags, seq, pid
+_REQ = struct.Struct("=BBHIIIII")         # family, protocol, pad, states, ino, show, cookie[2]
+_MSG = struct.Struct("=BBBBIII")          # family, type, state, pad, ino, cookie[2]
+_NLA = struct.Struct("=HH")
+
+
+@dataclass
+class UnixDiag:
+    ino: int
+    type: int                  # SOCK_STREAM / SOCK_DGRAM / SOCK_SEQPACKET
+    state: int                 # TCP_LISTEN, TCP_ESTABLISHED (connected), TCP_CLOSE
+    name: bytes | None = None  # bound address: a path, or b"\0..." for an abstract name
+    vfs_ino: int = 0           # inode (and dev) of the socket file a path name is bound to
+    vfs_dev: int = 0
+    peer: int = 0              # inode of the peer; 0 for none, or an embryo (pending connection)
+    icons: list[int] = field(default_factory=list)   # listening: inodes of the clients queued
+    rqueue: int = 0            # listening: pending connections; else bytes (first dgram) queued
+    wqueue: int = 0            # listening: backlog; else bytes we sent that the peer has not read
+    shutdown: int = 0          # RCV_SHUTDOWN 1 | SEND_SHUTDOWN 2
+    uid: int | None = None
+
+    @property
+    def listening(self) -> bool:
+        return self.state == TCP_LISTEN
+
+
+def _nla(data: bytes, off: int, end: int):
+    while off + _NLA.size <= end:
+        alen, atype = _NLA.unpack_from(data, off)
+        if alen < _NLA.size:
+            break
+        yield atype & 0x3FFF, data[off + _NLA.size:off + alen]
+        off += (alen + 3) & ~3
+
+
+def _parse(data: bytes, off: int, end: int) -> UnixDiag:
+    _fam, typ, state, _pad, ino, _c0, _c1 = _MSG.unpack_from(data, off)
+    d = UnixDiag(ino=ino, type=typ, state=state)
+    for atype, val in _nla(data, off + _MSG.size, end):
+        if atype == UNIX_DIAG_NAME:
+            d.name = val
+        elif atype == UNIX_DIAG_VFS:
+            d.vfs_ino, d.vfs_dev = struct.unpack_from("=II", val)
+        elif atype == UNIX_DIAG_PEER:
+            d.peer = struct.unpack_from("=I", val)[0]
+        elif atype == UNIX_DIAG_ICONS:
+            d.icons = list(struct.unpack(f"={len(val) // 4}I", val[: len(val) // 4 * 4]))
+        elif atype == UNIX_DIAG_RQLEN:
+            d.rqueue, d.wqueue = struct.unpack_from("=II", val)
+        elif atype == UNIX_DIAG_SHUTDOWN:
+            d.shutdown = val[0]
+        elif atype == UNIX_DIAG_UID:
+            d.uid = struct.unpack_from("=I", val)[0]
+    return d
+
+
+def unix_sockets(ino: int = 0) -> dict[int, UnixDiag]:
+    """Every unix socket of this network namespace by inode (or just `ino`, if given)."""
+    show = (UDIAG_SHOW_NAME | UDIAG_SHOW_VFS | UDIAG_SHOW_PEER | UDIAG_SHOW_ICONS
+            | UDIAG_SHOW_RQLEN | UDIAG_SHOW_UID)
+    try:
+        nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG)
+    except OSError as e:
+        raise SysError(e.errno or 0, "socket(AF_NETLINK, NETLINK_SOCK_DIAG)") from None
+    flags = NLM_F_REQUEST | (0 if ino else NLM_F_DUMP)
+    req = _REQ.pack(socket.AF_UNIX, 0, 0, 0xFFFFFFFF, ino, show, 0xFFFFFFFF, 0xFFFFFFFF)
+    out: dict[int, UnixDiag] = {}
+    try:
+        nl.sendto(_NLHDR.pack(_NLHDR.size + len(req), SOCK_DIAG_BY_FAMILY, flags, 1, 0) + req, (0, 0))
+        while True:
+            data = nl.recv(1 << 20)
+            if not data:
+                raise SysError(_errno.EIO, "sock_diag", detail="netlink socket closed")
+            off = 0
+            while off + _NLHDR.size <= len(data):
+                ln, typ, _fl, _seq, _pid = _NLHDR.unpack_from(data, off)
+                if ln < _NLHDR.size:
+                    raise SysError(_errno.EIO, "sock_diag", detail=f"bad netlink message length {ln}")
+                if typ == NLMSG_DONE:
+                    return out
+                if typ == NLMSG_ERROR:
+                    err = -struct.unpack_from("=i", data, off + _NLHDR.size)[0]
+                    if err == 0:
+                        return out
+                    if ino and err == _errno.ENOENT:
+                        return out
+                    raise SysError(err, "sock_diag(AF_UNIX)")
+                if typ == SOCK_DIAG_BY_FAMILY:
+                    d = _parse(data, off + _NLHDR.size, off + ln)
+                    out[d.ino] = d
+                off += (ln + 3) & ~3
+            if ino:                     # an exact query answers with one message, no DONE
+                return out
+    except OSError as e:
+        if isinstance(e, SysError):
+            raise
+        raise SysError(e.errno or 0, "sock_diag(AF_UNIX)") from None
+    finally:
+        nl.close()
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets open in process pid (from its /proc/PID/fd links)."""
+    out = set()
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError as e:
+        raise SysError(e.errno or 0, f"list /proc/{pid}/fd", pid) from None
+    for n in names:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{n}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            out.add(int(link[8:-1]))
+    return out
