@@ -54,7 +54,7 @@ def _dump_summary(stats) -> str:
 
 def _options(args) -> engine.Options:
     o = engine.Options(leave_running=getattr(args, "leave_running", False))
-    for name in ("ext_unix_sk", "tcp_established", "tcp_close", "file_locks", "shell_job"):
+    for name in ("ext_unix_sk", "tcp_established", "tcp_close", "file_locks", "shell_job", "pidns"):
         setattr(o, name, getattr(args, name, False))
     for spec in getattr(args, "inherit_fd", None) or []:
         key, fd = engine.Options.parse_inherit_fd(spec)
@@ -73,6 +73,8 @@ def _add_criu_options(p, restore: bool) -> None:
     if restore:
         p.add_argument("--tcp-close", action="store_true",
                        help="restore connections to peers outside the tree closed (the process sees a reset)")
+        p.add_argument("--pidns", action="store_true",
+                       help="restore into a new PID namespace, where the image's PIDs are free")
         p.add_argument("--inherit-fd", action="append", metavar="fd[N]:KEY",
                        help="use our fd N in place of the object KEY (e.g. fd[3]:socket:[12345]); repeatable")
 

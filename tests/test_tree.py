@@ -15,7 +15,8 @@ def _tree(pid: int) -> dict[int, tuple]:
             raw = f.read()
         comm = raw[raw.index("(") + 1:raw.rindex(")")]
         fields = raw[raw.rindex(")") + 2:].split()
-        out[p] = (int(fields[1]), int(fields[2]), int(fields[3]), fields[0], comm)
+        state = "S" if fields[0] in "RSD" else fields[0]     # running vs sleeping is a matter of timing
+        out[p] = (int(fields[1]), int(fields[2]), int(fields[3]), state, comm)
         for tid in os.listdir(f"/proc/{p}/task"):
             with open(f"/proc/{p}/task/{tid}/children") as f:
                 todo += [int(c) for c in f.read().split()]
@@ -53,3 +54,63 @@ def test_tree_leave_running_then_restore(launch, images):
     res = restore(img)        # the tree's pids are free again
     t.adopt_restored(res.pid)
     t.expect_pass()
+
+
+def _ns_view(host_pid: int) -> tuple[str, list[str]]:
+    """(pid namespace, NSpid line) of a process as /proc tells the engine."""
+    ns = os.readlink(f"/proc/{host_pid}/ns/pid")
+    with open(f"/proc/{host_pid}/status") as f:
+        nspid = next(line.split()[1:] for line in f if line.startswith("NSpid:"))
+    return ns, nspid
+
+
+def test_pidns_restore_while_original_runs(launch, images, tmp_path):
+    """--pidns: the PIDs are taken (the original runs on), so the tree comes back in a
+    new PID namespace with the same numbers there, under an init, with /proc to match."""
+    import signal
+    import time
+    from nbcheckpoint.engine import Options, RestoreError
+    t = launch("tree")
+    img = images()
+    t.checkpoint(img, leave_running=True)
+    try:
+        restore(img)
+    except RestoreError as e:
+        assert f"PID {t.pid}" in str(e) and "taken" in str(e)
+    else:
+        raise AssertionError("restore over a running original must fail without --pidns")
+    res = restore(img, options=Options(pidns=True))
+    try:
+        assert res.vpid == t.pid and res.pid != t.pid and res.init_pid is not None
+        ns, nspid = _ns_view(res.pid)
+        assert ns != os.readlink("/proc/self/ns/pid")
+        assert nspid == [str(res.pid), str(t.pid)], nspid
+        # the restored root's parent is the namespace's init (PID 1 inside)
+        with open(f"/proc/{res.pid}/status") as f:
+            assert f"PPid:\t{res.init_pid}\n" in f.read()
+        assert _ns_view(res.init_pid)[1] == [str(res.init_pid), "1"]
+        # the namespace has its own /proc, where the root has its own number
+        assert os.path.exists(f"/proc/{res.pid}/root/proc/{t.pid}/status")
+        with open(f"/proc/{res.pid}/root/proc/{t.pid}/status") as f:
+            assert f"NSpid:\t{t.pid}\n" in f.read()
+        # the restored tree verifies itself (same checks as the original, with ns PIDs);
+        # its output goes to the same log: wait for a second PASS
+        before = t.log().count("PASS")
+        t.expect_pass()                          # the original
+        os.kill(res.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 30
+        while t.log().count("PASS") < before + 2 and "FAIL" not in t.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert t.log().count("PASS") == before + 2, t.log()
+        _, status = os.waitpid(res.init_pid, 0)     # init exits with the root's status
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    finally:
+        for p in (res.pid, res.init_pid):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.waitpid(res.init_pid, os.WNOHANG)
+        except ChildProcessError:
+            pass

@@ -53,15 +53,15 @@ def dump_thread(pid: int, tid: int, remote: Remote, xstate_size: int) -> core_pb
     return t
 
 
-def restore_sched(t: core_pb2.ThreadCore) -> None:
-    """Affinity, policy and nice value, set from the engine (no injection needed)."""
+def restore_sched(t: core_pb2.ThreadCore, tid: int) -> None:
+    """Affinity, policy and nice value of thread `tid` (as we see it), set from the engine."""
     try:
-        os.sched_setaffinity(t.tid, t.cpus)
+        os.sched_setaffinity(tid, t.cpus)
     except OSError as e:
         raise RestoreError(f"thread {t.tid}: cannot restore its CPU affinity {list(t.cpus)}: {e.strerror} "
                            "(fewer CPUs here than where it was dumped?)") from None
-    os.sched_setscheduler(t.tid, t.sched_policy, os.sched_param(t.sched_priority))
-    os.setpriority(os.PRIO_PROCESS, t.tid, t.nice)
+    os.sched_setscheduler(tid, t.sched_policy, os.sched_param(t.sched_priority))
+    os.setpriority(os.PRIO_PROCESS, tid, t.nice)
 
 
 def restore_thread_state(remote: Remote, t: core_pb2.ThreadCore, signal_pending) -> None:

@@ -34,9 +34,13 @@ class Remote:
     """Syscalls run in thread `tid`, which must be in a ptrace stop."""
 
     def __init__(self, pid: int, tid: int, syscall_addr: int, scratch: int = 0, guard=None,
-                 settle: bool = False):
-        self.pid = pid
+                 settle: bool = False, vpid: int | None = None, vtid: int | None = None):
+        self.pid = pid                  # as the engine sees them (ptrace, /proc)
         self.tid = tid
+        # as the process sees itself: differs when it lives in another PID namespace;
+        # syscalls injected into it that name a pid take these
+        self.vpid = pid if vpid is None else vpid
+        self.vtid = tid if vtid is None else vtid
         self.syscall_addr = syscall_addr
         self.scratch = scratch          # a RW page in the target, if any
         self.saved_regs = None

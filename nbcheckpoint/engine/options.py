@@ -15,6 +15,7 @@ class Options:
     tcp_close: bool = False         # --tcp-close: restore connections to outside peers closed
     file_locks: bool = False        # --file-locks: dump and re-acquire file locks
     shell_job: bool = False         # --shell-job: session leader and tty master may be outside
+    pidns: bool = False             # --pidns: restore into a new PID namespace (PIDs free there)
     # --inherit-fd fd[N]:KEY -- on restore, the object KEY (e.g. "socket:[1234]",
     # "pipe:[99]") is not recreated: the engine's fd N is used in its place.
     inherit_fd: dict[str, int] = field(default_factory=dict)

@@ -98,52 +98,119 @@ def kill(pid: int) -> None:
     except ProcessLookupError:
         return
     try:
-        os.waitpid(pid, os.WNOHANG if pid != os.getpid() else 0)
+        os.waitpid(pid, 0)          # our child (the root stub, an init): reap it, so its PID is free
     except ChildProcessError:
-        pass
+        pass                        # a grandchild: its stub parent dies too, init reaps it
 
 
 class Stub:
-    """A stub not yet rebuilt: an engine copy we can run syscalls in."""
+    """A stub not yet rebuilt: an engine copy we can run syscalls in.
 
-    def __init__(self, pid: int):
+    `pid` is how the engine sees it; `vpid` how it sees itself (the image's
+    number), which differs inside a new PID namespace.
+    """
+
+    def __init__(self, pid: int, vpid: int | None = None):
         self.pid = pid
+        self.vpid = pid if vpid is None else vpid
         vdso = next((m for m in proc.maps(pid) if m.path == "[vdso]"))
         self.syscall_addr = find_syscall_insn(pid, vdso.start, vdso.end)
         self.scratch = 0
 
     def remote(self) -> Remote:
-        return Remote(self.pid, self.pid, self.syscall_addr, scratch=self.scratch)
+        return Remote(self.pid, self.pid, self.syscall_addr, scratch=self.scratch, vpid=self.vpid)
 
     def ensure_scratch(self, r: Remote) -> None:
         if not self.scratch:
             self.scratch = r.map_scratch()      # anywhere: teardown removes it later
 
-    def fork(self, child_pid: int) -> int:
-        """Inject clone3(set_tid=[child_pid]) (a fork) into this stub; the child starts stopped."""
+    def fork(self, child_vpid: int) -> "Stub":
+        """Inject clone3(set_tid=[child_vpid]) (a fork) into this stub; the child starts stopped.
+
+        set_tid names the PID in the innermost namespace, the one the stub lives in.
+        """
         with self.remote() as r:
             self.ensure_scratch(r)
             s = self.scratch
-            r.write(s + 256, struct.pack("<i", child_pid))
+            r.write(s + 256, struct.pack("<i", child_vpid))
             args = CloneArgs(exit_signal=signal.SIGCHLD, set_tid=s + 256, set_tid_size=1)
             r.write(s, bytes(args))
             try:
                 new = r.syscall("clone3", s, ctypes.sizeof(args))
             except SysError as e:
                 if e.errno == errno.EEXIST:
-                    raise RestoreError(f"PID {child_pid} is taken ({describe(child_pid)}); "
+                    raise RestoreError(f"PID {child_vpid} is taken ({describe(child_vpid)}); "
                                        "the image needs that exact PID") from None
                 raise
-        if new != child_pid:
-            raise RestoreError(f"process {child_pid} came back as {new}")
-        wait_event_stop(new)
-        child = Stub(new)
+            host = r.clone_tids[-1]            # the fork event tells its PID in our namespace
+        if new != child_vpid:
+            raise RestoreError(f"process {child_vpid} came back as {new}")
+        wait_event_stop(host)
+        child = Stub(host, child_vpid)
         child.scratch = self.scratch          # inherited mapping
         return child
 
     def syscall(self, name: str, *args: int) -> int:
         with self.remote() as r:
             return r.syscall(name, *args)
+
+
+def create_init() -> "Stub":
+    """PID 1 of a new PID namespace (with its own mount namespace and /proc).
+
+    It is a copy of the engine that mounts a fresh /proc, blocks until the
+    engine has restored the tree (it closes `release`), then reaps children as
+    an init must, and exits with the root's status when the root exits --
+    taking the namespace down with it, like a container.  Returned traced.
+    """
+    CLONE_NEWNS, CLONE_NEWPID = 0x00020000, 0x20000000
+    rfd, wfd = os.pipe()
+    args = CloneArgs(flags=CLONE_NEWNS | CLONE_NEWPID, exit_signal=signal.SIGCHLD)
+    old = signal.pthread_sigmask(signal.SIG_SETMASK, set(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP})
+    try:
+        r = _pysyscall(ctypes.c_long(NR["clone3"]), ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args)))
+        if r == 0:
+            _init_main(rfd, wfd)
+        err = ctypes.get_errno()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    os.close(rfd)
+    if r < 0:
+        os.close(wfd)
+        raise SysError(err, "clone3(CLONE_NEWPID|CLONE_NEWNS)", None, "a new PID namespace needs CAP_SYS_ADMIN")
+    try:
+        ptrace.seize(r, TRACE_OPTIONS)
+        ptrace.interrupt(r)
+        wait_event_stop(r)
+    except BaseException:
+        os.close(wfd)
+        kill(r)
+        raise
+    stub = Stub(r, 1)
+    stub.release_fd = wfd
+    return stub
+
+
+def _init_main(rfd: int, wfd: int) -> None:
+    """The namespace's init (runs in the child; never returns).  Only raw syscalls."""
+    def sc(name, *a):
+        return _pysyscall(ctypes.c_long(NR[name]), *[ctypes.c_long(x) if isinstance(x, int) else x for x in a])
+    MS_REC, MS_PRIVATE = 0x4000, 0x40000
+    sc("prctl", 1, signal.SIGKILL)                              # die with the engine until released
+    sc("close", wfd)
+    sc("mount", ctypes.c_char_p(b"none"), ctypes.c_char_p(b"/"), None, MS_REC | MS_PRIVATE, None)
+    sc("mount", ctypes.c_char_p(b"proc"), ctypes.c_char_p(b"/proc"), ctypes.c_char_p(b"proc"), 0, None)
+    buf = ctypes.create_string_buffer(1)
+    while sc("read", rfd, buf, 1) < 0 and ctypes.get_errno() == errno.EINTR:
+        pass
+    sc("prctl", 1, 0)                                           # released: outlive the engine
+    status = ctypes.c_int(0)
+    while True:
+        pid = sc("wait4", -1, ctypes.byref(status), 0x40000000, None)     # __WALL
+        if pid == 2 or (pid < 0 and ctypes.get_errno() == errno.ECHILD):
+            break
+    code = (status.value >> 8) & 0xFF if (status.value & 0x7F) == 0 else 128 + (status.value & 0x7F)
+    sc("exit_group", code)
 
 
 def make_sessions(stub: Stub, process) -> None:
@@ -158,9 +225,6 @@ def join_groups(stubs: dict[int, Stub], processes) -> None:
     for leaders_pass in (True, False):
         for p in processes:
             if (p.pgid == p.pid) != leaders_pass or p.pid not in stubs or p.sid == p.pid:
-                continue
-            cur = int(proc.stat(p.pid)[5])
-            if cur == p.pgid:
                 continue
             if p.pgid == p.pid:
                 stubs[p.pid].syscall("setpgid", 0, 0)
@@ -182,7 +246,7 @@ def make_zombie(stub: Stub, parent: Stub, status: int, comm: str) -> None:
             stub.ensure_scratch(r)
             r.write(stub.scratch, bytes(32))               # SIG_DFL
             r.syscall("rt_sigaction", sig, stub.scratch, 0, 8)
-            r.syscall("tgkill", stub.pid, stub.pid, sig)
+            r.syscall("tgkill", stub.vpid, stub.vpid, sig)
         r.saved_mask = 0 if sig else r.saved_mask
         if not sig:
             r.saved_regs.rax = NR["exit_group"]

@@ -45,10 +45,12 @@ O_CLOEXEC = 0o2000000
 
 @dataclass
 class RestoreResult:
-    pid: int
+    pid: int                    # the root, as the caller sees it
     seconds: float
     pages_bytes: int
-    pids: list[int] = None
+    pids: list[int] = None      # every live process, as the caller sees them
+    vpid: int = 0               # the root as it sees itself (differs with --pidns)
+    init_pid: int | None = None  # --pidns: the namespace's init, the caller's child
 
 
 class _Proc:
@@ -110,40 +112,59 @@ def _one(msgs, name):
 
 def restore(images_dir, progress=None, options: Options | None = None) -> RestoreResult:
     t0 = time.monotonic()
-    img = _Image(os.fspath(images_dir), options or Options())
-    for p in img.procs:
-        _wait_pid_free(p.pid)
+    options = options or Options()
+    img = _Image(os.fspath(images_dir), options)
+    if not options.pidns:
+        for p in img.procs:
+            _wait_pid_free(p.pid)
     engine_fds: list[int] = []
-    stubs: dict[int, pstree.Stub] = {}
+    stubs: dict[int, pstree.Stub] = {}     # image pid -> stub
+    init = None
     done = False
     try:
         prepared = _open_everything(img, engine_fds)
-        stubs = _create_tree(img)
+        if options.pidns:
+            init = pstree.create_init()
+        stubs = _create_tree(img, init)
         npages = 0
-        tids: list[int] = []
+        host_tids: dict[int, int] = {}     # image tid -> tid as we see it
         for p in img.live:
-            npages += _rebuild(stubs[p.pid], p, img, prepared, progress)
-            tids += [t.tid for t in p.threads]
+            n, tids = _rebuild(stubs[p.pid], p, img, prepared, progress)
+            npages += n
+            host_tids.update(tids)
         for p in img.live:
             if p.p.stopped:
-                os.kill(p.pid, signal.SIGSTOP)     # takes effect once detached
+                os.kill(stubs[p.pid].pid, signal.SIGSTOP)     # takes effect once detached
         # 7. the FPU/vector state last: nothing injected may disturb it afterwards
         for p in img.live:
             for th in p.threads:
-                ptrace.setregset(th.tid, ptrace.NT_X86_XSTATE, th.xstate)
-                core.restore_sched(th)
-        for tid in tids:
+                ptrace.setregset(host_tids[th.tid], ptrace.NT_X86_XSTATE, th.xstate)
+                core.restore_sched(th, host_tids[th.tid])
+        for tid in host_tids.values():
             ptrace.detach(tid)
+        if init is not None:
+            ptrace.detach(init.pid)
+            os.close(init.release_fd)       # the init may start reaping
         done = True
+        for p in img.live:                  # return once stopped ones are stopped again
+            deadline = time.monotonic() + 2
+            while p.p.stopped and proc.pid_state(stubs[p.pid].pid) not in ("T", "") \
+                    and time.monotonic() < deadline:
+                time.sleep(0.001)
     finally:
         if not done:
-            for pid in reversed(list(stubs)):
-                pstree.kill(pid)
+            for st in reversed(list(stubs.values())):
+                pstree.kill(st.pid)
+            if init is not None:
+                os.close(init.release_fd)
+                pstree.kill(init.pid)
         for fd in engine_fds:
             os.close(fd)
         img.files.close()
-    return RestoreResult(pid=img.procs[0].pid, seconds=time.monotonic() - t0, pages_bytes=npages,
-                         pids=[p.pid for p in img.live])
+    root = stubs[img.procs[0].pid]
+    return RestoreResult(pid=root.pid, seconds=time.monotonic() - t0, pages_bytes=npages,
+                         pids=[stubs[p.pid].pid for p in img.live], vpid=root.vpid,
+                         init_pid=init.pid if init else None)
 
 
 def _wait_pid_free(pid: int, timeout: float = 5.0) -> None:
@@ -207,12 +228,12 @@ def _open_everything(img: _Image, engine_fds: list[int]) -> _Prepared:
     return p
 
 
-def _create_tree(img: _Image) -> dict[int, pstree.Stub]:
+def _create_tree(img: _Image, init) -> dict[int, pstree.Stub]:
     """3. Stubs with the right PIDs and parents; sessions, then process groups."""
     stubs: dict[int, pstree.Stub] = {}
     try:
         root = img.procs[0]
-        stubs[root.pid] = pstree.Stub(pstree.create_root(root.pid))
+        stubs[root.pid] = init.fork(root.pid) if init else pstree.Stub(pstree.create_root(root.pid))
         pstree.make_sessions(stubs[root.pid], root.p)
         for pr in img.procs[1:]:
             stubs[pr.pid] = stubs[pr.p.ppid].fork(pr.pid)
@@ -233,11 +254,17 @@ def _specials(pid: int) -> dict[int, tuple[int, int]]:
             if m.path in mmmod.SPECIAL and mmmod.SPECIAL[m.path] in mmmod.VDSO_KINDS}
 
 
-def _rebuild(stub: pstree.Stub, pr: _Proc, img: _Image, p: _Prepared, progress) -> int:
-    """4-6 for one process; its threads stay stopped with their final registers."""
-    pid, mm, t, threads = pr.pid, pr.mm, pr.task, pr.threads
+def _rebuild(stub: pstree.Stub, pr: _Proc, img: _Image, p: _Prepared, progress):
+    """4-6 for one process; its threads stay stopped with their final registers.
+
+    `pid` is the engine's view of the process (ptrace, /proc); the image's
+    numbers (pr.pid, thread tids) are what the process itself sees.
+    Returns (bytes of pages, {image tid: engine tid}).
+    """
+    pid, mm, t, threads = stub.pid, pr.mm, pr.task, pr.threads
+    tids = {pr.pid: pid}
     current = _specials(pid)
-    with Remote(pid, pid, stub.syscall_addr) as r:
+    with Remote(pid, pid, stub.syscall_addr, vpid=pr.pid) as r:
         # 4. the address space
         core.unregister_rseq(r, pid)
         mmmod.teardown(r, list(current.values()))
@@ -245,20 +272,20 @@ def _rebuild(stub: pstree.Stub, pr: _Proc, img: _Image, p: _Prepared, progress) 
         r.map_scratch(addr=mmmod.free_hole(mm, PAGE_SIZE))
         mmmod.set_mm_map(r, mm, p.exe[mm.exe.path])
         mmmod.map_vmas(r, mm, p.maps, p.shmem)
-        npages = pages.restore_private(pid, img.reader, str(pid), mmmod.VmaIndex(mm.vmas), progress)
+        npages = pages.restore_private(pid, img.reader, str(pr.pid), mmmod.VmaIndex(mm.vmas), progress)
         mmmod.apply_advice(r, mm)
         # 5. files and process state
-        taskmod.restore_fs(r, t, p.fs[pid])
+        taskmod.restore_fs(r, t, p.fs[pr.pid])
         _place_fds(r, pr.fds, p.ofd)
-        img.files.after_place(r, pid, pr.fds)
+        img.files.after_place(r, pr.pid, pr.fds)
         taskmod.restore_sigactions(r, t)
         taskmod.restore_misc(r, t)
         taskmod.restore_rlimits(pid, t)
         # 6. threads
         for th in threads[1:]:
-            _clone_thread(r, th.tid)
+            tids[th.tid] = _clone_thread(r, th.tid)
         for th in threads[1:]:
-            with Remote(pid, th.tid, r.syscall_addr, scratch=r.scratch) as tr:
+            with Remote(pid, tids[th.tid], r.syscall_addr, scratch=r.scratch, vpid=pr.pid, vtid=th.tid) as tr:
                 core.restore_thread_state(tr, th, taskmod.queue_signal)
                 taskmod.restore_creds(tr, t)
                 tr.set_final_state(core.final_regs(th), th.sigmask)
@@ -268,7 +295,7 @@ def _rebuild(stub: pstree.Stub, pr: _Proc, img: _Image, p: _Prepared, progress) 
         taskmod.restore_creds(r, t)
         r.syscall("munmap", r.scratch, PAGE_SIZE)
         r.set_final_state(core.final_regs(threads[0]), threads[0].sigmask)
-    return npages
+    return npages, tids
 
 
 def _place_fds(r: Remote, entries, ofd: dict[int, int]) -> None:
@@ -283,15 +310,17 @@ def _place_fds(r: Remote, entries, ofd: dict[int, int]) -> None:
         lo = fd + 1
 
 
-def _clone_thread(r: Remote, tid: int) -> int:
+def _clone_thread(r: Remote, vtid: int) -> int:
+    """A thread with TID `vtid` (as the process sees it); returns its TID as we see it."""
     import ctypes
     import struct
     s = r.scratch
-    r.write(s + 256, struct.pack("<i", tid))
+    r.write(s + 256, struct.pack("<i", vtid))
     args = pstree.CloneArgs(flags=pstree.CLONE_THREAD_FLAGS, set_tid=s + 256, set_tid_size=1)
     r.write(s, bytes(args))
     new = r.syscall("clone3", s, ctypes.sizeof(args))
-    if new != tid:
-        raise RestoreError(f"thread {tid} came back as {new}")
-    pstree.wait_event_stop(tid)
-    return tid
+    if new != vtid:
+        raise RestoreError(f"thread {vtid} came back as {new}")
+    host = r.clone_tids[-1]
+    pstree.wait_event_stop(host)
+    return host

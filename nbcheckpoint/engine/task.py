@@ -113,7 +113,7 @@ def restore_rlimits(pid: int, t: core_pb2.TaskCore) -> None:
 
 
 def queue_signal(remote: Remote, info: bytes, tid: int | None) -> None:
-    """Queue a saved siginfo again: to thread `tid`, or to the process if None.
+    """Queue a saved siginfo again: to the thread of `remote`, or to the process if tid is None.
 
     rt_(tg)sigqueueinfo accepts any si_code when a process signals itself,
     which is why this runs inside the restored process.
@@ -121,9 +121,9 @@ def queue_signal(remote: Remote, info: bytes, tid: int | None) -> None:
     sig = struct.unpack_from("<i", info, 0)[0]
     remote.write(remote.scratch, info)
     if tid is None:
-        remote.syscall("rt_sigqueueinfo", remote.pid, sig, remote.scratch)
+        remote.syscall("rt_sigqueueinfo", remote.vpid, sig, remote.scratch)
     else:
-        remote.syscall("rt_tgsigqueueinfo", remote.pid, tid, sig, remote.scratch)
+        remote.syscall("rt_tgsigqueueinfo", remote.vpid, remote.vtid, sig, remote.scratch)
 
 
 def restore_creds(remote: Remote, t: core_pb2.TaskCore) -> None:

@@ -31,7 +31,9 @@ from ..sys.libc import syscall
 from ..sys.memory import pidfd_getfd, pidfd_open
 from ..sys.x86_64 import NR
 from . import regfile
+from . import anon
 from . import pipe
+from . import unix
 
 O_CLOEXEC = 0o2000000
 KCMP_FILE = 0
@@ -40,8 +42,11 @@ KCMP_FILE = 0
 KINDS = {
     files_pb2.REG: regfile,
     files_pb2.CHR: regfile,
+    files_pb2.EVENTFD: anon, files_pb2.EPOLL: anon, files_pb2.TIMERFD: anon,
+    files_pb2.SIGNALFD: anon, files_pb2.INOTIFY: anon,
     files_pb2.PIPE: pipe,
     files_pb2.FIFO: pipe,
+    files_pb2.UNIX: unix,
 }
 
 _ANON_KINDS = {"[eventfd]": files_pb2.EVENTFD, "[eventpoll]": files_pb2.EPOLL, "[timerfd]": files_pb2.TIMERFD,

@@ -164,8 +164,11 @@ def external_key(f: files_pb2.FileEntry) -> str | None:
 
 def _max_size() -> int:
     try:
-        with open("/proc/sys/fs/pipe-max-size") as fh:
-            return int(fh.read())
+        fd = os.open("/proc/sys/fs/pipe-max-size", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return int(os.read(fd, 64))
+        finally:
+            os.close(fd)
     except OSError:
         return 1 << 20
 

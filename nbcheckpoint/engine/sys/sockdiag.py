@@ -145,3 +145,57 @@ def socket_inodes(pid: int) -> set[int]:
         if link.startswith("socket:["):
             out.add(int(link[8:-1]))
     return out
+
+
+def _traced_by_us(pid: int, ours: set[int]) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    return int(line.split()[1]) in ours
+    except OSError:
+        pass
+    return False
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
+def frozen_tree(pid: int) -> list[int]:
+    """The processes of the tree being dumped that pid belongs to: the topmost ancestor of pid
+    that this engine traces, and its descendants that it traces (a dump freezes, i.e.
+    ptrace-stops, every process of its tree).  Just [pid] if pid is not traced by us."""
+    ours = {int(t) for t in os.listdir("/proc/self/task")}
+    if not _traced_by_us(pid, ours):
+        return [pid]
+    root = pid
+    while True:
+        try:
+            with open(f"/proc/{root}/stat") as f:
+                data = f.read()
+            ppid = int(data[data.rindex(")") + 2:].split()[1])
+        except (OSError, ValueError):
+            break
+        if ppid <= 1 or not _traced_by_us(ppid, ours):
+            break
+        root = ppid
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        if p in out:
+            continue
+        out.append(p)
+        todo.extend(c for c in _children(p) if _traced_by_us(c, ours))
+    return out

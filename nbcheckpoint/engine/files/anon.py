@@ -1,0 +1,365 @@
+"""Anonymous-inode files: eventfd, epoll, timerfd, signalfd, inotify.
+
+Everything is read from fdinfo (parsed in sys/proc.py) and recreated in the
+engine, whose fd the restored process inherits (one module for all five kinds;
+the functions dispatch on ``FileEntry.kind``).
+
+eventfd   count (fdinfo shows it in hex) and EFD_SEMAPHORE; O_NONBLOCK from the
+          file flags.  Restore: eventfd2(0), then write(count) (eventfd2 takes
+          only 32 bits).
+epoll     every registration: (tfd, events, 64-bit data).  Registrations are
+          keyed by the *process's* fd numbers, so they are re-added by
+          epoll_ctl(ADD) injected into the restored process (after_place), once
+          its fds are in place.  fdinfo shows the current events mask: a fired
+          EPOLLONESHOT shows only its flag bits and comes back disabled the same
+          way; EPOLLET/EPOLLEXCLUSIVE/EPOLLWAKEUP come back as they were.  A
+          registration whose fd number was closed or reused after the ADD is
+          found by kcmp(KCMP_EPOLL_TFD) among the process's other fds and
+          re-added through a temporary dup3 onto `tfd` (``via_fd``).  Readiness
+          is re-evaluated by the kernel on ADD: an edge-triggered fd that is ready
+          reports one more edge after restore (a spurious wakeup, never a lost one).
+timerfd   clock, settime flags, time remaining, interval, unread ticks.  A
+          TFD_TIMER_ABSTIME timer stays absolute: dump saves now + remaining on its
+          clock, restore arms that absolute time (so a CLOCK_REALTIME deadline
+          holds across the checkpoint; one already past fires at once).  A relative
+          timer gets its remaining time from the moment of restore.  An expired
+          periodic timer not yet read (it_value shows 0) is re-armed one interval
+          ahead.  Unread ticks cannot be given to timerfd_settime: they are put back
+          with the TFD_IOC_SET_TICKS ioctl (CONFIG_CHECKPOINT_RESTORE); a kernel
+          without it gets the timer armed to fire at once, so a reader still sees
+          >= 1 expiration instead of the exact count.
+signalfd  the signal mask (fdinfo "sigmask:", same bit layout as sigset_t).
+inotify   every watch: wd, mask, and the watched inode, which fdinfo gives as a
+          file handle; open_by_handle_at(2) on a mount of that filesystem and
+          readlink of /proc/self/fd turn it back into a path.  Restore adds the
+          watches in the engine, in wd order: the kernel hands out wds
+          sequentially and cannot be told one, so gaps (removed watches) are
+          burned by adding and removing a watch on an unrelated inode, and a wd
+          that still comes back different fails the restore.  Events queued but
+          not read at dump time are not saved (reading them would consume them).
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import struct
+import time
+
+from ..errors import RestoreError, SysError, UnsupportedError
+from ..images import anon_pb2, files_pb2
+from ..sys import proc
+from ..sys.libc import syscall
+from ..sys.x86_64 import NR
+
+O_CLOEXEC = 0o2000000
+O_PATH = 0o10000000
+EFD_SEMAPHORE = 1
+EPOLL_CTL_ADD = 1
+KCMP_EPOLL_TFD = 7
+F_DUPFD_CLOEXEC = 1030
+TFD_TIMER_ABSTIME = 1
+TFD_IOC_SET_TICKS = 0x40085400          # _IOW('T', 0, u64)
+IN_DONT_FOLLOW = 0x02000000
+IN_MASK_CREATE = 0x10000000
+IN_DELETE_SELF = 0x400
+MAX_WD_GAP = 1 << 20                    # watches burned to close one gap, at most
+NSEC = 10 ** 9
+
+
+class _EpollSlot(ctypes.Structure):    # struct kcmp_epoll_slot
+    _fields_ = [("efd", ctypes.c_uint32), ("tfd", ctypes.c_uint32), ("toff", ctypes.c_uint32)]
+
+
+# ---------------------------------------------------------------------------- dump
+
+def dump(ctx, pid: int, fd: int, st: os.stat_result, link: str, info: dict, entry: files_pb2.FileEntry) -> None:
+    _DUMP[entry.kind](pid, fd, info, entry)
+
+
+def _dump_eventfd(pid, fd, info, entry) -> None:
+    entry.eventfd.CopyFrom(anon_pb2.EventfdFile(count=int(info["eventfd-count"], 16),
+                                                semaphore=info.get("eventfd-semaphore", "0") == "1"))
+
+
+def _dump_epoll(pid, fd, info, entry) -> None:
+    ep = anon_pb2.EpollFile(owner_pid=pid)
+    nth: dict[int, int] = {}
+    for t in proc.epoll_targets(info):
+        toff = nth.get(t["tfd"], 0)       # the kernel's index among registrations with this fd number
+        nth[t["tfd"]] = toff + 1
+        tgt = ep.targets.add(tfd=t["tfd"], events=t["events"], data=t["data"])
+        slot = _EpollSlot(fd, t["tfd"], toff)
+        if _same_epoll_file(pid, t["tfd"], slot):
+            continue
+        via = next((c for c in _fds_on(pid, t["ino"], t["sdev"]) if _same_epoll_file(pid, c, slot)), None)
+        if via is None:
+            raise UnsupportedError(
+                f"process {pid}: epoll fd {fd} watches a file registered as fd {t['tfd']}, which the "
+                "process has since closed and holds through no other fd; this cannot be restored")
+        tgt.via_fd = via
+    entry.epoll.CopyFrom(ep)
+
+
+def _same_epoll_file(pid: int, cand: int, slot: _EpollSlot) -> bool:
+    """Is the process's fd `cand` the file behind the epoll registration `slot`?"""
+    try:
+        return syscall(NR["kcmp"], pid, pid, KCMP_EPOLL_TFD, cand, ctypes.byref(slot),
+                       request="kcmp(KCMP_EPOLL_TFD)", pid=pid) == 0
+    except SysError as e:
+        if e.errno in (errno.EBADF, errno.ENOENT):
+            return False
+        raise
+
+
+def _fds_on(pid: int, ino: int, kdev: int) -> list[int]:
+    dev = proc.kernel_dev(kdev)
+    out = []
+    for fd in proc.fds(pid):
+        try:
+            s = os.stat(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if s.st_ino == ino and s.st_dev == dev:
+            out.append(fd)
+    return out
+
+
+def _dump_timerfd(pid, fd, info, entry) -> None:
+    s = proc.timerfd_state(info)
+    value = s["value_sec"] * NSEC + s["value_nsec"]
+    interval = s["interval_sec"] * NSEC + s["interval_nsec"]
+    if value == 0 and interval:
+        value = interval                  # expired, waiting for the read that re-arms it
+    if value and s["settime_flags"] & TFD_TIMER_ABSTIME:
+        value += time.clock_gettime_ns(s["clockid"])
+    entry.timerfd.CopyFrom(anon_pb2.TimerfdFile(
+        clockid=s["clockid"], ticks=s["ticks"], settime_flags=s["settime_flags"],
+        value_sec=value // NSEC, value_nsec=value % NSEC,
+        interval_sec=s["interval_sec"], interval_nsec=s["interval_nsec"]))
+
+
+def _dump_signalfd(pid, fd, info, entry) -> None:
+    entry.signalfd.CopyFrom(anon_pb2.SignalfdFile(sigmask=int(info["sigmask"], 16)))
+
+
+def _dump_inotify(pid, fd, info, entry) -> None:
+    out = anon_pb2.InotifyFile()
+    mounts: dict[int, int] = {}
+    try:
+        for w in sorted(proc.inotify_watches(info), key=lambda w: w["wd"]):
+            path, dev = _watch_path(pid, fd, w, mounts)
+            out.watches.add(wd=w["wd"], path=path, mask=w["mask"], ino=w["ino"], dev=dev)
+    finally:
+        for m in mounts.values():
+            os.close(m)
+    entry.inotify.CopyFrom(out)
+
+
+def _watch_path(pid: int, fd: int, w: dict, mounts: dict[int, int]) -> tuple[str, int]:
+    dev = proc.kernel_dev(w["sdev"])
+    what = (f"process {pid}: inotify fd {fd} watch {w['wd']} (inode {w['ino']} on device "
+            f"{os.major(dev)}:{os.minor(dev)})")
+    if not w["handle"]:
+        raise UnsupportedError(f"{what}: the kernel shows no file handle for it (its filesystem "
+                               "cannot export handles), so its path cannot be found")
+    if dev not in mounts:
+        mnt = proc.mount_for_dev(dev)
+        if mnt is None:
+            raise UnsupportedError(f"{what}: that filesystem is not mounted where the engine runs")
+        mounts[dev] = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY | O_CLOEXEC)
+    raw = struct.pack("<Ii", len(w["handle"]), w["handle_type"]) + w["handle"]
+    handle = ctypes.create_string_buffer(raw, len(raw))
+    try:
+        hfd = syscall(NR["open_by_handle_at"], mounts[dev], handle, O_PATH | O_CLOEXEC,
+                      request="open_by_handle_at", pid=pid)
+    except SysError as e:
+        if e.errno == errno.ESTALE:
+            raise UnsupportedError(f"{what}: the watched file or directory was deleted") from None
+        raise
+    try:
+        path = os.readlink(f"/proc/self/fd/{hfd}")
+        s = os.fstat(hfd)
+    finally:
+        os.close(hfd)
+    try:
+        ps = os.stat(path, follow_symlinks=False)
+    except OSError:
+        ps = None
+    if ps is None or (ps.st_ino, ps.st_dev) != (s.st_ino, s.st_dev) or not path.startswith("/"):
+        raise UnsupportedError(f"{what}: resolves to {path!r}, which is not reachable by that path "
+                               "(deleted, or outside the engine's mount namespace)")
+    return path, dev
+
+
+_DUMP = {files_pb2.EVENTFD: _dump_eventfd, files_pb2.EPOLL: _dump_epoll, files_pb2.TIMERFD: _dump_timerfd,
+         files_pb2.SIGNALFD: _dump_signalfd, files_pb2.INOTIFY: _dump_inotify}
+
+
+# ---------------------------------------------------------------------------- restore
+
+def check(ctx, pid: int, fde, f: files_pb2.FileEntry) -> None:
+    if f.kind == files_pb2.INOTIFY:
+        for w in f.inotify.watches:
+            if not os.path.lexists(w.path):
+                raise RestoreError(f"process {pid}: inotify fd {fde.fd} watched {w.path} (wd {w.wd}), "
+                                   "which no longer exists; put it back to restore")
+
+
+def open(ctx, f: files_pb2.FileEntry) -> int:  # noqa: A001 - the kind interface's name
+    fd = _OPEN[f.kind](f)
+    try:
+        if f.flags & os.O_NONBLOCK:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_eventfd(f) -> int:
+    e = f.eventfd
+    fd = syscall(NR["eventfd2"], 0, O_CLOEXEC | (EFD_SEMAPHORE if e.semaphore else 0), request="eventfd2")
+    if e.count:
+        os.write(fd, e.count.to_bytes(8, "little"))
+    return fd
+
+
+def _open_epoll(f) -> int:
+    return syscall(NR["epoll_create1"], O_CLOEXEC, request="epoll_create1")
+
+
+def _open_timerfd(f) -> int:
+    t = f.timerfd
+    fd = syscall(NR["timerfd_create"], t.clockid, O_CLOEXEC, request=f"timerfd_create(clock {t.clockid})")
+    try:
+        if t.value_sec or t.value_nsec:
+            _timerfd_settime(fd, t.settime_flags, t.value_sec, t.value_nsec, t)
+        if t.ticks:
+            ticks = ctypes.c_uint64(t.ticks)
+            try:
+                syscall(NR["ioctl"], fd, TFD_IOC_SET_TICKS, ctypes.byref(ticks), request="ioctl(TFD_IOC_SET_TICKS)")
+            except SysError as e:
+                if e.errno != errno.ENOTTY:
+                    raise
+                _timerfd_settime(fd, 0, 0, 1, t)     # no CONFIG_CHECKPOINT_RESTORE: fire at once
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _timerfd_settime(fd: int, flags: int, sec: int, nsec: int, t) -> None:
+    its = (ctypes.c_int64 * 4)(t.interval_sec, t.interval_nsec, sec, nsec)
+    syscall(NR["timerfd_settime"], fd, flags, its, None, request="timerfd_settime")
+
+
+def _open_signalfd(f) -> int:
+    mask = ctypes.c_uint64(f.signalfd.sigmask)
+    return syscall(NR["signalfd4"], -1, ctypes.byref(mask), 8, O_CLOEXEC, request="signalfd4")
+
+
+def _open_inotify(f) -> int:
+    fd = syscall(NR["inotify_init1"], O_CLOEXEC | os.O_NONBLOCK, request="inotify_init1")
+    try:
+        watches = sorted(f.inotify.watches, key=lambda w: w.wd)
+        dummy = None
+        burned = False
+        expect = 1                          # the kernel's first wd
+        for w in watches:
+            if w.wd < expect:
+                raise RestoreError(f"inotify watches in the image are not in wd order (wd {w.wd})")
+            if w.wd - expect > MAX_WD_GAP:
+                raise RestoreError(f"inotify watch {w.path} had wd {w.wd}; recreating it would take "
+                                   f"{w.wd - expect} throw-away watches")
+            while expect < w.wd:            # a removed watch left a gap: burn its number
+                dummy = dummy or _dummy_watch_path(watches)
+                got = _add_watch(fd, dummy, IN_DELETE_SELF)
+                syscall(NR["inotify_rm_watch"], fd, got, request="inotify_rm_watch")
+                burned = True
+                if got != expect:
+                    break
+                expect += 1
+            got = _add_watch(fd, w.path, w.mask)
+            if got != w.wd:
+                raise RestoreError(f"inotify watch on {w.path} came back as wd {got}, not {w.wd}: the "
+                                   "process knows it by its number, which the kernel cannot be told")
+            expect = got + 1
+        if burned:
+            _drain(fd)                      # the IN_IGNORED events of the throw-away watches
+    except BaseException:
+        os.close(fd)
+        raise
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    return fd
+
+
+def _add_watch(fd: int, path: str, mask: int) -> int:
+    # The path is the watched inode itself (resolved at dump): never follow a symlink;
+    # IN_MASK_CREATE: an inode already watched here would silently share its wd.
+    try:
+        return syscall(NR["inotify_add_watch"], fd, os.fsencode(path), mask | IN_DONT_FOLLOW | IN_MASK_CREATE,
+                       request=f"inotify_add_watch({path})")
+    except SysError as e:
+        raise RestoreError(f"cannot watch {path} again: {os.strerror(e.errno)}") from None
+
+
+def _dummy_watch_path(watches) -> str:
+    taken = set()
+    for w in watches:
+        try:
+            s = os.stat(w.path, follow_symlinks=False)
+            taken.add((s.st_dev, s.st_ino))
+        except OSError:
+            pass
+    for p in ("/", "/proc", "/dev", "/sys", "/etc", "/usr"):
+        s = os.stat(p)
+        if (s.st_dev, s.st_ino) not in taken:
+            return p
+    raise RestoreError("inotify: found no unwatched directory to burn unused watch numbers with")
+
+
+def _drain(fd: int) -> None:
+    while True:
+        try:
+            if not os.read(fd, 65536):
+                return
+        except BlockingIOError:
+            return
+
+
+_OPEN = {files_pb2.EVENTFD: _open_eventfd, files_pb2.EPOLL: _open_epoll, files_pb2.TIMERFD: _open_timerfd,
+         files_pb2.SIGNALFD: _open_signalfd, files_pb2.INOTIFY: _open_inotify}
+
+
+def after_place(ctx, remote, pid: int, fds, f: files_pb2.FileEntry) -> None:
+    """epoll: re-add every registration by injected epoll_ctl, with the process's fd numbers."""
+    if f.kind != files_pb2.EPOLL or (f.epoll.owner_pid and f.epoll.owner_pid != pid):
+        return
+    placed = {e.fd: e for e in fds}
+    efd = min(e.fd for e in fds if e.id == f.id)
+    spare = max(placed) + 1
+    for t in f.epoll.targets:
+        if not t.HasField("via_fd"):
+            if t.tfd not in placed:
+                raise RestoreError(f"process {pid}: epoll fd {efd} watches fd {t.tfd}, which the image "
+                                   "does not have")
+            _epoll_add(remote, efd, t)
+            continue
+        # The registration was made through fd number tfd, which now holds another
+        # file or none: put the registered file there for the ADD, then put back.
+        saved = remote.syscall("fcntl", t.tfd, F_DUPFD_CLOEXEC, spare) if t.tfd in placed else None
+        remote.syscall("dup3", t.via_fd, t.tfd, 0)
+        _epoll_add(remote, efd, t)
+        if saved is None:
+            remote.syscall("close", t.tfd)
+        else:
+            remote.syscall("dup3", saved, t.tfd, O_CLOEXEC if placed[t.tfd].cloexec else 0)
+            remote.syscall("close", saved)
+
+
+def _epoll_add(remote, efd: int, t) -> None:
+    # struct epoll_event is packed on x86_64: u32 events, u64 data (12 bytes).
+    remote.write(remote.scratch, struct.pack("<IQ", t.events, t.data))
+    remote.syscall("epoll_ctl", efd, EPOLL_CTL_ADD, t.tfd, remote.scratch)

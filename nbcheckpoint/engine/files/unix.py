@@ -1,0 +1,744 @@
+"""Unix domain sockets: stream, datagram and seqpacket; pairs, named and abstract sockets,
+listeners with their pending connections, receive queues, shutdown state and options.
+
+Dump.  What a socket cannot tell about itself comes from unix_diag (``sys/sockdiag.py``, one
+netlink dump per dump): its name, peer, pending connections (``icons``), queue lengths and
+shutdown state.  Each socket's peer is classified:
+
+* ``IN_IMAGE``  the peer is a socket of the dumped tree;
+* ``PENDING``   the socket connect()ed to a listener of the tree and was not accepted yet (its
+  kernel peer is an "embryo" with no inode: the listener's icons name the client instead);
+* ``DEAD``      the peer was closed (its inode is 0 or no longer exists);
+* ``EXTERNAL``  the peer belongs to a process outside the tree.  That fails the dump with
+  CRIU's "external socket is used" unless ``--ext-unix-sk`` is given; then restore
+  reconnects to the peer's name, or takes a replacement from ``--inherit-fd
+  fd[N]:socket:[INO]`` (``external_key``).
+
+The receive queue is read without consuming it: MSG_PEEK on a pidfd_getfd duplicate (the same
+socket), with SO_PEEK_OFF moving over the queue message by message (dgram, seqpacket) or byte
+by byte (stream); the socket's own SO_PEEK_OFF is put back afterwards.  Queued SCM_RIGHTS fds
+and data sent on a not yet accepted connection cannot be read this way: the dump refuses them.
+
+Restore builds every unix socket of the image at the first open() (connections need both
+ends, and the order matters), in the engine, and remembers each description:
+
+1. create: listeners socket+bind+listen(backlog); pairs socketpair() (their names bound
+   afterwards); a socket whose peer died is one end of a fresh pair whose other end is closed
+   at the end; everything else socket()+bind().  A path name's stale socket file is unlinked
+   first (only if it is a socket); a name whose file had been unlinked is bound and unlinked.
+2. datagram queues of sockets with no peer to send from: sendto() from a temporary socket,
+   before anyone connects to them;
+3. listeners: for each accepted connection a new socket connects and the listener accepts it;
+   then the pending connections connect, in their queue order;
+4. one-way datagram connects (a socket is connected to only after its own...) and the
+   external peers' reconnects;
+5. queues written back from the peer end (datagrams one by one), then the dead peers' ends
+   closed, shutdown() replayed, options and O_NONBLOCK set last (SO_PASSCRED earlier would
+   autobind sockets as they connect).
+
+Limits: sockets in another network namespace than the engine's; SCM_RIGHTS in flight; the
+sender address of queued datagrams (kept in the image, not restored); data queued on an
+external stream socket (the peer is a new connection); the name a connected client socket
+had bound itself is kept only when it is restored through its listener.
+"""
+from __future__ import annotations
+
+import array
+import fcntl
+import logging
+import os
+import socket
+import stat
+
+from ..errors import ImageError, RestoreError, UnsupportedError
+from ..images import files_pb2, unix_pb2
+from ..sys import sockdiag
+from ..sys.sockdiag import TCP_ESTABLISHED, TCP_LISTEN
+
+log = logging.getLogger(__name__)
+
+SOL_SOCKET = socket.SOL_SOCKET
+SO_PASSCRED = 16
+SO_RCVLOWAT = 18
+SO_RCVTIMEO = 20
+SO_SNDTIMEO = 21
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
+SO_PASSSEC = 34
+SO_PEEK_OFF = 42
+MSG_CMSG_CLOEXEC = 0x40000000
+_TIMEVAL = 16
+_ANC = socket.CMSG_SPACE(253 * 4)   # SCM_MAX_FD fds
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT | MSG_CMSG_CLOEXEC
+_MAX_PACKETS = 1 << 20
+_MAX_DGRAM = 1 << 26
+
+_TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "dgram", socket.SOCK_SEQPACKET: "seqpacket"}
+_SHUT = {1: socket.SHUT_RD, 2: socket.SHUT_WR, 3: socket.SHUT_RDWR}
+
+
+def _show(name: bytes) -> str:
+    """A name as ss(8) shows it: abstract names with a leading @."""
+    if not name:
+        return ""
+    if name[:1] == b"\0":
+        return "@" + name[1:].decode("utf-8", "backslashreplace")
+    return os.fsdecode(name)
+
+
+def _norm(name: bytes | str | None) -> bytes:
+    """An address as bytes: a path without its trailing NULs, an abstract name as it is."""
+    if not name:
+        return b""
+    if isinstance(name, str):
+        name = os.fsencode(name)
+    if name[:1] == b"\0":
+        return bytes(name)
+    return bytes(name).split(b"\0", 1)[0]
+
+
+def external_key(f: files_pb2.FileEntry) -> str:
+    return f"socket:[{f.unix.ino}]"
+
+
+# ----------------------------------------------------------------------------- dump
+
+class _DumpState:
+    """Per dump: the kernel's table of unix sockets and the inodes of the tree's sockets."""
+
+    def __init__(self, pid: int):
+        self.diag = sockdiag.unix_sockets()
+        self.listener_of: dict[int, sockdiag.UnixDiag] = {}      # client inode -> its listener
+        self.listening_names: dict[bytes, int] = {}
+        for d in self.diag.values():
+            if d.listening:
+                for c in d.icons:
+                    if c:
+                        self.listener_of[c] = d
+                if d.name:
+                    self.listening_names[_norm(d.name)] = d.ino
+        self.pids: set[int] = set()
+        self.inodes: set[int] = set()
+        self.add_tree(pid)
+
+    def add_tree(self, pid: int) -> None:
+        for p in sockdiag.frozen_tree(pid):
+            if p not in self.pids:
+                self.pids.add(p)
+                try:
+                    self.inodes |= sockdiag.socket_inodes(p)
+                except OSError:
+                    pass        # a zombie has no fds
+
+
+def _state(ctx, pid: int) -> _DumpState:
+    st = ctx.__dict__.get("_unix")
+    if st is None:
+        st = ctx._unix = _DumpState(pid)
+    elif pid not in st.pids:
+        st.add_tree(pid)
+    return st
+
+
+def dump(ctx, pid: int, fd: int, s: os.stat_result, link: str, info: dict, entry: files_pb2.FileEntry) -> None:
+    st = _state(ctx, pid)
+    ino = s.st_ino
+    d = st.diag.get(ino) or sockdiag.unix_sockets(ino).get(ino)
+    if d is None:
+        raise UnsupportedError(f"process {pid}: fd {fd} is unix socket:[{ino}], which sock_diag does not "
+                               "show: it lives in another network namespace than the engine's, which this "
+                               "version cannot checkpoint")
+    if d.type not in _TYPES:
+        raise UnsupportedError(f"process {pid}: fd {fd} is a unix socket of type {d.type}, which this "
+                               "version cannot checkpoint")
+    u = entry.unix
+    u.ino, u.type, u.state, u.shutdown = ino, d.type, d.state, d.shutdown
+    if d.name:
+        u.name = _norm(d.name)
+        if u.name[:1] != b"\0":
+            _dump_path(pid, u, d)
+    dup = ctx.getfd(pid, fd)
+    sk = socket.socket(fileno=dup)
+    try:
+        _dump_opts(sk, u)
+        if d.listening:
+            u.backlog = d.wqueue
+            u.icons.extend(d.icons)
+            return
+        if d.state == TCP_ESTABLISHED and d.type != socket.SOCK_DGRAM and u.name:
+            lst = st.listening_names.get(u.name)
+            u.accepted = lst is not None and lst != ino
+        _classify_peer(ctx, st, pid, fd, d, u, sk)
+        _peek_queue(pid, fd, sk, d, u)
+    finally:
+        sk.close()
+
+
+def _dump_path(pid: int, u, d: sockdiag.UnixDiag) -> None:
+    """Where a path name's socket file is, and whether it still is the socket's."""
+    path = os.fsdecode(u.name)
+    if not path.startswith("/"):
+        try:
+            u.name_dir = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            u.name_dir = "/"
+    full = os.path.join(u.name_dir, path) if u.name_dir else path
+    try:
+        lst = os.lstat(f"/proc/{pid}/root{full}")
+    except OSError:
+        lst = None
+    if lst is not None and stat.S_ISSOCK(lst.st_mode) and lst.st_ino == d.vfs_ino:
+        u.name_mode, u.name_uid, u.name_gid = lst.st_mode & 0o7777, lst.st_uid, lst.st_gid
+    else:
+        u.name_unlinked = True
+
+
+def _dump_opts(sk: socket.socket, u) -> None:
+    g = sk.getsockopt
+    u.passcred = bool(g(SOL_SOCKET, SO_PASSCRED))
+    try:
+        u.passsec = bool(g(SOL_SOCKET, SO_PASSSEC))
+    except OSError:
+        pass
+    u.rcvbuf = g(SOL_SOCKET, socket.SO_RCVBUF)
+    u.sndbuf = g(SOL_SOCKET, socket.SO_SNDBUF)
+    u.peek_off = g(SOL_SOCKET, SO_PEEK_OFF)
+    u.rcvlowat = g(SOL_SOCKET, SO_RCVLOWAT)
+    for opt, field in ((SO_RCVTIMEO, "rcvtimeo"), (SO_SNDTIMEO, "sndtimeo")):
+        tv = g(SOL_SOCKET, opt, _TIMEVAL)
+        if tv.strip(b"\0"):
+            setattr(u, field, tv)
+
+
+def _peer_name(pid: int, sk: socket.socket, pd: sockdiag.UnixDiag | None) -> bytes:
+    name = _norm(pd.name) if pd is not None and pd.name else b""
+    if not name:
+        try:
+            name = _norm(sk.getpeername())
+        except OSError:
+            name = b""
+    if name and name[:1] not in (b"\0", b"/"):
+        # relative to the directory the peer bound it in; our best guess is the target's cwd
+        try:
+            name = os.fsencode(os.path.join(os.readlink(f"/proc/{pid}/cwd"), os.fsdecode(name)))
+        except OSError:
+            pass
+    return name
+
+
+def _classify_peer(ctx, st: _DumpState, pid: int, fd: int, d: sockdiag.UnixDiag, u, sk) -> None:
+    if d.peer:
+        pd = st.diag.get(d.peer)
+        if d.peer in st.inodes:
+            u.peer_kind = unix_pb2.IN_IMAGE
+            u.peer_ino = d.peer
+            if pd is not None and pd.name:
+                u.peer_name = _norm(pd.name)
+            if d.type == socket.SOCK_DGRAM and pd is not None and pd.peer != d.ino and not pd.name:
+                raise UnsupportedError(
+                    f"process {pid}: fd {fd} is a unix dgram socket (socket:[{d.ino}]) connected to "
+                    f"socket:[{d.peer}], which has no name and is connected elsewhere; this version "
+                    "cannot recreate that connection")
+            return
+        _external(ctx, pid, fd, d, u, d.peer, _peer_name(pid, sk, pd))
+    elif d.state == TCP_ESTABLISHED:
+        lst = st.listener_of.get(d.ino)
+        if lst is None:
+            u.peer_kind = unix_pb2.DEAD
+        elif lst.ino in st.inodes:
+            u.peer_kind = unix_pb2.PENDING
+            u.listener_ino = lst.ino
+            if d.wqueue:
+                raise UnsupportedError(
+                    f"process {pid}: fd {fd} is a unix {_TYPES[d.type]} socket (socket:[{d.ino}]) whose "
+                    f"connection to {_show(_norm(lst.name)) or f'socket:[{lst.ino}]'} is not accepted yet "
+                    f"and holds {d.wqueue} bytes of data sent on it, which this version cannot save; "
+                    "accept the connection before checkpointing")
+        else:
+            u.listener_ino = lst.ino
+            _external(ctx, pid, fd, d, u, lst.ino, _norm(lst.name))
+
+
+def _external(ctx, pid: int, fd: int, d: sockdiag.UnixDiag, u, peer: int, peer_name: bytes) -> None:
+    u.peer_kind = unix_pb2.EXTERNAL
+    u.external = True
+    u.peer_ino = peer
+    u.peer_name = peer_name
+    if getattr(ctx.options, "ext_unix_sk", False):
+        return
+    own = f", {_show(u.name)}" if u.name else ""
+    who = f"socket:[{peer}] ({_show(peer_name)})" if peer_name else f"socket:[{peer}] (no name)"
+    raise UnsupportedError(
+        f"process {pid}: fd {fd} is a unix {_TYPES[d.type]} socket (socket:[{d.ino}]{own}) connected to "
+        f"{who}, which is outside the checkpointed tree: external socket is used. "
+        "Dump (and restore) with --ext-unix-sk to reconnect it to its peer's name on restore"
+        + ("" if peer_name else " (this peer has no name, so only --inherit-fd can replace it)")
+        + f", or dump with --ext-unix-sk and restore with --inherit-fd fd[N]:socket:[{d.ino}] "
+        "to hand in a replacement socket")
+
+
+def _check_anc(pid: int, fd: int, ino: int, anc) -> None:
+    fds = []
+    for level, typ, data in anc:
+        if level == SOL_SOCKET and typ == socket.SCM_RIGHTS:
+            a = array.array("i")
+            a.frombytes(data[: len(data) - len(data) % a.itemsize])
+            fds.extend(a)
+    for f in fds:
+        try:
+            os.close(f)
+        except OSError:
+            pass
+    if fds:
+        raise UnsupportedError(f"process {pid}: fd {fd} (unix socket:[{ino}]) has file descriptors in "
+                               "flight (SCM_RIGHTS) in its receive queue, which this version cannot "
+                               "checkpoint; let the process receive them first")
+
+
+def _peek_queue(pid: int, fd: int, sk: socket.socket, d: sockdiag.UnixDiag, u) -> None:
+    """The receive queue, peeked through our duplicate; the socket's SO_PEEK_OFF is put back."""
+    stream = d.type == socket.SOCK_STREAM
+    if stream and d.rqueue == 0:
+        return
+    sk.setsockopt(SOL_SOCKET, SO_PEEK_OFF, 0)
+    try:
+        if stream:
+            chunks, total = [], 0
+            while total < d.rqueue:
+                try:
+                    data, anc, _fl, _addr = sk.recvmsg(d.rqueue - total, _ANC, _PEEK)
+                except BlockingIOError:
+                    break
+                _check_anc(pid, fd, d.ino, anc)
+                if not data:
+                    break
+                chunks.append(data)
+                total += len(data)
+            if total != d.rqueue:
+                raise UnsupportedError(f"process {pid}: fd {fd} (unix socket:[{d.ino}]): could read only "
+                                       f"{total} of its {d.rqueue} queued bytes (out-of-band data?)")
+            u.queue.add(data=b"".join(chunks))
+            return
+        bufsize, off, total = 1 << 16, 0, 0
+        while True:
+            try:
+                data, anc, flags, addr = sk.recvmsg(bufsize, _ANC, _PEEK)
+            except BlockingIOError:
+                break
+            _check_anc(pid, fd, d.ino, anc)
+            if flags & socket.MSG_TRUNC:
+                if bufsize >= _MAX_DGRAM:
+                    raise UnsupportedError(f"process {pid}: fd {fd} (unix socket:[{d.ino}]) has a queued "
+                                           f"message larger than {_MAX_DGRAM} bytes")
+                bufsize *= 4
+                sk.setsockopt(SOL_SOCKET, SO_PEEK_OFF, off)
+                continue
+            if not data and d.type == socket.SOCK_SEQPACKET and d.shutdown & 1 and total >= d.rqueue:
+                break       # end of file, not an empty message
+            u.queue.add(data=data, sender=_norm(addr))
+            off += len(data)
+            total += len(data)
+            if len(u.queue) > _MAX_PACKETS:
+                raise UnsupportedError(f"process {pid}: fd {fd} (unix socket:[{d.ino}]): more than "
+                                       f"{_MAX_PACKETS} queued messages")
+    finally:
+        sk.setsockopt(SOL_SOCKET, SO_PEEK_OFF, u.peek_off)
+
+
+# ----------------------------------------------------------------------------- restore
+
+def _addr(u, use_dir: bool = True) -> bytes:
+    """The address to connect() to for a socket's name (relative paths made absolute)."""
+    if u.name[:1] != b"\0" and u.name_dir and use_dir:
+        return os.fsencode(os.path.join(u.name_dir, os.fsdecode(u.name)))
+    return bytes(u.name)
+
+
+def _peer_desc(u) -> str:
+    return _show(u.peer_name) if u.peer_name else f"socket:[{u.peer_ino}]"
+
+
+def check(ctx, pid: int, fde, f: files_pb2.FileEntry) -> None:
+    u = f.unix
+    ents = {e.unix.ino for e in ctx.files.values() if e.kind == files_pb2.UNIX}
+    if u.peer_kind == unix_pb2.IN_IMAGE and u.peer_ino not in ents:
+        raise ImageError(f"process {pid}: fd {fde.fd} (unix socket:[{u.ino}]) is connected to "
+                         f"socket:[{u.peer_ino}], which the image lacks")
+    if u.peer_kind == unix_pb2.PENDING and u.listener_ino not in ents:
+        raise ImageError(f"process {pid}: fd {fde.fd} (unix socket:[{u.ino}]) is connecting to "
+                         f"socket:[{u.listener_ino}], which the image lacks")
+    if not (u.external or u.peer_kind == unix_pb2.EXTERNAL) or ctx.inherited(f) is not None:
+        return
+    what = (f"process {pid}: fd {fde.fd} is a unix {_TYPES.get(u.type, u.type)} socket (socket:[{u.ino}]) "
+            f"whose peer {_peer_desc(u)} was outside the image")
+    if not getattr(ctx.options, "ext_unix_sk", False):
+        raise RestoreError(f"{what} (external socket); restore with --ext-unix-sk to reconnect it"
+                           + (f" to {_show(u.peer_name)}" if u.peer_name else "")
+                           + f", or hand in a replacement with --inherit-fd fd[N]:socket:[{u.ino}]")
+    if not u.peer_name:
+        raise RestoreError(f"{what} and had no name to reconnect to; hand in a replacement with "
+                           f"--inherit-fd fd[N]:socket:[{u.ino}]")
+    if u.peer_name[:1] == b"\0":
+        table = ctx.__dict__.get("_unix_diag")
+        if table is None:
+            table = ctx._unix_diag = sockdiag.unix_sockets()
+        need_listen = u.type != socket.SOCK_DGRAM
+        if not any(_norm(d.name) == bytes(u.peer_name) and (d.listening or not need_listen)
+                   for d in table.values() if d.name):
+            raise RestoreError(f"{what}: nothing is {'listening' if need_listen else 'bound'} on "
+                               f"{_show(u.peer_name)} any more, so --ext-unix-sk cannot reconnect it; "
+                               "start the peer first")
+        return
+    path = os.fsdecode(u.peer_name)
+    try:
+        ok = stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        ok = False
+    if not ok:
+        raise RestoreError(f"{what}: {path} is gone (or is no longer a socket), so --ext-unix-sk "
+                           "cannot reconnect it; start the peer first")
+
+
+def open(ctx, f: files_pb2.FileEntry) -> int:  # noqa: A001 - the kind interface's name
+    r = ctx.__dict__.get("_unix")
+    if r is None:
+        r = ctx._unix = _Restorer(ctx)
+        r.run()
+    fd = ctx.opened.get(f.id)
+    if fd is None:
+        raise RestoreError(f"unix socket:[{f.unix.ino}] (file {f.id}) could not be recreated")
+    return fd
+
+
+def after_place(ctx, remote, pid: int, fds, f: files_pb2.FileEntry) -> None:
+    """A socket handed in with --inherit-fd gets the dumped file status flags (O_NONBLOCK)."""
+    fd = ctx.inherited(f)
+    if fd is None:
+        return
+    try:
+        fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, (fl & ~os.O_NONBLOCK) | (f.flags & os.O_NONBLOCK))
+    except OSError:
+        pass
+
+
+class _Restorer:
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.ents: dict[int, files_pb2.FileEntry] = {}
+        for f in sorted(ctx.files.values(), key=lambda e: e.id):
+            if f.kind == files_pb2.UNIX:
+                self.ents[f.unix.ino] = f
+        self.inh = {ino for ino, f in self.ents.items() if ctx.inherited(f) is not None}
+        self.socks: dict[int, socket.socket] = {}
+        self.others: dict[int, socket.socket] = {}   # ino -> the other end of its pair (closed at the end)
+        self.writer: dict[int, socket.socket] = {}   # ino -> the socket that writes its queue back
+        self.connects: list[tuple[int, int | None]] = []   # (ino, in-image target or None: external)
+        self.unlink_later: list[str] = []
+        self.bumped: set[int] = set()
+        self._defaults: dict[int, tuple[int, int]] = {}
+
+    def u(self, ino: int):
+        return self.ents[ino].unix
+
+    # -- the phases ------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            self._create()
+            self._fill_from_outside()
+            self._listeners()
+            self._connect()
+            self._write_queues()
+            for o in self.others.values():
+                o.close()
+            self.others.clear()
+            self._finish()
+        except BaseException:
+            for s in list(self.socks.values()) + list(self.others.values()):
+                s.close()
+            raise
+        for ino, s in self.socks.items():
+            self.ctx.remember(self.ents[ino].id, s.detach())
+
+    def _create(self) -> None:
+        for ino, f in self.ents.items():
+            if ino in self.inh or ino in self.socks:
+                continue
+            u = f.unix
+            k = u.peer_kind
+            try:
+                if u.state == TCP_LISTEN:
+                    s = self._new(ino)
+                    self._bind(s, u)
+                    s.listen(u.backlog)
+                elif k == unix_pb2.IN_IMAGE:
+                    pu = self.u(u.peer_ino)
+                    mutual = pu.peer_kind == unix_pb2.IN_IMAGE and pu.peer_ino == ino
+                    if not mutual:                       # a one-way datagram connection
+                        self._bind(self._new(ino), u)
+                        self.connects.append((ino, u.peer_ino))
+                    elif u.peer_ino in self.inh:         # its peer is the caller's: as if it had closed
+                        self._pair(ino, None)
+                    elif self._listener_for(u) or self._listener_for(pu):
+                        continue                         # made by its listener (phase 3)
+                    else:
+                        self._pair(ino, u.peer_ino)
+                elif k == unix_pb2.PENDING:
+                    continue                             # phase 3
+                elif k == unix_pb2.DEAD:
+                    self._pair(ino, None)
+                elif k == unix_pb2.EXTERNAL:
+                    self._bind(self._new(ino), u)
+                    self.connects.append((ino, None))
+                else:
+                    self._bind(self._new(ino), u)
+            except OSError as e:
+                raise self._error(ino, "recreate", e) from None
+
+    def _fill_from_outside(self) -> None:
+        """Datagram queues no peer of the image can write: sendto() the socket's name from a
+        temporary socket, while nothing is connected to it yet."""
+        for ino, s in self.socks.items():
+            u = self.u(ino)
+            if not u.queue or ino in self.writer:
+                continue
+            if u.type != socket.SOCK_DGRAM or not u.name:
+                if u.peer_kind != unix_pb2.PENDING:
+                    log.warning("unix socket:[%d]: %d queued bytes cannot be restored (its peer %s is "
+                                "not in the image)", u.ino, sum(len(p.data) for p in u.queue), _peer_desc(u))
+                continue
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as tmp:
+                tmp.setsockopt(SOL_SOCKET, SO_SNDBUFFORCE, self._need(u))
+                addr = _addr(u)
+                for p in u.queue:
+                    try:
+                        tmp.sendto(p.data, socket.MSG_DONTWAIT, addr)
+                    except OSError as e:
+                        raise self._error(ino, f"write back {len(u.queue)} queued datagrams to", e) from None
+
+    def _listeners(self) -> None:
+        for lino, lf in self.ents.items():
+            lu = lf.unix
+            if lu.state != TCP_LISTEN or lino in self.inh:
+                continue
+            ls = self.socks[lino]
+            addr = _addr(lu)
+            # accepted connections first: they left the queue before the pending ones came
+            for aino, af in self.ents.items():
+                au = af.unix
+                if (au.state == TCP_LISTEN or au.peer_kind != unix_pb2.IN_IMAGE or aino in self.socks
+                        or aino in self.inh or au.peer_ino in self.inh):
+                    continue
+                cino = au.peer_ino
+                if self._listener_for(au) != lino or self._listener_for(self.u(cino)):
+                    continue
+                try:
+                    c = self._new(cino)
+                    self._bind(c, self.u(cino))
+                    self._connect_to(c, addr)
+                    a, _ = ls.accept()
+                except OSError as e:
+                    raise self._error(aino, f"reconnect through its listener {_show(lu.name)}", e) from None
+                self.socks[aino] = a
+                self.writer[aino], self.writer[cino] = c, a
+            for cino in lu.icons:
+                self._pending(cino, lino, addr)
+        for cino, cf in self.ents.items():      # pending on an inherited listener
+            if cf.unix.peer_kind == unix_pb2.PENDING and cino not in self.socks:
+                self._pending(cino, cf.unix.listener_ino, _addr(self.u(cf.unix.listener_ino)))
+
+    def _pending(self, cino: int, lino: int, addr: bytes) -> None:
+        cf = self.ents.get(cino)
+        if (cf is None or cino in self.socks or cino in self.inh or cf.unix.peer_kind != unix_pb2.PENDING
+                or cf.unix.listener_ino != lino):
+            return      # a client outside the image: its connection is gone with the old listener
+        try:
+            c = self._new(cino)
+            self._bind(c, cf.unix)
+            self._connect_to(c, addr)
+        except OSError as e:
+            raise self._error(cino, f"reconnect (pending) to {_show(self.u(lino).name)}", e) from None
+
+    def _connect(self) -> None:
+        """One-way datagram connections and external peers.  A socket must be connected to
+        before it connects elsewhere (a connected datagram socket accepts only its peer)."""
+        incoming: dict[int, int] = {}
+        for _src, dst in self.connects:
+            if dst is not None:
+                incoming[dst] = incoming.get(dst, 0) + 1
+        todo = list(self.connects)
+        while todo:
+            ready = [c for c in todo if not incoming.get(c[0])] or todo[:1]
+            for src, dst in ready:
+                todo.remove((src, dst))
+                u = self.u(src)
+                if dst is None:
+                    if not u.peer_name:
+                        raise RestoreError(f"unix socket:[{u.ino}] was connected to {_peer_desc(u)} outside "
+                                           f"the image, which has no name: hand in a replacement with "
+                                           f"--inherit-fd fd[N]:socket:[{u.ino}]")
+                    addr, what = bytes(u.peer_name), f"reconnect to its external peer {_show(u.peer_name)}"
+                else:
+                    addr, what = _addr(self.u(dst)), f"connect to {_show(self.u(dst).name)}"
+                    incoming[dst] -= 1
+                try:
+                    self._connect_to(self.socks[src], addr)
+                except OSError as e:
+                    raise self._error(src, what, e) from None
+
+    def _write_queues(self) -> None:
+        for ino, w in self.writer.items():
+            if ino not in self.socks:
+                continue
+            u = self.u(ino)
+            if not u.queue:
+                continue
+            try:
+                w.setsockopt(SOL_SOCKET, SO_SNDBUFFORCE, self._need(u))
+                for wino, ws in self.socks.items():
+                    if ws is w:
+                        self.bumped.add(wino)
+                if u.type == socket.SOCK_STREAM:
+                    view = memoryview(b"".join(p.data for p in u.queue))
+                    while view:
+                        n = w.send(view, socket.MSG_DONTWAIT)
+                        view = view[n:]
+                else:
+                    for p in u.queue:
+                        w.send(p.data, socket.MSG_DONTWAIT)
+            except OSError as e:
+                raise self._error(ino, f"write back {sum(len(p.data) for p in u.queue)} queued bytes of", e) \
+                    from None
+
+    def _finish(self) -> None:
+        for ino, s in self.socks.items():
+            f = self.ents[ino]
+            u = f.unix
+            try:
+                if u.shutdown & 3:
+                    try:
+                        s.shutdown(_SHUT[u.shutdown & 3])
+                    except OSError:
+                        pass        # e.g. ENOTCONN: nothing to shut down
+                self._options(ino, s, u)
+                fl = fcntl.fcntl(s.fileno(), fcntl.F_GETFL)
+                fcntl.fcntl(s.fileno(), fcntl.F_SETFL, (fl & ~os.O_NONBLOCK) | (f.flags & os.O_NONBLOCK))
+            except OSError as e:
+                raise self._error(ino, "set the options of", e) from None
+        for path in self.unlink_later:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    # -- helpers ---------------------------------------------------------------------
+    def _listener_for(self, u) -> int | None:
+        """The listener of the image an accepted socket came from."""
+        if not u.accepted or u.state == TCP_LISTEN:
+            return None
+        for ino, f in self.ents.items():
+            if f.unix.state == TCP_LISTEN and f.unix.name == u.name and ino not in self.inh:
+                return ino
+        return None
+
+    def _new(self, ino: int) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, self.u(ino).type)
+        self.socks[ino] = s
+        return s
+
+    def _pair(self, ino: int, peer: int | None) -> None:
+        u = self.u(ino)
+        a, b = socket.socketpair(socket.AF_UNIX, u.type)
+        self.socks[ino] = a
+        self.writer[ino] = b
+        if peer is None:
+            self.others[ino] = b
+            self._bind(a, u)
+            return
+        self.socks[peer] = b
+        self.writer[peer] = a
+        self._bind(a, u)
+        self._bind(b, self.u(peer))
+
+    def _bind(self, s: socket.socket, u) -> None:
+        if not u.name or u.accepted:
+            return
+        if u.name[:1] == b"\0":
+            s.bind(bytes(u.name))
+            return
+        full = os.fsdecode(_addr(u))
+        try:
+            st = os.lstat(full)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise RestoreError(f"cannot bind unix socket:[{u.ino}] to {full}: the path exists and is "
+                                   "not a socket")
+            os.unlink(full)     # a stale socket file (its socket was dumped and killed)
+        if u.name_dir:
+            # keep the name relative, as the process bound it
+            here = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.chdir(u.name_dir)
+                s.bind(bytes(u.name))
+            finally:
+                os.fchdir(here)
+                os.close(here)
+        else:
+            s.bind(bytes(u.name))
+        if u.name_unlinked:
+            self.unlink_later.append(full)
+        else:
+            try:
+                os.chown(full, u.name_uid, u.name_gid)
+                os.chmod(full, u.name_mode)
+            except OSError:
+                pass
+
+    @staticmethod
+    def _connect_to(s: socket.socket, addr: bytes) -> None:
+        s.settimeout(10.0)      # a full backlog would block forever
+        try:
+            s.connect(addr)
+        finally:
+            s.settimeout(None)
+
+    @staticmethod
+    def _need(u) -> int:
+        return min(max(sum(len(p.data) for p in u.queue) * 4 + (len(u.queue) + 16) * 4096, 1 << 20), 1 << 30)
+
+    def _default_bufs(self, typ: int) -> tuple[int, int]:
+        if typ not in self._defaults:
+            with socket.socket(socket.AF_UNIX, typ) as s:
+                self._defaults[typ] = (s.getsockopt(SOL_SOCKET, socket.SO_RCVBUF),
+                                       s.getsockopt(SOL_SOCKET, socket.SO_SNDBUF))
+        return self._defaults[typ]
+
+    def _options(self, ino: int, s: socket.socket, u) -> None:
+        rcv, snd = self._default_bufs(u.type)
+        if u.rcvbuf and u.rcvbuf != rcv:
+            s.setsockopt(SOL_SOCKET, SO_RCVBUFFORCE, u.rcvbuf // 2)
+        if u.sndbuf and (u.sndbuf != snd or ino in self.bumped):
+            s.setsockopt(SOL_SOCKET, SO_SNDBUFFORCE, u.sndbuf // 2)
+        if u.passcred:
+            s.setsockopt(SOL_SOCKET, SO_PASSCRED, 1)
+        if u.passsec:
+            try:
+                s.setsockopt(SOL_SOCKET, SO_PASSSEC, 1)
+            except OSError:
+                pass
+        if u.rcvtimeo:
+            s.setsockopt(SOL_SOCKET, SO_RCVTIMEO, bytes(u.rcvtimeo))
+        if u.sndtimeo:
+            s.setsockopt(SOL_SOCKET, SO_SNDTIMEO, bytes(u.sndtimeo))
+        if u.rcvlowat > 1:
+            s.setsockopt(SOL_SOCKET, SO_RCVLOWAT, u.rcvlowat)
+        if u.peek_off >= 0:
+            s.setsockopt(SOL_SOCKET, SO_PEEK_OFF, u.peek_off)
+
+    def _error(self, ino: int, what: str, e: OSError) -> RestoreError:
+        u = self.u(ino)
+        name = f" ({_show(u.name)})" if u.name else ""
+        return RestoreError(f"cannot {what} unix {_TYPES.get(u.type, u.type)} socket:[{u.ino}]{name}: "
+                            f"{e.strerror or e}")
