@@ -144,7 +144,7 @@ def _inject_phase(pid: int, tids: list[int], mm, syscall_addr: int):
     """
     xsize = x86_64.xstate_size()
     size = PAGE_SIZE + ((sigframe.frame_size(xsize) + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
-    with Remote(pid, pid, syscall_addr, settle=True) as boot:
+    with Remote(pid, pid, syscall_addr, per_call=True) as boot:
         base = boot.map_scratch(size, prot=7)     # rwx, for a few milliseconds
     try:
         boot.write(base, sigframe.GADGET)
@@ -158,7 +158,7 @@ def _inject_phase(pid: int, tids: list[int], mm, syscall_addr: int):
             with Remote(pid, tid, syscall_addr, scratch=data, guard=guard) as r:
                 threads.append(dump_thread(pid, tid, r, xsize))
     finally:
-        with Remote(pid, pid, syscall_addr, settle=True) as boot:
+        with Remote(pid, pid, syscall_addr, per_call=True) as boot:
             boot.syscall("munmap", base, size)
     mm.brk = brk
     return task, threads

@@ -1,7 +1,7 @@
 """Running system calls inside a stopped thread of another process.
 
 We point the thread at a ``syscall`` instruction of its own vDSO, load the
-arguments, single-step over it and read rax.  While a :class:`Remote` is open
+arguments, run it to its syscall-exit stop (PTRACE_SYSCALL) and read rax.  While a :class:`Remote` is open
 the thread's registers and signal mask are saved and every signal is blocked
 (else a pending signal would be delivered instead of our syscall); closing it
 puts both back, so a thread stopped inside a syscall still restarts it.
@@ -34,7 +34,7 @@ class Remote:
     """Syscalls run in thread `tid`, which must be in a ptrace stop."""
 
     def __init__(self, pid: int, tid: int, syscall_addr: int, scratch: int = 0, guard=None,
-                 settle: bool = False, vpid: int | None = None, vtid: int | None = None):
+                 per_call: bool = False, vpid: int | None = None, vtid: int | None = None):
         self.pid = pid                  # as the engine sees them (ptrace, /proc)
         self.tid = tid
         # as the process sees itself: differs when it lives in another PID namespace;
@@ -52,11 +52,10 @@ class Remote:
         # the frame is written before each call (threads share the slot).
         self.guard = guard
         self._frame = b""
-        # settle: after each call, trade the single-step's SIGTRAP
-        # signal-delivery-stop for a PTRACE_EVENT_STOP.  Were the engine to
-        # die in the former, the kernel would deliver that SIGTRAP and kill
-        # the process; from the latter the thread simply resumes.
-        self.settle = settle or guard is not None
+        # per_call: put the thread's own registers and mask back after every
+        # call (a dump's target must survive the engine's death at any point);
+        # otherwise once, when the Remote closes (a restore's stubs).
+        self.per_call = per_call or guard is not None
 
     def __enter__(self) -> "Remote":
         self.saved_regs = ptrace.getregs(self.tid)
@@ -65,7 +64,7 @@ class Remote:
             _, frame, xsize, xfeatures = self.guard
             xstate = ptrace.getregset(self.tid, ptrace.NT_X86_XSTATE, xsize)
             self._frame = sigframe.build(frame, self.saved_regs, self.saved_mask, xstate, xfeatures)
-        else:
+        if not self.per_call:
             ptrace.setsigmask(self.tid, ALL_SIGNALS)
         return self
 
@@ -89,7 +88,6 @@ class Remote:
         regs.rax = nr
         regs.orig_rax = (1 << 64) - 1   # no syscall-restart processing on resume
         regs.rip = self.syscall_addr
-        regs.eflags &= ~0x100           # TF is set by the kernel for singlestep
         if rsp is not None:
             regs.rsp = rsp
         # Unused argument registers are zeroed: some calls check them (prctl's arg5).
@@ -98,19 +96,29 @@ class Remote:
         if self.guard:
             self.write(self.guard[1], self._frame)
             regs.rip, regs.rsp = self.guard[0], self.guard[1] + 8
-            ptrace.setsigmask(self.tid, ALL_SIGNALS)
+        # Order matters for a dump (per_call): every state in between must be
+        # one the thread survives if the engine dies there (see sigframe.py).
         ptrace.setregs(self.tid, regs)
-        self._step(regs.rip)
+        if self.per_call:
+            ptrace.setsigmask(self.tid, ALL_SIGNALS)
+        self._run_syscall()
         res = x86_64.to_signed(ptrace.getregs(self.tid).rax)
-        if self.guard:
-            ptrace.setregs(self.tid, self.saved_regs)
+        if self.per_call:
             ptrace.setsigmask(self.tid, self.saved_mask)
+            ptrace.setregs(self.tid, self.saved_regs)
         if check and -4096 < res < 0:
             raise SysError(-res, f"injected {name}({', '.join(hex(a) for a in args)})", self.pid)
         return res
 
-    def _step(self, at: int) -> None:
-        ptrace.singlestep(self.tid)
+    def _run_syscall(self) -> None:
+        """Resume to the syscall-entry stop, then to the syscall-exit stop.
+
+        PTRACE_SYSCALL, not single-stepping: a syscall stop is not a
+        signal-delivery stop, so were the engine to die while the thread sits
+        in one, the thread would simply go on -- no stray SIGTRAP kills it.
+        """
+        stops = 0
+        ptrace.syscall(self.tid)
         while True:
             _, status = ptrace.wait(self.tid)
             if not _is_stopped(status):
@@ -119,30 +127,13 @@ class Remote:
             event = ptrace.stop_event(status)
             if event in (1, 2, ptrace.PTRACE_EVENT_CLONE):     # FORK, VFORK, CLONE
                 self.clone_tids.append(ptrace.geteventmsg(self.tid))
-                ptrace.singlestep(self.tid)
-                continue
-            if event == 0 and sig == signal.SIGTRAP:
-                rip = ptrace.getregs(self.tid).rip
-                if rip == at + x86_64.SYSCALL_INSN_LEN:
-                    if self.settle:
-                        self._settle()
+            elif sig == signal.SIGTRAP | 0x80:                 # syscall stop (TRACESYSGOOD)
+                stops += 1
+                if stops == 2:
                     return
-            # Some other stop (an unblockable SIGSTOP, a group stop): the
-            # instruction has not run yet; step again, dropping the signal.
-            ptrace.singlestep(self.tid)
-
-    def _settle(self) -> None:
-        # INTERRUPT queues a trap; CONT with no signal leaves the SIGTRAP
-        # stop, and get_signal() takes the queued trap before any user code runs.
-        ptrace.interrupt(self.tid)
-        ptrace.cont(self.tid, 0)
-        while True:
-            _, status = ptrace.wait(self.tid)
-            if not _is_stopped(status):
-                raise SysError(3, "injected syscall", self.pid, f"thread {self.tid} died (status {status:#x})")
-            if ptrace.stop_event(status) == ptrace.PTRACE_EVENT_STOP:
-                return
-            ptrace.cont(self.tid, 0)
+            # else: a signal-delivery stop (an unblockable SIGSTOP) or a group
+            # stop: resuming with no signal drops it.
+            ptrace.syscall(self.tid)
 
     # --- scratch memory helpers ---
     def write(self, addr: int, data: bytes) -> None:

@@ -28,7 +28,8 @@ from .sys import proc, ptrace
 from .sys.x86_64 import NR
 
 CLONE_THREAD_FLAGS = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000  # VM FS FILES SIGHAND THREAD SYSVSEM
-TRACE_OPTIONS = ptrace.PTRACE_O_TRACECLONE | 0x2 | 0x4 | ptrace.PTRACE_O_EXITKILL   # + TRACEFORK, TRACEVFORK
+TRACE_OPTIONS = (ptrace.PTRACE_O_TRACESYSGOOD | ptrace.PTRACE_O_TRACECLONE | 0x2 | 0x4   # TRACEFORK, TRACEVFORK
+                 | ptrace.PTRACE_O_EXITKILL)
 
 
 class CloneArgs(ctypes.Structure):

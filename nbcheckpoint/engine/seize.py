@@ -16,7 +16,7 @@ from .errors import DumpError, SysError
 from .sys import proc, ptrace
 
 PTRACE_EVENT_FORK, PTRACE_EVENT_VFORK = 1, 2
-_OPTIONS = ptrace.PTRACE_O_TRACECLONE | 0x2 | 0x4      # TRACEFORK, TRACEVFORK
+_OPTIONS = ptrace.PTRACE_O_TRACESYSGOOD | ptrace.PTRACE_O_TRACECLONE | 0x2 | 0x4      # TRACEFORK, TRACEVFORK
 
 
 class FrozenTree:

@@ -23,6 +23,7 @@ PTRACE_POKEDATA = 5
 PTRACE_CONT = 7
 PTRACE_KILL = 8
 PTRACE_SINGLESTEP = 9
+PTRACE_SYSCALL = 24
 PTRACE_DETACH = 17
 PTRACE_SETOPTIONS = 0x4200
 PTRACE_GETEVENTMSG = 0x4201
@@ -38,6 +39,7 @@ PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
 
 _NAMES = {v: k for k, v in dict(globals()).items() if k.startswith("PTRACE_")}
 
+PTRACE_O_TRACESYSGOOD = 0x1
 PTRACE_O_TRACECLONE = 0x8
 PTRACE_O_EXITKILL = 0x100000
 PTRACE_EVENT_CLONE = 3
@@ -97,6 +99,11 @@ def cont(tid: int, sig: int = 0) -> None:
 
 def singlestep(tid: int, sig: int = 0) -> None:
     _ptrace(PTRACE_SINGLESTEP, tid, 0, sig)
+
+
+def syscall(tid: int, sig: int = 0) -> None:
+    """Resume until the next syscall entry or exit (PTRACE_SYSCALL)."""
+    _ptrace(PTRACE_SYSCALL, tid, 0, sig)
 
 
 def setoptions(tid: int, options: int) -> None:
