@@ -30,8 +30,9 @@ ends, and the order matters), in the engine, and remembers each description:
    before anyone connects to them;
 3. listeners: for each accepted connection a new socket connects and the listener accepts it;
    then the pending connections connect, in their queue order;
-4. one-way datagram connects (a socket is connected to only after its own...) and the
-   external peers' reconnects;
+4. one-way datagram connects (ordered so that each socket is connected to before it
+   connects elsewhere: a connected datagram socket accepts only its peer) and the external
+   peers' reconnects by name;
 5. queues written back from the peer end (datagrams one by one), then the dead peers' ends
    closed, shutdown() replayed, options and O_NONBLOCK set last (SO_PASSCRED earlier would
    autobind sockets as they connect).
@@ -50,7 +51,7 @@ import os
 import socket
 import stat
 
-from ..errors import ImageError, RestoreError, UnsupportedError
+from ..errors import DumpError, EngineError, ImageError, RestoreError, UnsupportedError
 from ..images import files_pb2, unix_pb2
 from ..sys import sockdiag
 from ..sys.sockdiag import TCP_ESTABLISHED, TCP_LISTEN
@@ -158,7 +159,11 @@ def dump(ctx, pid: int, fd: int, s: os.stat_result, link: str, info: dict, entry
         if u.name[:1] != b"\0":
             _dump_path(pid, u, d)
     dup = ctx.getfd(pid, fd)
-    sk = socket.socket(fileno=dup)
+    try:
+        sk = socket.socket(fileno=dup)
+    except OSError:
+        os.close(dup)
+        raise
     try:
         _dump_opts(sk, u)
         if d.listening:
@@ -170,6 +175,10 @@ def dump(ctx, pid: int, fd: int, s: os.stat_result, link: str, info: dict, entry
             u.accepted = lst is not None and lst != ino
         _classify_peer(ctx, st, pid, fd, d, u, sk)
         _peek_queue(pid, fd, sk, d, u)
+    except OSError as e:
+        if isinstance(e, EngineError):
+            raise
+        raise DumpError(f"process {pid}: fd {fd} (unix socket:[{ino}]): {e.strerror or e}") from None
     finally:
         sk.close()
 
@@ -241,7 +250,8 @@ def _classify_peer(ctx, st: _DumpState, pid: int, fd: int, d: sockdiag.UnixDiag,
                     "cannot recreate that connection")
             return
         _external(ctx, pid, fd, d, u, d.peer, _peer_name(pid, sk, pd))
-    elif d.state == TCP_ESTABLISHED:
+    elif d.has_peer:
+        # (a datagram socket someone connect()ed to is "established" too, with no peer)
         lst = st.listener_of.get(d.ino)
         if lst is None:
             u.peer_kind = unix_pb2.DEAD
@@ -252,8 +262,8 @@ def _classify_peer(ctx, st: _DumpState, pid: int, fd: int, d: sockdiag.UnixDiag,
                 raise UnsupportedError(
                     f"process {pid}: fd {fd} is a unix {_TYPES[d.type]} socket (socket:[{d.ino}]) whose "
                     f"connection to {_show(_norm(lst.name)) or f'socket:[{lst.ino}]'} is not accepted yet "
-                    f"and holds {d.wqueue} bytes of data sent on it, which this version cannot save; "
-                    "accept the connection before checkpointing")
+                    "and holds data sent on it, which this version cannot save; accept the connection "
+                    "before checkpointing")
         else:
             u.listener_ino = lst.ino
             _external(ctx, pid, fd, d, u, lst.ino, _norm(lst.name))

@@ -43,7 +43,9 @@ class UnixDiag:
     name: bytes | None = None  # bound address: a path, or b"\0..." for an abstract name
     vfs_ino: int = 0           # inode (and dev) of the socket file a path name is bound to
     vfs_dev: int = 0
-    peer: int = 0              # inode of the peer; 0 for none, or an embryo (pending connection)
+    peer: int = 0              # inode of the peer (0: see has_peer)
+    has_peer: bool = False     # it has a peer; with peer 0, one without an inode: closed, or the
+                               # embryo of a connection not accepted yet (listeners' icons name it)
     icons: list[int] = field(default_factory=list)   # listening: inodes of the clients queued
     rqueue: int = 0            # listening: pending connections; else bytes (first dgram) queued
     wqueue: int = 0            # listening: backlog; else bytes we sent that the peer has not read
@@ -74,6 +76,7 @@ def _parse(data: bytes, off: int, end: int) -> UnixDiag:
             d.vfs_ino, d.vfs_dev = struct.unpack_from("=II", val)
         elif atype == UNIX_DIAG_PEER:
             d.peer = struct.unpack_from("=I", val)[0]
+            d.has_peer = True
         elif atype == UNIX_DIAG_ICONS:
             d.icons = list(struct.unpack(f"={len(val) // 4}I", val[: len(val) // 4 * 4]))
         elif atype == UNIX_DIAG_RQLEN:
