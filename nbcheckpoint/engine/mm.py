@@ -81,7 +81,9 @@ def _dump_vma(pid: int, m: proc.MapLine) -> mm_pb2.Vma:
         return v
     link = f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"
     s = os.stat(link)
-    if m.path.startswith(SHMEM_PREFIXES):
+    if m.path.startswith(SHMEM_PREFIXES) or (m.deleted and s.st_dev in proc.tmpfs_devices()):
+        # (a file deleted from a tmpfs -- a POSIX semaphore or shm_open object
+        # after unlink -- lives only in memory, exactly like a memfd)
         # Shared anonymous memory and memfds are shmem objects: their content
         # is saved once (by inode) and mapped from a new memfd at restore.
         v.kind = mm_pb2.ANON_SHARED if m.shared else mm_pb2.FILE_PRIVATE

@@ -257,3 +257,14 @@ def mount_for_dev(dev: int) -> str | None:
             return point
         best = best or point
     return best
+
+
+def tmpfs_devices() -> set[int]:
+    """st_dev of every tmpfs/shmem mount, from /proc/self/mountinfo (proc(5))."""
+    out = set()
+    for line in _read("/proc/self/mountinfo").decode("utf-8", "surrogateescape").splitlines():
+        left, _, right = line.partition(" - ")
+        if right.split(" ", 1)[0] in ("tmpfs", "shmem", "devtmpfs"):
+            major, minor = left.split()[2].split(":")
+            out.add(os.makedev(int(major), int(minor)))
+    return out
