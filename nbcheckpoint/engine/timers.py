@@ -16,7 +16,9 @@ created in id order and a gap is closed by creating and deleting a throw-away
 timer; an id that still comes back different fails the restore.
 
 Times are relative: each timer gets the time that remained at dump, counted
-from the restore, and its interval.  Overruns and a timer signal that was
+from the restore, and its interval.  An interval timer that had expired with its
+SIGALRM/SIGVTALRM/SIGPROF still pending shows 0 remaining (the kernel re-arms it
+when the signal is taken): it is armed one interval ahead.  Overruns and a timer signal that was
 already queued are not timer state (the queued signal is restored with the
 pending signals).  A CLOCK_THREAD_CPUTIME_ID timer measures the thread that
 created it, which /proc does not tell: one is only accepted in a
@@ -91,7 +93,12 @@ def restore(remote, timers: timers_pb2.Timers) -> None:
     """
     buf = remote.scratch
     for it in timers.itimers:
-        remote.write(buf, struct.pack("<4q", it.interval_sec, it.interval_usec, it.value_sec, it.value_usec))
+        vsec, vusec = it.value_sec, it.value_usec
+        if not (vsec or vusec):
+            # Expired with its signal still pending: the kernel re-arms it when the signal
+            # is taken.  Zero would disarm it; the next period is what it would get.
+            vsec, vusec = it.interval_sec, it.interval_usec
+        remote.write(buf, struct.pack("<4q", it.interval_sec, it.interval_usec, vsec, vusec))
         remote.syscall("setitimer", it.which, buf, 0)
     if not timers.posix:
         return

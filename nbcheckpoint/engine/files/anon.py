@@ -56,7 +56,11 @@ from ..sys.x86_64 import NR
 O_CLOEXEC = 0o2000000
 O_PATH = 0o10000000
 EFD_SEMAPHORE = 1
-EPOLL_CTL_ADD = 1
+EPOLL_CTL_ADD, EPOLL_CTL_DEL = 1, 2
+EPOLLONESHOT = 1 << 30
+EP_PRIVATE_BITS = (1 << 28) | (1 << 29) | (1 << 30) | (1 << 31)   # EXCLUSIVE WAKEUP ONESHOT ET
+EPOLL_ANY_READY = 0x27C7    # IN PRI OUT RDNORM RDBAND WRNORM WRBAND MSG RDHUP
+_EVENTS_PER_PAGE = 4096 // 12
 KCMP_EPOLL_TFD = 7
 F_DUPFD_CLOEXEC = 1030
 TFD_TIMER_ABSTIME = 1
@@ -339,27 +343,50 @@ def after_place(ctx, remote, pid: int, fds, f: files_pb2.FileEntry) -> None:
         return
     placed = {e.fd: e for e in fds}
     efd = min(e.fd for e in fds if e.id == f.id)
-    spare = max(placed) + 1
     for t in f.epoll.targets:
-        if not t.HasField("via_fd"):
-            if t.tfd not in placed:
-                raise RestoreError(f"process {pid}: epoll fd {efd} watches fd {t.tfd}, which the image "
-                                   "does not have")
-            _epoll_add(remote, efd, t)
-            continue
-        # The registration was made through fd number tfd, which now holds another
-        # file or none: put the registered file there for the ADD, then put back.
-        saved = remote.syscall("fcntl", t.tfd, F_DUPFD_CLOEXEC, spare) if t.tfd in placed else None
-        remote.syscall("dup3", t.via_fd, t.tfd, 0)
-        _epoll_add(remote, efd, t)
-        if saved is None:
-            remote.syscall("close", t.tfd)
-        else:
-            remote.syscall("dup3", saved, t.tfd, O_CLOEXEC if placed[t.tfd].cloexec else 0)
-            remote.syscall("close", saved)
+        if t.tfd not in placed and not t.HasField("via_fd"):
+            raise RestoreError(f"process {pid}: epoll fd {efd} watches fd {t.tfd}, which the image "
+                               "does not have")
+    # A fired EPOLLONESHOT shows only its flag bits.  ADD always arms EPOLLERR|EPOLLHUP,
+    # so such a registration is added first, armed for any readiness, and fired by an
+    # epoll_wait while nothing else is registered (so no other event is consumed).  One
+    # whose file is not ready stays armed: it is added again with its bare mask (armed
+    # for EPOLLERR|EPOLLHUP only, the closest the kernel allows).
+    fired = [t for t in f.epoll.targets if t.events & EPOLLONESHOT and not t.events & ~EP_PRIVATE_BITS]
+    for t in fired:
+        _epoll_ctl(remote, efd, EPOLL_CTL_ADD, t, placed, t.events | EPOLL_ANY_READY)
+    if fired:
+        for _ in range(0, len(fired), _EVENTS_PER_PAGE):
+            remote.syscall("epoll_wait", efd, remote.scratch, _EVENTS_PER_PAGE, 0)
+        # remote.pid: the engine's view of the process (`pid` is its own, the image's)
+        now = {(x["tfd"], x["data"]): x["events"] for x in proc.epoll_targets(proc.fdinfo(remote.pid, efd))}
+        for t in fired:
+            if now.get((t.tfd, t.data), 0) & ~EP_PRIVATE_BITS:
+                _epoll_ctl(remote, efd, EPOLL_CTL_DEL, t, placed, 0)
+                _epoll_ctl(remote, efd, EPOLL_CTL_ADD, t, placed, t.events)
+    for t in f.epoll.targets:
+        if t not in fired:
+            _epoll_ctl(remote, efd, EPOLL_CTL_ADD, t, placed, t.events)
 
 
-def _epoll_add(remote, efd: int, t) -> None:
+def _epoll_ctl(remote, efd: int, op: int, t, placed: dict, events: int) -> None:
+    if not t.HasField("via_fd"):
+        return _epoll_ctl_raw(remote, efd, op, t.tfd, events, t.data)
+    # The registration was made through fd number tfd, which now holds another
+    # file or none: put the registered file there for the call, then put back.
+    saved = None
+    if t.tfd in placed:
+        saved = remote.syscall("fcntl", t.tfd, F_DUPFD_CLOEXEC, max(placed) + 1)
+    remote.syscall("dup3", t.via_fd, t.tfd, 0)
+    _epoll_ctl_raw(remote, efd, op, t.tfd, events, t.data)
+    if saved is None:
+        remote.syscall("close", t.tfd)
+    else:
+        remote.syscall("dup3", saved, t.tfd, O_CLOEXEC if placed[t.tfd].cloexec else 0)
+        remote.syscall("close", saved)
+
+
+def _epoll_ctl_raw(remote, efd: int, op: int, tfd: int, events: int, data: int) -> None:
     # struct epoll_event is packed on x86_64: u32 events, u64 data (12 bytes).
-    remote.write(remote.scratch, struct.pack("<IQ", t.events, t.data))
-    remote.syscall("epoll_ctl", efd, EPOLL_CTL_ADD, t.tfd, remote.scratch)
+    remote.write(remote.scratch, struct.pack("<IQ", events, data))
+    remote.syscall("epoll_ctl", efd, op, tfd, remote.scratch)

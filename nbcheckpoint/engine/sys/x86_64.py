@@ -25,7 +25,7 @@ NR = dict(
     close_range=436, pidfd_getfd=438, restart_syscall=219, rt_sigtimedwait=128, mount=165, wait4=61,
     # anon-inode files (files/anon.py) and timers (timers.py)
     ioctl=16, getitimer=36, setitimer=38, timer_create=222, timer_settime=223, timer_gettime=224,
-    timer_getoverrun=225, timer_delete=226, epoll_ctl=233, inotify_add_watch=254, inotify_rm_watch=255,
+    timer_getoverrun=225, timer_delete=226, epoll_wait=232, epoll_ctl=233, inotify_add_watch=254, inotify_rm_watch=255,
     timerfd_create=283, timerfd_settime=286, timerfd_gettime=287, signalfd4=289, eventfd2=290,
     epoll_create1=291, inotify_init1=294, name_to_handle_at=303, open_by_handle_at=304,
 )
