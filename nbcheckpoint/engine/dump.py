@@ -63,19 +63,16 @@ def dump(pid: int, images_dir, leave_running: bool = False, progress=None, optio
         frozen = FrozenTree(pid).freeze()
         if progress:
             progress("frozen", len(frozen.all_tids()), 0)
+        ns = PidView(pid, frozen)
         tree = img.messages("pstree.img", "nbcheckpoint.images.Process")
         nthreads = nvmas = pages_bytes = 0
         shmem_done: set[int] = set()
         for p in frozen.order:
-            st = proc.stat(p)
-            tree.add(pstree_pb2.Process(pid=p, ppid=int(st[4]), pgid=int(st[5]),
-                                        sid=int(st[6]), tids=frozen.tids[p], stopped=p in frozen.stopped))
-            n, v, b = _dump_process(p, frozen.tids[p], img, files, shmem_done, progress)
+            tree.add(ns.process(p, tids=[ns.v(t, p) for t in frozen.tids[p]], stopped=p in frozen.stopped))
+            n, v, b = _dump_process(p, frozen.tids[p], img, files, shmem_done, progress, ns)
             nthreads, nvmas, pages_bytes = nthreads + n, nvmas + v, pages_bytes + b
         for z, status in frozen.zombies.items():
-            st = proc.stat(z)
-            tree.add(pstree_pb2.Process(pid=z, ppid=int(st[4]), pgid=int(st[5]), sid=int(st[6]),
-                                        zombie=True, exit_status=status, comm=st[2]))
+            tree.add(ns.process(z, zombie=True, exit_status=status, comm=proc.stat(z)[2]))
         fw = img.messages("files.img", "nbcheckpoint.images.FileEntry")
         for f in files.files:
             fw.add(f)
@@ -89,7 +86,7 @@ def dump(pid: int, images_dir, leave_running: bool = False, progress=None, optio
         img.finish_files()
         image_bytes = sum(s.size for s in img._sums)
         inv = inventory_pb2.Inventory(
-            engine_version=_version(), root_pid=pid, kernel_release=platform.release(),
+            engine_version=_version(), root_pid=ns.v(pid), in_pidns=ns.separate, kernel_release=platform.release(),
             arch=platform.machine(), page_size=PAGE_SIZE, xstate_size=x86_64.xstate_size(),
             xfeatures=_xfeatures(), created=time.time(), leave_running=leave_running,
             hostname=platform.node(), frozen_seconds=frozen_s)
@@ -110,25 +107,68 @@ def dump(pid: int, images_dir, leave_running: bool = False, progress=None, optio
         files.close()
 
 
-def _dump_process(pid: int, tids: list[int], img, files: DumpContext, shmem_done: set, progress):
-    """One live process: address space, fds, per-process and per-thread state, pages."""
+class PidView:
+    """PIDs as the dumped processes see them.
+
+    The engine works with PIDs of its own namespace (ptrace, /proc); the image
+    records what the processes themselves see (NSpid's last field), which is
+    what their memory holds (glibc caches TIDs) and what restore recreates.
+    """
+
+    def __init__(self, root: int, frozen: FrozenTree):
+        self.separate = os.readlink(f"/proc/{root}/ns/pid") != os.readlink("/proc/self/ns/pid")
+        self.tree = set(frozen.order) | set(frozen.zombies)
+        self.map: dict[int, int] = {}
+        if self.separate:
+            ns = os.readlink(f"/proc/{root}/ns/pid")
+            for p in self.tree:
+                if os.readlink(f"/proc/{p}/ns/pid") != ns:
+                    raise DumpError(f"process {p} lives in another PID namespace than the root {root}: "
+                                    "nested PID namespaces are not supported")
+
+    def v(self, tid: int, pid: int | None = None) -> int:
+        if not self.separate:
+            return tid
+        if tid not in self.map:
+            st = proc.status(pid or tid, tid if pid else None)
+            self.map[tid] = int(st["NSpid"].split()[-1])
+        return self.map[tid]
+
+    def process(self, p: int, **kw) -> pstree_pb2.Process:
+        st = proc.status(p)
+        ppid = int(st["PPid"])
+        parent = self.v(ppid) if ppid in self.tree else (0 if self.separate else ppid)
+        pgid, sid = (int(st["NSpgid"].split()[-1]), int(st["NSsid"].split()[-1])) if self.separate else \
+            (int(proc.stat(p)[5]), int(proc.stat(p)[6]))
+        return pstree_pb2.Process(pid=self.v(p), ppid=parent, pgid=pgid, sid=sid, **kw)
+
+
+def _dump_process(pid: int, tids: list[int], img, files: DumpContext, shmem_done: set, progress, ns: PidView):
+    """One live process: address space, fds, per-process and per-thread state, pages.
+
+    `pid` and `tids` are the engine's view; files and records use ns.v().
+    """
     mm = dump_mm(pid)
     fds = files.dump_fds(pid)
     vdso = next((v for v in mm.vmas if v.kind == mm_pb2.VDSO), None)
     if vdso is None:
         raise DumpError(f"process {pid} has no [vdso] mapping; the engine needs one to run syscalls in it")
     task, threads = _inject_phase(pid, tids, mm, find_syscall_insn(pid, vdso.start, vdso.end))
-    nbytes = pages.dump_private(pid, list(private_dirty_vmas(mm)), img, str(pid), progress)
+    vpid = ns.v(pid)
+    task.pid = vpid
+    for t in threads:
+        t.tid = ns.v(t.tid, pid)
+    nbytes = pages.dump_private(pid, list(private_dirty_vmas(mm)), img, str(vpid), progress)
     for v in mm.vmas:
         if v.shmem_id and v.shmem_id not in shmem_done:
             shmem_done.add(v.shmem_id)
             nbytes += pages.dump_shmem(pid, v, img)
-    img.messages(f"task-{pid}.img", "nbcheckpoint.images.TaskCore").add(task)
-    cores = img.messages(f"core-{pid}.img", "nbcheckpoint.images.ThreadCore")
+    img.messages(f"task-{vpid}.img", "nbcheckpoint.images.TaskCore").add(task)
+    cores = img.messages(f"core-{vpid}.img", "nbcheckpoint.images.ThreadCore")
     for t in threads:
         cores.add(t)
-    img.messages(f"mm-{pid}.img", "nbcheckpoint.images.Mm").add(mm)
-    fw = img.messages(f"fds-{pid}.img", "nbcheckpoint.images.FdEntry")
+    img.messages(f"mm-{vpid}.img", "nbcheckpoint.images.Mm").add(mm)
+    fw = img.messages(f"fds-{vpid}.img", "nbcheckpoint.images.FdEntry")
     for e in fds:
         fw.add(e)
     return len(threads), len(mm.vmas), nbytes

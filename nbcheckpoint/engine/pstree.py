@@ -156,7 +156,7 @@ class Stub:
             return r.syscall(name, *args)
 
 
-def create_init() -> "Stub":
+def create_init(root_vpid: int) -> "Stub":
     """PID 1 of a new PID namespace (with its own mount namespace and /proc).
 
     It is a copy of the engine that mounts a fresh /proc, blocks until the
@@ -171,7 +171,7 @@ def create_init() -> "Stub":
     try:
         r = _pysyscall(ctypes.c_long(NR["clone3"]), ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args)))
         if r == 0:
-            _init_main(rfd, wfd)
+            _init_main(rfd, wfd, root_vpid)
         err = ctypes.get_errno()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
@@ -192,7 +192,7 @@ def create_init() -> "Stub":
     return stub
 
 
-def _init_main(rfd: int, wfd: int) -> None:
+def _init_main(rfd: int, wfd: int, root_vpid: int) -> None:
     """The namespace's init (runs in the child; never returns).  Only raw syscalls."""
     def sc(name, *a):
         return _pysyscall(ctypes.c_long(NR[name]), *[ctypes.c_long(x) if isinstance(x, int) else x for x in a])
@@ -208,7 +208,7 @@ def _init_main(rfd: int, wfd: int) -> None:
     status = ctypes.c_int(0)
     while True:
         pid = sc("wait4", -1, ctypes.byref(status), 0x40000000, None)     # __WALL
-        if pid == 2 or (pid < 0 and ctypes.get_errno() == errno.ECHILD):
+        if pid == root_vpid or (pid < 0 and ctypes.get_errno() == errno.ECHILD):
             break
     code = (status.value >> 8) & 0xFF if (status.value & 0x7F) == 0 else 128 + (status.value & 0x7F)
     sc("exit_group", code)

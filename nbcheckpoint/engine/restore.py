@@ -114,6 +114,11 @@ def restore(images_dir, progress=None, options: Options | None = None) -> Restor
     t0 = time.monotonic()
     options = options or Options()
     img = _Image(os.fspath(images_dir), options)
+    if img.reader.inventory.in_pidns:
+        options.pidns = True       # its PIDs mean something only in a namespace of its own
+    if img.procs[0].pid == 1 and options.pidns:
+        raise RestoreError("the image's root is PID 1 of its namespace (an init); restoring an init "
+                           "is not supported yet: dump its child instead")
     if not options.pidns:
         for p in img.procs:
             _wait_pid_free(p.pid)
@@ -124,7 +129,7 @@ def restore(images_dir, progress=None, options: Options | None = None) -> Restor
     try:
         prepared = _open_everything(img, engine_fds)
         if options.pidns:
-            init = pstree.create_init()
+            init = pstree.create_init(img.procs[0].pid)
         stubs = _create_tree(img, init)
         npages = 0
         host_tids: dict[int, int] = {}     # image tid -> tid as we see it
