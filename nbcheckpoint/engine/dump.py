@@ -31,7 +31,7 @@ from . import sigframe
 from .inject import Remote, find_syscall_insn
 from .mm import dump_mm, private_dirty_vmas
 from .images import mm_pb2
-from . import pages
+from . import pages, timers
 from .seize import FrozenTree
 from .sys import proc, x86_64
 from .sys.libc import PAGE_SIZE
@@ -153,7 +153,7 @@ def _dump_process(pid: int, tids: list[int], img, files: DumpContext, shmem_done
     vdso = next((v for v in mm.vmas if v.kind == mm_pb2.VDSO), None)
     if vdso is None:
         raise DumpError(f"process {pid} has no [vdso] mapping; the engine needs one to run syscalls in it")
-    task, threads = _inject_phase(pid, tids, mm, find_syscall_insn(pid, vdso.start, vdso.end))
+    task, threads, task_timers = _inject_phase(pid, tids, mm, find_syscall_insn(pid, vdso.start, vdso.end))
     vpid = ns.v(pid)
     task.pid = vpid
     for t in threads:
@@ -168,6 +168,7 @@ def _dump_process(pid: int, tids: list[int], img, files: DumpContext, shmem_done
     for t in threads:
         cores.add(t)
     img.messages(f"mm-{vpid}.img", "nbcheckpoint.images.Mm").add(mm)
+    timers.write(img, vpid, task_timers)
     fw = img.messages(f"fds-{vpid}.img", "nbcheckpoint.images.FdEntry")
     for e in fds:
         fw.add(e)
@@ -193,6 +194,7 @@ def _inject_phase(pid: int, tids: list[int], mm, syscall_addr: int):
         with Remote(pid, pid, syscall_addr, scratch=data, guard=guard) as main:
             brk = main.syscall("brk", 0)
             task = dump_task(pid, main)
+            task_timers = timers.dump(pid, main)
             threads = [dump_thread(pid, pid, main, xsize)]
         for tid in tids[1:]:
             with Remote(pid, tid, syscall_addr, scratch=data, guard=guard) as r:
@@ -201,7 +203,7 @@ def _inject_phase(pid: int, tids: list[int], mm, syscall_addr: int):
         with Remote(pid, pid, syscall_addr, per_call=True) as boot:
             boot.syscall("munmap", base, size)
     mm.brk = brk
-    return task, threads
+    return task, threads, task_timers
 
 
 def _xfeatures() -> int:

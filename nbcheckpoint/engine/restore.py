@@ -32,7 +32,7 @@ import signal
 import time
 from dataclasses import dataclass
 
-from . import core, files, mm as mmmod, pages, pstree, task as taskmod
+from . import core, files, mm as mmmod, pages, pstree, task as taskmod, timers
 from .errors import ImageError, RestoreError
 from .images import core_pb2, files_pb2, imagedir, mm_pb2, pstree_pb2
 from .inject import Remote
@@ -295,6 +295,7 @@ def _rebuild(stub: pstree.Stub, pr: _Proc, img: _Image, p: _Prepared, progress):
                 taskmod.restore_creds(tr, t)
                 tr.set_final_state(core.final_regs(th), th.sigmask)
         core.restore_thread_state(r, threads[0], taskmod.queue_signal)
+        timers.restore(r, timers.read(img.reader, pr.pid))     # after the threads: a timer may name one
         for info in t.shared_pending:
             taskmod.queue_signal(r, info, None)
         taskmod.restore_creds(r, t)
