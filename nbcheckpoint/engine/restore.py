@@ -25,8 +25,10 @@ Any failure kills every stub: no half-restored process is ever left running.
 """
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
+import struct
 import resource
 import signal
 import time
@@ -318,8 +320,6 @@ def _place_fds(r: Remote, entries, ofd: dict[int, int]) -> None:
 
 def _clone_thread(r: Remote, vtid: int) -> int:
     """A thread with TID `vtid` (as the process sees it); returns its TID as we see it."""
-    import ctypes
-    import struct
     s = r.scratch
     r.write(s + 256, struct.pack("<i", vtid))
     args = pstree.CloneArgs(flags=pstree.CLONE_THREAD_FLAGS, set_tid=s + 256, set_tid_size=1)
