@@ -3,10 +3,21 @@
 Saved: path, open flags, offset, and the file's identity.  A file unlinked
 while open ("... (deleted)") has its content saved in file-ID.img; restore
 recreates it next to where it was, opens it, and unlinks it again.
+
+Before any process exists, :func:`check` refuses a file that is gone.  If the
+image was taken with --leave-running, the process went on after the dump and
+may have deleted or replaced its files: a file deleted since, or replaced by
+another inode (same machine, same filesystem: rename over it, an editor's
+save) of another size or mtime, fails the restore naming the file and the
+cause.  A copy put back with the dumped size and mtime (cp -a) is accepted.  Content that changed
+in place is accepted: a file the process keeps writing (a log, a database) is
+expected to move on, and a restored offset may then lie before newer data --
+as with CRIU, that is the user's to judge (docs/engine.md, "Leave running").
 """
 from __future__ import annotations
 
 import os
+import platform
 import stat
 
 from ..errors import RestoreError
@@ -46,11 +57,71 @@ def _save_content(pid: int, fd: int, img, fid: int) -> None:
 
 
 def check(ctx, pid: int, fde, f: files_pb2.FileEntry) -> None:
-    """Before any process is created: is the file still there?"""
+    """Before any process is created: is the file still there, and still the same one?"""
     r = f.reg
-    if not r.deleted and not os.path.exists(r.stat.path):
-        raise RestoreError(f"process {pid}: fd {fde.fd} was {r.stat.path}, which no longer exists; "
-                           "put it back to restore")
+    if r.deleted:
+        return                  # its content is in the image
+    path = r.stat.path
+    running_on = leave_running(ctx)
+    try:
+        s = os.stat(path)
+    except FileNotFoundError:
+        what = f"process {pid}: fd {fde.fd} was {path}, which no longer exists"
+        if running_on:
+            raise leave_running_hazard(what + " (deleted after the dump)", _PUT_BACK) from None
+        raise RestoreError(f"{what}; put it back to restore") from None
+    except OSError:
+        return                  # e.g. EACCES: open() reports it with its reason
+    if stat.S_IFMT(s.st_mode) != stat.S_IFMT(r.stat.mode):
+        what = (f"process {pid}: fd {fde.fd} was {path}, a {_ftype(r.stat.mode)}, "
+                f"which is now a {_ftype(s.st_mode)}")
+        if running_on:
+            raise leave_running_hazard(what, _PUT_BACK)
+        raise RestoreError(f"{what}; put the original back to restore")
+    if (running_on and (stat.S_ISREG(s.st_mode) or stat.S_ISDIR(s.st_mode)) and same_machine(ctx)
+            and s.st_dev == r.stat.dev and s.st_ino != r.stat.ino
+            and (s.st_size, s.st_mtime_ns) != (r.stat.size, r.stat.mtime_ns)):
+        # (a copy put back with its size and mtime, e.g. cp -a from a snapshot, is accepted)
+        raise leave_running_hazard(
+            f"process {pid}: fd {fde.fd} was {path} (inode {r.stat.ino}), which has been replaced by "
+            f"another file (inode {s.st_ino}) since the dump", _PUT_BACK)
+
+
+def leave_running(ctx) -> bool:
+    """Was the image taken with --leave-running (the tree went on after the dump)?"""
+    reader = getattr(ctx, "reader", None)
+    return bool(reader is not None and reader.inventory.leave_running)
+
+
+def same_machine(ctx) -> bool:
+    """Restoring where the image was taken: device and inode numbers mean the same files."""
+    return ctx.reader.inventory.hostname == platform.node()
+
+
+_PUT_BACK = ("Put the file back as it was at the dump (same content, size and mtime: e.g. cp -a "
+             "from a snapshot), or take a new checkpoint")
+
+
+def leave_running_hazard(what: str, fix: str = "Take a new checkpoint") -> RestoreError:
+    """The error for an object a --leave-running dump's process changed after the dump.
+
+    `what` names the process, the object and what became of it; `fix` what the user can
+    do.  For other kinds too (e.g. an established TCP connection whose sequence numbers
+    moved on): ``raise leave_running_hazard("process 12: fd 5, TCP 10.0.0.1:80 -> ...",
+    "Restore with --tcp-close, or take a new checkpoint")``.
+    """
+    return RestoreError(
+        f"{what}. The image was taken with --leave-running: the process went on running after "
+        f"the dump (and may itself have done this), so the image no longer matches it. {fix}")
+
+
+def _ftype(mode: int) -> str:
+    for test, name in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "directory"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISLNK, "symbolic link")):
+        if test(mode):
+            return name
+    return f"file of mode {mode:o}"
 
 
 def open(ctx, f: files_pb2.FileEntry) -> int:  # noqa: A001 - the kind interface's name

@@ -268,3 +268,52 @@ def tmpfs_devices() -> set[int]:
             major, minor = left.split()[2].split(":")
             out.add(os.makedev(int(major), int(minor)))
     return out
+
+
+# --- file locks (files/locks.py) -----------------------------------------------------
+
+@dataclass
+class FileLock:
+    """One line of /proc/locks or of an fdinfo ``lock:`` entry (proc(5), "locks")."""
+    kind: str           # FLOCK, POSIX, OFDLCK, LEASE, DELEG ...
+    mode: str           # ADVISORY (MANDATORY on old kernels; ACTIVE/BREAKING... for leases)
+    type: str           # READ, WRITE (UNLCK while a lease breaks)
+    pid: int            # owner (POSIX), setter (FLOCK), -1 for OFD locks
+    dev: int            # st_dev of the file (userspace dev_t)
+    ino: int
+    start: int
+    end: int | None     # inclusive last byte; None = to EOF
+    blocked: bool = False   # a "->" waiter line of /proc/locks, not a granted lock
+
+
+def _lock_line(text: str) -> FileLock:
+    # "1: POSIX  ADVISORY  WRITE 13185 fe:00:2146319 0 9"  /  "2: -> FLOCK ..." (a waiter)
+    f = text.split()
+    blocked = len(f) > 1 and f[1] == "->"
+    if blocked:
+        f = f[:1] + f[2:]
+    kind, mode, typ, pid, where, start, end = f[1:8]
+    major, minor, ino = where.split(":")
+    return FileLock(kind=kind, mode=mode, type=typ, pid=int(pid),
+                    dev=os.makedev(int(major, 16), int(minor, 16)), ino=int(ino),
+                    start=int(start), end=None if end == "EOF" else int(end), blocked=blocked)
+
+
+def fd_locks(info: dict[str, str]) -> list[FileLock]:
+    """The locks an fd's open file description holds, from fdinfo() 'lock' lines.
+
+    The kernel lists a lock there when it was set through this description
+    and is owned by it (flock, OFD) or by the reading process's fd table
+    (POSIX), so a child sharing the description does not see its parent's
+    POSIX locks.
+    """
+    return [_lock_line(line) for line in filter(None, info.get("lock", "").split("\n"))]
+
+
+def locks() -> list[FileLock]:
+    """Every lock of the system, /proc/locks (pids as this process's namespace sees them)."""
+    out = []
+    for line in _read("/proc/locks").decode("utf-8", "surrogateescape").splitlines():
+        if line.strip():
+            out.append(_lock_line(line))
+    return out

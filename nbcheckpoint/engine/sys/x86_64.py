@@ -28,6 +28,8 @@ NR = dict(
     timer_getoverrun=225, timer_delete=226, epoll_wait=232, epoll_ctl=233, inotify_add_watch=254, inotify_rm_watch=255,
     timerfd_create=283, timerfd_settime=286, timerfd_gettime=287, signalfd4=289, eventfd2=290,
     epoll_create1=291, inotify_init1=294, name_to_handle_at=303, open_by_handle_at=304,
+    # file locks (files/locks.py)
+    flock=73,
 )
 SYSCALL_NAMES = {v: k for k, v in NR.items()}
 
