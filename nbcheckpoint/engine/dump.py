@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from .core import dump_thread
 from .errors import DumpError
-from .files import DumpContext
+from .files import DumpContext, locks
 from .options import Options
 from .images import imagedir, inventory_pb2, pstree_pb2
 from . import sigframe
@@ -150,6 +150,7 @@ def _dump_process(pid: int, tids: list[int], img, files: DumpContext, shmem_done
     """
     mm = dump_mm(pid)
     fds = files.dump_fds(pid)
+    locks.dump_locks(files, pid, fds, vpid=ns.v(pid))
     vdso = next((v for v in mm.vmas if v.kind == mm_pb2.VDSO), None)
     if vdso is None:
         raise DumpError(f"process {pid} has no [vdso] mapping; the engine needs one to run syscalls in it")

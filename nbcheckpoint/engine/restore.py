@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from . import core, files, mm as mmmod, pages, pstree, task as taskmod, timers
 from .errors import ImageError, RestoreError
+from .files import locks
 from .images import core_pb2, files_pb2, imagedir, mm_pb2, pstree_pb2
 from .inject import Remote
 from .options import Options
@@ -104,6 +105,7 @@ class _Image:
         for p in self.live:
             mmmod.check_files_unchanged(p.mm, p.pid)
             self.files.check(p.pid, p.fds)
+            locks.check_locks(self.files, p.pid, p.fds)
 
 
 def _one(msgs, name):
@@ -285,6 +287,8 @@ def _rebuild(stub: pstree.Stub, pr: _Proc, img: _Image, p: _Prepared, progress):
         taskmod.restore_fs(r, t, p.fs[pr.pid])
         _place_fds(r, pr.fds, p.ofd)
         img.files.after_place(r, pr.pid, pr.fds)
+        # after after_place: its fd shuffling (epoll) would drop POSIX locks taken earlier
+        locks.restore_locks(img.files, r, pr.pid, pr.fds)
         taskmod.restore_sigactions(r, t)
         taskmod.restore_misc(r, t)
         taskmod.restore_rlimits(pid, t)
