@@ -34,6 +34,7 @@ from . import regfile
 from . import anon
 from . import pipe
 from . import unix
+from . import inet
 
 O_CLOEXEC = 0o2000000
 KCMP_FILE = 0
@@ -47,6 +48,7 @@ KINDS = {
     files_pb2.PIPE: pipe,
     files_pb2.FIFO: pipe,
     files_pb2.UNIX: unix,
+    files_pb2.INET: inet,
 }
 
 _ANON_KINDS = {"[eventfd]": files_pb2.EVENTFD, "[eventpoll]": files_pb2.EPOLL, "[timerfd]": files_pb2.TIMERFD,

@@ -202,3 +202,113 @@ def frozen_tree(pid: int) -> list[int]:
         out.append(p)
         todo.extend(c for c in _children(p) if _traced_by_us(c, ours))
     return out
+
+
+# ============================================================================ inet_diag
+# TCP and UDP sockets (AF_INET, AF_INET6) of the engine's network namespace: addresses, state,
+# queue lengths, owner inode -- including the sockets no process holds an fd of: connections
+# waiting in a listener's accept queue (inode 0), orphans and TIME_WAIT.  Used by files/inet.py.
+
+INET_DIAG_SHUTDOWN, INET_DIAG_SKV6ONLY = 8, 11
+
+# sk_state (net/tcp_states.h)
+TCP_SYN_SENT, TCP_SYN_RECV, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_TIME_WAIT = 2, 3, 4, 5, 6
+TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_CLOSING, TCP_NEW_SYN_RECV = 8, 9, 11, 12
+TCP_STATE_NAMES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
+                   6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN",
+                   11: "CLOSING", 12: "NEW_SYN_RECV"}
+
+_INET_REQ = struct.Struct("=BBBBI48s")     # family, protocol, ext, pad, states, sockid
+_INET_MSG = struct.Struct("=BBBB48sIIIII")  # family, state, timer, retrans, sockid, expires,
+                                            # rqueue, wqueue, uid, inode
+_SOCKID = struct.Struct(">HH16s16s")       # sport, dport, src, dst (network order); if, cookie follow
+
+
+@dataclass
+class InetDiag:
+    family: int                # AF_INET / AF_INET6
+    protocol: int              # IPPROTO_TCP / IPPROTO_UDP
+    state: int                 # TCP_* above (UDP: 1 connected, 7 not)
+    src: str                   # local address, as inet_ntop shows it
+    sport: int
+    dst: str
+    dport: int
+    ino: int                   # 0: no file (accept queue, orphan, TIME_WAIT)
+    rqueue: int = 0            # listening: connections in the accept queue; else bytes queued
+    wqueue: int = 0            # listening: backlog; else bytes not yet acknowledged (TCP)
+    uid: int = 0
+    ifindex: int = 0           # bound device (SO_BINDTODEVICE) or IPv6 scope
+    shutdown: int = 0          # RCV_SHUTDOWN 1 | SEND_SHUTDOWN 2
+    v6only: bool | None = None
+
+    @property
+    def local(self) -> tuple[int, str, int]:
+        return (self.family, self.src, self.sport)
+
+    @property
+    def remote(self) -> tuple[int, str, int]:
+        return (self.family, self.dst, self.dport)
+
+
+def _inet_addr(family: int, raw: bytes) -> str:
+    return socket.inet_ntop(family, raw[:4] if family == socket.AF_INET else raw)
+
+
+def _inet_query(family: int, protocol: int) -> list[InetDiag]:
+    what = f"sock_diag({'AF_INET' if family == socket.AF_INET else 'AF_INET6'}, " \
+           f"{'TCP' if protocol == socket.IPPROTO_TCP else 'UDP'})"
+    try:
+        nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG)
+    except OSError as e:
+        raise SysError(e.errno or 0, "socket(AF_NETLINK, NETLINK_SOCK_DIAG)") from None
+    req = _INET_REQ.pack(family, protocol, 0, 0, 0xFFFFFFFF, b"\0" * 48)
+    out: list[InetDiag] = []
+    try:
+        nl.sendto(_NLHDR.pack(_NLHDR.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
+                  + req, (0, 0))
+        while True:
+            data = nl.recv(1 << 20)
+            if not data:
+                raise SysError(_errno.EIO, what, detail="netlink socket closed")
+            off = 0
+            while off + _NLHDR.size <= len(data):
+                ln, typ, _fl, _seq, _pid = _NLHDR.unpack_from(data, off)
+                if ln < _NLHDR.size:
+                    raise SysError(_errno.EIO, what, detail=f"bad netlink message length {ln}")
+                if typ == NLMSG_DONE:
+                    return out
+                if typ == NLMSG_ERROR:
+                    err = -struct.unpack_from("=i", data, off + _NLHDR.size)[0]
+                    if err == 0:
+                        return out
+                    raise SysError(err, what)
+                if typ == SOCK_DIAG_BY_FAMILY:
+                    out.append(_inet_parse(data, off + _NLHDR.size, off + ln, protocol))
+                off += (ln + 3) & ~3
+    except OSError as e:
+        if isinstance(e, SysError):
+            raise
+        raise SysError(e.errno or 0, what) from None
+    finally:
+        nl.close()
+
+
+def _inet_parse(data: bytes, off: int, end: int, protocol: int) -> InetDiag:
+    fam, state, _timer, _retr, sockid, _exp, rq, wq, uid, ino = _INET_MSG.unpack_from(data, off)
+    sport, dport, src, dst = _SOCKID.unpack_from(sockid)
+    ifindex = struct.unpack_from("=I", sockid, _SOCKID.size)[0]
+    d = InetDiag(family=fam, protocol=protocol, state=state, src=_inet_addr(fam, src), sport=sport,
+                 dst=_inet_addr(fam, dst), dport=dport, ino=ino, rqueue=rq, wqueue=wq, uid=uid,
+                 ifindex=ifindex)
+    for atype, val in _nla(data, off + _INET_MSG.size, end):
+        if atype == INET_DIAG_SHUTDOWN and val:
+            d.shutdown = val[0]
+        elif atype == INET_DIAG_SKV6ONLY and val:
+            d.v6only = bool(val[0])
+    return d
+
+
+def inet_sockets(protocol: int) -> list[InetDiag]:
+    """Every TCP (or UDP) socket of this network namespace, IPv4 and IPv6, in every state.
+    Raises SysError (ENOENT/EOPNOTSUPP...) when the kernel lacks the diag module."""
+    return _inet_query(socket.AF_INET, protocol) + _inet_query(socket.AF_INET6, protocol)

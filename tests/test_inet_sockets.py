@@ -1,0 +1,322 @@
+"""TCP and UDP sockets through the engine (files/inet.py).
+
+- tests/targets/tcp.c (a loopback connection with data unread both ways and in flight, a
+  half-closed connection, a connection still in a listener's accept queue, an IPv6 listener
+  with a thread blocked in accept(), bound and connected UDP sockets with queued datagrams):
+  dump -> restore -> PASS; twice in a row; leave-running (the peeks and repair-mode reads
+  leave the live process's connections as they were; the image restores once the original
+  is gone: its ports are taken until then); a damaged stream is noticed.
+- Connections to a TCP server the test runs (tests/targets/external/tcp_peer.c):
+  * without options the dump is refused, naming the pid, the fd, both addresses and the
+    options, and the target goes on talking on its connection;
+  * --tcp-established: the dump kills the original without the server noticing (no FIN/RST),
+    and the restored process goes on with the same connection (same port, bytes the server
+    sent before the dump come first), IPv4 and IPv6;
+  * --tcp-close: the restored process finds the connection closed at once (epoll/poll report
+    HUP/ERR, recv returns ECONNRESET or 0); with a repair image, the server gets a reset too;
+  * a --leave-running image cannot bring such a connection back live (the original went on
+    with it): restore refuses it, and --tcp-close restores it closed.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN_DIR, CFLAGS, TARGETS_DIR, Target, wait_pid_free
+
+RUN_BEFORE_DUMP = 0.3
+PEER_SRC = TARGETS_DIR / "external" / "tcp_peer.c"
+PEER_FD = 11
+
+
+@pytest.fixture(scope="module")
+def engine():
+    import nbcheckpoint.engine as engine
+    return engine
+
+
+# ----------------------------------------------------------------------------- the full target
+
+def test_dump_restore(engine, launch, images):
+    t = launch("tcp")
+    time.sleep(RUN_BEFORE_DUMP)
+    img = images()
+    t.checkpoint(img)
+    t.restore(img)
+    t.expect_pass()
+
+
+def test_dump_restore_twice(engine, launch, images):
+    t = launch("tcp")
+    time.sleep(RUN_BEFORE_DUMP)
+    img1 = images("first")
+    t.checkpoint(img1)
+    t.restore(img1)
+    time.sleep(RUN_BEFORE_DUMP)
+    assert t.alive(), t.log()
+    img2 = images("second")
+    t.checkpoint(img2)                # the repaired connections dump again...
+    t.restore(img2)                   # ...and come back again
+    t.expect_pass()
+
+
+def test_leave_running(engine, launch, images):
+    t = launch("tcp")
+    time.sleep(RUN_BEFORE_DUMP)
+    img = images()
+    t.checkpoint(img, leave_running=True)
+    time.sleep(0.2)
+    assert t.alive(), t.log()
+    t.expect_pass()                   # the original's queues and connections are untouched
+    t.reap()                          # its ports are free only now
+    t.restore(img)
+    t.expect_pass()
+
+
+def test_damaged_state_is_noticed(engine, launch, images):
+    """With one byte of the stream lost, the target's checker reports FAIL."""
+    t = launch("tcp", env={"ZDTM_CORRUPT": "1"})
+    img = images()
+    t.checkpoint(img)
+    t.restore(img)
+    res = t.run_to_result()
+    assert res.verdict and res.verdict.startswith("FAIL") and "cli->srv" in res.verdict, t.describe(res)
+
+
+# ----------------------------------------------------------------------------- outside peers
+
+def _build_peer() -> Path:
+    BIN_DIR.mkdir(exist_ok=True)
+    out = BIN_DIR / "external-tcp_peer"
+    deps = [PEER_SRC, TARGETS_DIR / "zdtm.h"]
+    if out.exists() and out.stat().st_mtime >= max(d.stat().st_mtime for d in deps):
+        return out      # up to date: rebuilding would change a file that a live image maps
+    tmp = BIN_DIR / f".external-tcp_peer.{os.getpid()}.tmp"
+    cmd = ["gcc", *CFLAGS, "-Wall", "-o", str(tmp), str(PEER_SRC)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        pytest.fail(f"compiling {PEER_SRC.name} failed:\n$ {' '.join(cmd)}\n{r.stderr}", pytrace=False)
+    os.replace(tmp, out)
+    return out
+
+
+class PeerTarget(Target):
+    def __init__(self, workdir: Path, argv: list):
+        super().__init__("counter", workdir)      # a known name; argv and log replaced
+        self.name = "tcp_peer"
+        self.argv = [str(a) for a in argv]
+        self.log_path = self.workdir / "tcp_peer.log"
+
+    @property
+    def port(self) -> int:
+        return int(re.search(r"^PORT (\d+)$", self.log(), re.M).group(1))
+
+
+@pytest.fixture
+def launch_peer(target_bins, tmp_path):
+    exe = _build_peer()
+    started: list[PeerTarget] = []
+
+    def _launch(addr: str, port: int, mode: str) -> PeerTarget:
+        t = PeerTarget(tmp_path / f"peer{len(started)}", [exe, addr, port, PEER_FD, mode])
+        started.append(t)
+        t.start()
+        t.wait_ready()
+        return t
+
+    yield _launch
+    for t in started:
+        t.kill()
+
+
+class PingServer:
+    """A TCP server outside the dumped tree: answers "ping N" with "pong N"; counts
+    connections, EOFs and resets."""
+
+    def __init__(self, addr: str):
+        fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        self.addr = addr
+        self.sock = socket.socket(fam, socket.SOCK_STREAM)
+        self.sock.bind((addr, 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.eofs = self.resets = 0
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                c, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self.conns.append(c)
+            th = threading.Thread(target=self._serve, args=(c,), daemon=True)
+            th.start()
+            self._threads.append(th)
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(0.1)
+        buf = b""
+        while not self.stop.is_set():
+            try:
+                data = conn.recv(4096)
+            except socket.timeout:
+                continue
+            except ConnectionResetError:
+                with self._lock:
+                    self.resets += 1
+                return
+            except OSError:
+                return
+            if not data:
+                with self._lock:
+                    self.eofs += 1
+                return
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                if line.startswith(b"ping "):
+                    conn.sendall(b"pong " + line[5:] + b"\n")
+
+    def wait(self, what, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not what():
+            assert time.monotonic() < deadline, \
+                f"server: timed out ({len(self.conns)} connections, {self.eofs} EOFs, {self.resets} resets)"
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.stop.set()
+        for th in self._threads:
+            th.join(2)
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+@pytest.fixture
+def server():
+    made: list[PingServer] = []
+
+    def _server(addr: str = "127.0.0.1") -> PingServer:
+        s = PingServer(addr)
+        made.append(s)
+        return s
+
+    yield _server
+    for s in made:
+        s.close()
+
+
+def _traced(pid: int) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        return any(line.startswith("TracerPid:") and line.split()[1] != "0" for line in f)
+
+
+def _restore(engine, t: Target, img, options=None):
+    wait_pid_free(t.pid)
+    res = engine.restore(str(img), options=options)
+    t.adopt_restored(res.pid, is_child=True)
+    return res
+
+
+def test_outside_peer_refused(engine, launch_peer, server, images):
+    srv = server()
+    t = launch_peer(srv.addr, srv.port, "live")
+    srv.wait(lambda: len(srv.conns) == 1)
+    img = images()
+    with pytest.raises(engine.UnsupportedError) as ei:
+        engine.dump(t.pid, str(img))
+    msg = str(ei.value)
+    assert "established TCP connection to an outside peer" in msg, msg
+    assert str(t.pid) in msg and re.search(rf"\bfd {PEER_FD}\b", msg), msg
+    assert f"127.0.0.1:{t.port}" in msg and f"127.0.0.1:{srv.port}" in msg, msg
+    assert "--tcp-established" in msg and "--tcp-close" in msg, msg
+    assert not img.exists()
+    time.sleep(0.1)
+    assert t.alive() and not _traced(t.pid), t.log()
+    t.expect_pass()                   # still talking to the server on its connection
+    assert len(srv.conns) == 1
+
+
+@pytest.mark.parametrize("addr", ["127.0.0.1", "::1"])
+def test_tcp_established(engine, launch_peer, server, images, addr):
+    srv = server(addr)
+    t = launch_peer(srv.addr, srv.port, "queued")
+    srv.wait(lambda: len(srv.conns) == 1)
+    srv.conns[0].sendall(b"queued\n")     # unread by the target when it is dumped
+    time.sleep(0.1)
+    img = images()
+    engine.dump(t.pid, str(img), options=engine.Options(tcp_established=True))
+    t.reap()
+    time.sleep(0.3)
+    assert srv.eofs == 0 and srv.resets == 0, "the server saw the dumped connection end"
+    _restore(engine, t, img, engine.Options(tcp_established=True))
+    t.expect_pass()                   # the queued bytes, then ping/pong on the same connection
+    assert len(srv.conns) == 1, "the restored process made a new connection"
+    assert srv.eofs == 1 and srv.resets == 0     # it exited after PASS: a clean close
+
+
+def test_tcp_close_at_dump_and_restore(engine, launch_peer, server, images):
+    srv = server()
+    t = launch_peer(srv.addr, srv.port, "closed")
+    srv.wait(lambda: len(srv.conns) == 1)
+    img = images()
+    engine.dump(t.pid, str(img), options=engine.Options(tcp_close=True))
+    t.reap()
+    srv.wait(lambda: srv.eofs + srv.resets == 1)     # no repair state: the connection ended with the dump
+    _restore(engine, t, img, engine.Options(tcp_close=True))
+    t.expect_pass()                   # closed at once: epoll/poll HUP|ERR, recv ECONNRESET/0
+
+
+def test_tcp_established_restored_closed(engine, launch_peer, server, images):
+    """Dumped with its repair state, restored with --tcp-close: the process finds it closed,
+    and the server, whose end was kept open, gets a reset."""
+    srv = server()
+    t = launch_peer(srv.addr, srv.port, "closed")
+    srv.wait(lambda: len(srv.conns) == 1)
+    img = images()
+    engine.dump(t.pid, str(img), options=engine.Options(tcp_established=True))
+    t.reap()
+    time.sleep(0.2)
+    assert srv.eofs == 0 and srv.resets == 0
+    _restore(engine, t, img, engine.Options(tcp_close=True))
+    srv.wait(lambda: srv.resets == 1)
+    t.expect_pass()
+
+
+def test_leave_running_outside_peer(engine, launch_peer, server, images):
+    """The original goes on using its connection after a --leave-running dump: the image cannot
+    bring that connection back live (restore refuses it before any process exists), only
+    closed (--tcp-close)."""
+    srv = server()
+    t = launch_peer(srv.addr, srv.port, "closed")
+    srv.wait(lambda: len(srv.conns) == 1)
+    img = images()
+    engine.dump(t.pid, str(img), leave_running=True, options=engine.Options(tcp_established=True))
+    assert t.alive() and not _traced(t.pid), t.log()
+    t.signal(9)
+    t.reap()
+    with pytest.raises(engine.RestoreError) as ei:
+        engine.restore(str(img), options=engine.Options(tcp_established=True))
+    msg = str(ei.value)
+    assert "--leave-running" in msg and "--tcp-close" in msg and f"fd {PEER_FD}" in msg, msg
+    assert not os.path.exists(f"/proc/{t.pid}"), "a failed restore left a process"
+    _restore(engine, t, img, engine.Options(tcp_close=True))
+    t.expect_pass()
