@@ -35,6 +35,7 @@ from . import anon
 from . import pipe
 from . import unix
 from . import inet
+from . import tty
 
 O_CLOEXEC = 0o2000000
 KCMP_FILE = 0
@@ -49,6 +50,7 @@ KINDS = {
     files_pb2.FIFO: pipe,
     files_pb2.UNIX: unix,
     files_pb2.INET: inet,
+    files_pb2.TTY: tty,
 }
 
 _ANON_KINDS = {"[eventfd]": files_pb2.EVENTFD, "[eventpoll]": files_pb2.EPOLL, "[timerfd]": files_pb2.TIMERFD,

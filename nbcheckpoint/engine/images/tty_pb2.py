@@ -24,13 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$nbcheckpoint/engine/images/tty.proto\x12\x13nbcheckpoint.images\"6\n\x07TtyFile\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06master\x18\x02 \x01(\x08\x12\x0c\n\x04path\x18\x03 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$nbcheckpoint/engine/images/tty.proto\x12\x13nbcheckpoint.images\"\xec\x01\n\x08TtyState\x12\x10\n\x08termios2\x18\x01 \x01(\x0c\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0c\n\x04\x63ols\x18\x03 \x01(\r\x12\x0e\n\x06xpixel\x18\x04 \x01(\r\x12\x0e\n\x06ypixel\x18\x05 \x01(\r\x12\x0e\n\x06locked\x18\x06 \x01(\x08\x12\x0e\n\x06packet\x18\x07 \x01(\x08\x12\x14\n\x0cslave_closed\x18\x08 \x01(\x08\x12\x0f\n\x07session\x18\t \x01(\r\x12\x0f\n\x07\x66g_pgrp\x18\n \x01(\r\x12\x17\n\x0fsession_outside\x18\x0b \x01(\x08\x12\x0f\n\x07in_data\x18\x0c \x01(\x0c\x12\x10\n\x08out_data\x18\r \x01(\x0c\"\xe8\x01\n\x07TtyFile\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06master\x18\x02 \x01(\x08\x12\x0c\n\x04path\x18\x03 \x01(\t\x12*\n\x04type\x18\x04 \x01(\x0e\x32\x1c.nbcheckpoint.images.TtyType\x12\x0c\n\x04rdev\x18\x05 \x01(\x04\x12\x12\n\ndevpts_dev\x18\x06 \x01(\x04\x12\x0f\n\x07pts_dir\x18\x07 \x01(\t\x12\x11\n\tptmx_path\x18\x08 \x01(\t\x12\x10\n\x08\x65xternal\x18\t \x01(\x08\x12,\n\x05state\x18\n \x01(\x0b\x32\x1d.nbcheckpoint.images.TtyState*2\n\x07TtyType\x12\x0e\n\nPTY_MASTER\x10\x00\x12\r\n\tPTY_SLAVE\x10\x01\x12\x08\n\x04\x43TTY\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nbcheckpoint.engine.images.tty_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TTYFILE']._serialized_start=61
-  _globals['_TTYFILE']._serialized_end=115
+  _globals['_TTYTYPE']._serialized_start=535
+  _globals['_TTYTYPE']._serialized_end=585
+  _globals['_TTYSTATE']._serialized_start=62
+  _globals['_TTYSTATE']._serialized_end=298
+  _globals['_TTYFILE']._serialized_start=301
+  _globals['_TTYFILE']._serialized_end=533
 # @@protoc_insertion_point(module_scope)
