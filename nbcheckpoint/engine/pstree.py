@@ -205,6 +205,7 @@ def _init_main(rfd: int, wfd: int, root_vpid: int) -> None:
     while sc("read", rfd, buf, 1) < 0 and ctypes.get_errno() == errno.EINTR:
         pass
     sc("prctl", 1, 0)                                           # released: outlive the engine
+    sc("close_range", 3, 0x7FFFFFFF, 0)                         # the engine's files are the tree's now
     status = ctypes.c_int(0)
     while True:
         pid = sc("wait4", -1, ctypes.byref(status), 0x40000000, None)     # __WALL

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from . import core, files, mm as mmmod, pages, pstree, task as taskmod, timers
 from .errors import ImageError, RestoreError
-from .files import locks
+from .files import locks, tty
 from .images import core_pb2, files_pb2, imagedir, mm_pb2, pstree_pb2
 from .inject import Remote
 from .options import Options
@@ -243,10 +243,13 @@ def _create_tree(img: _Image, init) -> dict[int, pstree.Stub]:
     try:
         root = img.procs[0]
         stubs[root.pid] = init.fork(root.pid) if init else pstree.Stub(pstree.create_root(root.pid))
+        # a session leader takes its terminal before forking the rest of its session
         pstree.make_sessions(stubs[root.pid], root.p)
+        tty.after_setsid(img.files, stubs[root.pid], root.p)
         for pr in img.procs[1:]:
             stubs[pr.pid] = stubs[pr.p.ppid].fork(pr.pid)
             pstree.make_sessions(stubs[pr.pid], pr.p)
+            tty.after_setsid(img.files, stubs[pr.pid], pr.p)
         pstree.join_groups(stubs, [pr.p for pr in img.live])
         for z in img.procs:
             if z.p.zombie:      # while its parent is still a stub (it has scratch memory)

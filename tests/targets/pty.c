@@ -292,9 +292,9 @@ int main(void)
 	pfd.fd = ml;
 	pfd.revents = 0;
 	check(poll(&pfd, 1, 0) >= 0 && !(pfd.revents & POLLHUP), "L: revents %#x", pfd.revents);
-	char now_l[300];
-	check(ptsname_r(ml, now_l, sizeof(now_l)) == 0, "ptsname");
-	check(open(now_l, O_RDWR | O_NOCTTY) < 0 && errno == EIO, "L: slave opened (%s)", strerror(errno));
+	/* through the master (TIOCGPTPEER), not ptsname(): glibc's ptsname names /dev/pts
+	 * even when the master comes from a devpts mounted elsewhere */
+	check(ioctl(ml, TIOCGPTPEER, O_RDWR | O_NOCTTY) < 0 && errno == EIO, "L: slave opened (%s)", strerror(errno));
 
 	/* P: packet mode, queued data comes with its TIOCPKT_DATA byte */
 	int pkt = 0;
