@@ -59,3 +59,22 @@ def test_dump_refuses_non_empty_images_dir(launch, images):
         raise AssertionError("dump wrote into a non-empty directory")
     assert (img / "something").read_text() == "keep me"
     t.expect_pass()
+
+
+def test_abandoned_partial_image_is_removed(launch, images):
+    """A dump whose engine was killed leaves a hidden partial dir; the next dump there removes it."""
+    import subprocess
+    import sys
+    t = launch("counter")
+    img = images()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = img.parent / f".{img.name}.partial-{dead.pid}-abcd"
+    stale.mkdir()
+    (stale / "pages-1.img").write_bytes(b"x" * 100)
+    live = img.parent / f".{img.name}.partial-{os.getpid()}-efgh"    # a dump still running
+    live.mkdir()
+    t.checkpoint(img, leave_running=True)
+    assert not stale.exists() and live.exists()
+    live.rmdir()
+    t.expect_pass()

@@ -84,7 +84,8 @@ class ImageWriter:
                 raise ImageError(f"{self.final} already exists and is not an empty directory; "
                                  "choose a new images dir or remove the old image")
         os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.final)}.partial-", dir=parent)
+        _remove_abandoned(parent, os.path.basename(self.final))
+        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.final)}.partial-{os.getpid()}-", dir=parent)
         os.chmod(self.tmp, 0o700)
         self._files: list[_HashingFile] = []
         self._sums: list[inventory_pb2.FileSum] = []
@@ -137,6 +138,17 @@ class ImageWriter:
         if self.tmp:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = ""
+
+
+def _remove_abandoned(parent: str, name: str) -> None:
+    """Partial images of `name` left by a dump whose engine died (its pid is in the name)."""
+    prefix = f".{name}.partial-"
+    for entry in os.listdir(parent):
+        if not entry.startswith(prefix):
+            continue
+        pid = entry[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
 def _fsync_dir(path: str) -> None:
