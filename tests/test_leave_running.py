@@ -107,3 +107,26 @@ def test_deleted_while_open_at_dump_is_fine(engine, launch, images):
     t.reap()
     t.restore(img)
     t.expect_pass()
+
+
+def test_shared_file_mapping_written_after_dump(engine, launch, images):
+    """A MAP_SHARED file is the process's memory: that it changed after a leave-running dump
+    is what the process did, not a hazard.  A privately mapped file that changed is refused."""
+    t = launch("mappings")
+    img = images()
+    t.checkpoint(img, leave_running=True)
+    shared = t.workdir / "shared.dat" if (t.workdir / "shared.dat").exists() else next(t.workdir.rglob("shared.dat"))
+    s0 = os.stat(shared)                 # written through the mapping since: a new mtime
+    os.utime(shared, ns=(s0.st_atime_ns, s0.st_mtime_ns + 10**9))
+    t.expect_pass()
+    t.reap()
+    wait_pid_free(t.pid)
+    private = shared.with_name("priv.dat")
+    st = os.stat(private)
+    os.utime(private, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(engine.RestoreError, match="priv.dat changed since the dump.*--leave-running"):
+        engine.restore(str(img))
+    os.utime(private, ns=(st.st_atime_ns, st.st_mtime_ns))
+    res = engine.restore(str(img))
+    t.adopt_restored(res.pid)
+    assert t.alive()

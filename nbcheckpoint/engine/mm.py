@@ -124,9 +124,14 @@ class VmaIndex:
         return None
 
 
-def check_files_unchanged(mm: mm_pb2.Mm, pid: int) -> None:
-    """A mapped file that changed since the dump would give the process other code or data."""
+def check_files_unchanged(mm: mm_pb2.Mm, pid: int, leave_running: bool = False) -> None:
+    """A privately mapped file that changed since the dump would give the process other code
+    or data under its saved pages.  A MAP_SHARED file is the process's memory itself: that it
+    changed is what the process (or its peers) did; it only has to exist."""
     seen = set()
+    hint = (" The image was taken with --leave-running and the process went on running: "
+            "take a new checkpoint." if leave_running else "")
+    private = {v.file.path for v in mm.vmas if v.HasField("file") and v.kind != mm_pb2.FILE_SHARED}
     for f in [mm.exe] + [v.file for v in mm.vmas if v.HasField("file")]:
         if f.path in seen:
             continue
@@ -134,12 +139,13 @@ def check_files_unchanged(mm: mm_pb2.Mm, pid: int) -> None:
         try:
             s = os.stat(f.path)
         except FileNotFoundError:
-            raise RestoreError(f"process {pid}: mapped file {f.path} is gone since the dump") from None
-        if s.st_size != f.size or s.st_mtime_ns != f.mtime_ns:
+            raise RestoreError(f"process {pid}: mapped file {f.path} is gone since the dump; "
+                               f"put it back to restore.{hint}") from None
+        if (f is mm.exe or f.path in private) and (s.st_size != f.size or s.st_mtime_ns != f.mtime_ns):
             raise RestoreError(
                 f"process {pid}: mapped file {f.path} changed since the dump (size {f.size} -> {s.st_size}, "
                 f"mtime {f.mtime_ns} -> {s.st_mtime_ns}); restoring would mix old memory with new code. "
-                "Put the original file back, or take a new checkpoint")
+                f"Put the original file back, or take a new checkpoint.{hint}")
 
 
 def free_hole(mm: mm_pb2.Mm, size: int, avoid: list[tuple[int, int]] = ()) -> int:

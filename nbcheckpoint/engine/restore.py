@@ -103,7 +103,7 @@ class _Image:
         self.live = [p for p in self.procs if not p.p.zombie]
         self.files = files.RestoreContext(rd, rd.messages("files.img", files_pb2.FileEntry), options)
         for p in self.live:
-            mmmod.check_files_unchanged(p.mm, p.pid)
+            mmmod.check_files_unchanged(p.mm, p.pid, inv.leave_running)
             self.files.check(p.pid, p.fds)
             locks.check_locks(self.files, p.pid, p.fds)
 
