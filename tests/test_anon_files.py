@@ -7,7 +7,6 @@ blocked in epoll_wait wakes, timers keep firing, inotify events carry the old wd
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
@@ -15,47 +14,6 @@ from nbcheckpoint.engine.files import anon
 from nbcheckpoint.engine.images import anon_pb2, files_pb2
 from nbcheckpoint.engine.sys import proc
 
-RUN_BEFORE_DUMP = 0.3
-ANON_TARGETS = ["eventfd_epoll", "timerfd_signalfd", "inotify"]
-
-
-@pytest.mark.parametrize("name", ANON_TARGETS + ["timers"])
-def test_dump_restore(launch, images, name):
-    t = launch(name)
-    time.sleep(RUN_BEFORE_DUMP)
-    img = images()
-    t.checkpoint(img)
-    t.restore(img)
-    t.expect_pass()
-
-
-@pytest.mark.parametrize("name", ANON_TARGETS + ["timers"])
-def test_checkpoint_twice(launch, images, name):
-    t = launch(name)
-    time.sleep(RUN_BEFORE_DUMP)
-    img1 = images("first")
-    t.checkpoint(img1)
-    t.restore(img1)
-    time.sleep(RUN_BEFORE_DUMP)
-    assert t.alive(), t.log()
-    img2 = images("second")
-    t.checkpoint(img2)
-    t.restore(img2)
-    t.expect_pass()
-
-
-@pytest.mark.parametrize("name", ANON_TARGETS)
-def test_leave_running(launch, images, name):
-    t = launch(name)
-    time.sleep(RUN_BEFORE_DUMP)
-    img = images()
-    t.checkpoint(img, leave_running=True)
-    time.sleep(0.2)
-    assert t.alive(), t.log()
-    t.expect_pass()                   # the original carries on after being frozen
-    t.reap()
-    t.restore(img)
-    t.expect_pass()
 
 
 def test_image_contents(launch, images):

@@ -31,7 +31,6 @@ import pytest
 
 from conftest import BIN_DIR, CFLAGS, TARGETS_DIR, Target, wait_pid_free
 
-RUN_BEFORE_DUMP = 0.3
 PEER_SRC = TARGETS_DIR / "external" / "tcp_peer.c"
 PEER_FD = 11
 
@@ -43,42 +42,6 @@ def engine():
 
 
 # ----------------------------------------------------------------------------- the full target
-
-def test_dump_restore(engine, launch, images):
-    t = launch("tcp")
-    time.sleep(RUN_BEFORE_DUMP)
-    img = images()
-    t.checkpoint(img)
-    t.restore(img)
-    t.expect_pass()
-
-
-def test_dump_restore_twice(engine, launch, images):
-    t = launch("tcp")
-    time.sleep(RUN_BEFORE_DUMP)
-    img1 = images("first")
-    t.checkpoint(img1)
-    t.restore(img1)
-    time.sleep(RUN_BEFORE_DUMP)
-    assert t.alive(), t.log()
-    img2 = images("second")
-    t.checkpoint(img2)                # the repaired connections dump again...
-    t.restore(img2)                   # ...and come back again
-    t.expect_pass()
-
-
-def test_leave_running(engine, launch, images):
-    t = launch("tcp")
-    time.sleep(RUN_BEFORE_DUMP)
-    img = images()
-    t.checkpoint(img, leave_running=True)
-    time.sleep(0.2)
-    assert t.alive(), t.log()
-    t.expect_pass()                   # the original's queues and connections are untouched
-    t.reap()                          # its ports are free only now
-    t.restore(img)
-    t.expect_pass()
-
 
 def test_damaged_state_is_noticed(engine, launch, images):
     """With one byte of the stream lost, the target's checker reports FAIL."""

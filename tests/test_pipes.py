@@ -18,46 +18,6 @@ def engine():
     return engine
 
 
-@pytest.mark.parametrize("name", ["pipes", "pycapture", "pipe_tree"])
-def test_dump_restore(engine, launch, images, name):
-    t = launch(name)
-    time.sleep(RUN_BEFORE_DUMP)
-    img = images()
-    t.checkpoint(img)
-    t.restore(img)
-    t.expect_pass()
-
-
-@pytest.mark.parametrize("name", ["pipes", "pycapture", "pipe_tree"])
-def test_dump_restore_dump_restore(engine, launch, images, name):
-    t = launch(name)
-    time.sleep(RUN_BEFORE_DUMP)
-    img1 = images("first")
-    t.checkpoint(img1)
-    t.restore(img1)
-    time.sleep(RUN_BEFORE_DUMP)
-    assert t.alive(), t.log()
-    img2 = images("second")
-    t.checkpoint(img2)
-    t.restore(img2)
-    t.expect_pass()
-
-
-@pytest.mark.parametrize("name", ["pipes", "pycapture", "pipe_tree"])
-def test_leave_running(engine, launch, images, name):
-    """The dump only peeks at queued data: the original still finds all of it."""
-    t = launch(name)
-    time.sleep(RUN_BEFORE_DUMP)
-    img = images()
-    t.checkpoint(img, leave_running=True)
-    time.sleep(0.2)
-    assert t.alive(), t.log()
-    t.expect_pass()
-    t.reap()
-    t.restore(img)
-    t.expect_pass()
-
-
 def test_image_contents(engine, launch, images):
     """One FileEntry per description, the data once per pipe, internal vs external ends."""
     from nbcheckpoint.engine.images import files_pb2, imagedir

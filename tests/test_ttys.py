@@ -51,42 +51,6 @@ def _image_ttys(img):
 
 # ----------------------------------------------------------------------------- pairs in the tree
 
-def test_dump_restore(engine, launch, images):
-    t = launch("pty")
-    time.sleep(RUN_BEFORE_DUMP)
-    img = images()
-    t.checkpoint(img)
-    t.restore(img)
-    t.expect_pass()
-
-
-def test_dump_restore_dump_restore(engine, launch, images):
-    t = launch("pty")
-    time.sleep(RUN_BEFORE_DUMP)
-    img1 = images("first")
-    t.checkpoint(img1)
-    t.restore(img1)
-    time.sleep(RUN_BEFORE_DUMP)
-    assert t.alive(), t.log()
-    img2 = images("second")
-    t.checkpoint(img2)
-    t.restore(img2)
-    t.expect_pass()
-
-
-def test_leave_running(engine, launch, images):
-    """Queued data is read and put straight back: the original still finds all of it."""
-    t = launch("pty")
-    img = images()
-    t.checkpoint(img, leave_running=True)
-    time.sleep(0.2)
-    assert t.alive(), t.log()
-    t.expect_pass()
-    t.reap()
-    t.restore(img)
-    t.expect_pass()
-
-
 def test_image_contents(engine, launch, images):
     from nbcheckpoint.engine.images import tty_pb2
     t = launch("pty")
