@@ -26,6 +26,7 @@ Any failure kills every stub: no half-restored process is ever left running.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import fcntl
 import os
 import struct
@@ -118,9 +119,10 @@ def restore(images_dir, progress=None, options: Options | None = None) -> Restor
     t0 = time.monotonic()
     options = options or Options()
     img = _Image(os.fspath(images_dir), options)
-    if img.reader.inventory.in_pidns:
-        options.pidns = True       # its PIDs mean something only in a namespace of its own
-    if img.procs[0].pid == 1 and options.pidns:
+    if img.reader.inventory.in_pidns and not options.pidns:
+        # its PIDs mean something only in a namespace of its own
+        options = dataclasses.replace(options, pidns=True)
+    if img.procs[0].pid == 1:
         raise RestoreError("the image's root is PID 1 of its namespace (an init); restoring an init "
                            "is not supported yet: dump its child instead")
     if not options.pidns:
