@@ -111,6 +111,19 @@ def _socket_family(pid: int, fd: int) -> int:
             sk.close()
 
 
+def _adopt(fd: int, f: files_pb2.FileEntry) -> int:
+    """A caller's fd standing in for `f` (--inherit-fd), with the dumped O_NONBLOCK.
+
+    It is the caller's own open file description, so the caller sees the change too."""
+    import fcntl
+    try:
+        fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, (fl & ~os.O_NONBLOCK) | (f.flags & os.O_NONBLOCK))
+    except OSError:
+        pass
+    return os.dup(fd)
+
+
 class DumpContext:
     """What the fd dumpers share: the image, ids, and duplicates of target fds."""
 
@@ -186,7 +199,7 @@ class RestoreContext:
                 raise ImageError(f"file {fid} is of kind {files_pb2.FdKind.Name(f.kind)}, "
                                  "which this version cannot restore")
             inherited = self.inherited(f)
-            self.opened[fid] = os.dup(inherited) if inherited is not None else mod.open(self, f)
+            self.opened[fid] = _adopt(inherited, f) if inherited is not None else mod.open(self, f)
         return self.opened[fid]
 
     def inherited(self, f: files_pb2.FileEntry) -> int | None:

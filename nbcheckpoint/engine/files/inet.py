@@ -509,18 +509,6 @@ def check(ctx, pid: int, fdentry, f: files_pb2.FileEntry) -> None:
             "checkpoint")
 
 
-def after_place(ctx, remote, pid: int, fds, f: files_pb2.FileEntry) -> None:
-    """A socket handed in with --inherit-fd gets the dumped file status flags (O_NONBLOCK)."""
-    fd = ctx.inherited(f)
-    if fd is None:
-        return
-    try:
-        fl = fcntl.fcntl(fd, fcntl.F_GETFL)
-        fcntl.fcntl(fd, fcntl.F_SETFL, (fl & ~os.O_NONBLOCK) | (f.flags & os.O_NONBLOCK))
-    except OSError:
-        pass
-
-
 def _addr(n, local: bool) -> tuple:
     addr, port, scope = (n.src_addr, n.src_port, n.src_scope) if local else (n.dst_addr, n.dst_port, n.dst_scope)
     if n.family == socket.AF_INET6:

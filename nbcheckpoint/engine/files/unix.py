@@ -420,18 +420,6 @@ def open(ctx, f: files_pb2.FileEntry) -> int:  # noqa: A001 - the kind interface
     return fd
 
 
-def after_place(ctx, remote, pid: int, fds, f: files_pb2.FileEntry) -> None:
-    """A socket handed in with --inherit-fd gets the dumped file status flags (O_NONBLOCK)."""
-    fd = ctx.inherited(f)
-    if fd is None:
-        return
-    try:
-        fl = fcntl.fcntl(fd, fcntl.F_GETFL)
-        fcntl.fcntl(fd, fcntl.F_SETFL, (fl & ~os.O_NONBLOCK) | (f.flags & os.O_NONBLOCK))
-    except OSError:
-        pass
-
-
 class _Restorer:
     def __init__(self, ctx):
         self.ctx = ctx
