@@ -88,49 +88,57 @@ def _parse(data: bytes, off: int, end: int) -> UnixDiag:
     return d
 
 
-def unix_sockets(ino: int = 0) -> dict[int, UnixDiag]:
-    """Every unix socket of this network namespace by inode (or just `ino`, if given)."""
-    show = (UDIAG_SHOW_NAME | UDIAG_SHOW_VFS | UDIAG_SHOW_PEER | UDIAG_SHOW_ICONS
-            | UDIAG_SHOW_RQLEN | UDIAG_SHOW_UID)
+def _query(req: bytes, flags: int, what: str, missing_ok: bool = False):
+    """Send one sock_diag request; yield (data, start, end) of each answer's payload.
+
+    An exact query (no NLM_F_DUMP) answers with one message and no NLMSG_DONE;
+    with missing_ok, ENOENT (no such socket) ends the answer quietly."""
     try:
         nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG)
     except OSError as e:
         raise SysError(e.errno or 0, "socket(AF_NETLINK, NETLINK_SOCK_DIAG)") from None
-    flags = NLM_F_REQUEST | (0 if ino else NLM_F_DUMP)
-    req = _REQ.pack(socket.AF_UNIX, 0, 0, 0xFFFFFFFF, ino, show, 0xFFFFFFFF, 0xFFFFFFFF)
-    out: dict[int, UnixDiag] = {}
     try:
         nl.sendto(_NLHDR.pack(_NLHDR.size + len(req), SOCK_DIAG_BY_FAMILY, flags, 1, 0) + req, (0, 0))
         while True:
             data = nl.recv(1 << 20)
             if not data:
-                raise SysError(_errno.EIO, "sock_diag", detail="netlink socket closed")
+                raise SysError(_errno.EIO, what, detail="netlink socket closed")
             off = 0
             while off + _NLHDR.size <= len(data):
                 ln, typ, _fl, _seq, _pid = _NLHDR.unpack_from(data, off)
                 if ln < _NLHDR.size:
-                    raise SysError(_errno.EIO, "sock_diag", detail=f"bad netlink message length {ln}")
+                    raise SysError(_errno.EIO, what, detail=f"bad netlink message length {ln}")
                 if typ == NLMSG_DONE:
-                    return out
+                    return
                 if typ == NLMSG_ERROR:
                     err = -struct.unpack_from("=i", data, off + _NLHDR.size)[0]
-                    if err == 0:
-                        return out
-                    if ino and err == _errno.ENOENT:
-                        return out
-                    raise SysError(err, "sock_diag(AF_UNIX)")
+                    if err == 0 or (missing_ok and err == _errno.ENOENT):
+                        return
+                    raise SysError(err, what)
                 if typ == SOCK_DIAG_BY_FAMILY:
-                    d = _parse(data, off + _NLHDR.size, off + ln)
-                    out[d.ino] = d
+                    yield data, off + _NLHDR.size, off + ln
                 off += (ln + 3) & ~3
-            if ino:                     # an exact query answers with one message, no DONE
-                return out
+            if not flags & NLM_F_DUMP:
+                return
     except OSError as e:
         if isinstance(e, SysError):
             raise
-        raise SysError(e.errno or 0, "sock_diag(AF_UNIX)") from None
+        raise SysError(e.errno or 0, what) from None
     finally:
         nl.close()
+
+
+def unix_sockets(ino: int = 0) -> dict[int, UnixDiag]:
+    """Every unix socket of this network namespace by inode (or just `ino`, if given)."""
+    show = (UDIAG_SHOW_NAME | UDIAG_SHOW_VFS | UDIAG_SHOW_PEER | UDIAG_SHOW_ICONS
+            | UDIAG_SHOW_RQLEN | UDIAG_SHOW_UID)
+    req = _REQ.pack(socket.AF_UNIX, 0, 0, 0xFFFFFFFF, ino, show, 0xFFFFFFFF, 0xFFFFFFFF)
+    out: dict[int, UnixDiag] = {}
+    for data, start, end in _query(req, NLM_F_REQUEST | (0 if ino else NLM_F_DUMP), "sock_diag(AF_UNIX)",
+                                   missing_ok=bool(ino)):
+        d = _parse(data, start, end)
+        out[d.ino] = d
+    return out
 
 
 def socket_inodes(pid: int) -> set[int]:
@@ -257,40 +265,9 @@ def _inet_addr(family: int, raw: bytes) -> str:
 def _inet_query(family: int, protocol: int) -> list[InetDiag]:
     what = f"sock_diag({'AF_INET' if family == socket.AF_INET else 'AF_INET6'}, " \
            f"{'TCP' if protocol == socket.IPPROTO_TCP else 'UDP'})"
-    try:
-        nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG)
-    except OSError as e:
-        raise SysError(e.errno or 0, "socket(AF_NETLINK, NETLINK_SOCK_DIAG)") from None
     req = _INET_REQ.pack(family, protocol, 0, 0, 0xFFFFFFFF, b"\0" * 48)
-    out: list[InetDiag] = []
-    try:
-        nl.sendto(_NLHDR.pack(_NLHDR.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
-                  + req, (0, 0))
-        while True:
-            data = nl.recv(1 << 20)
-            if not data:
-                raise SysError(_errno.EIO, what, detail="netlink socket closed")
-            off = 0
-            while off + _NLHDR.size <= len(data):
-                ln, typ, _fl, _seq, _pid = _NLHDR.unpack_from(data, off)
-                if ln < _NLHDR.size:
-                    raise SysError(_errno.EIO, what, detail=f"bad netlink message length {ln}")
-                if typ == NLMSG_DONE:
-                    return out
-                if typ == NLMSG_ERROR:
-                    err = -struct.unpack_from("=i", data, off + _NLHDR.size)[0]
-                    if err == 0:
-                        return out
-                    raise SysError(err, what)
-                if typ == SOCK_DIAG_BY_FAMILY:
-                    out.append(_inet_parse(data, off + _NLHDR.size, off + ln, protocol))
-                off += (ln + 3) & ~3
-    except OSError as e:
-        if isinstance(e, SysError):
-            raise
-        raise SysError(e.errno or 0, what) from None
-    finally:
-        nl.close()
+    return [_inet_parse(data, start, end, protocol)
+            for data, start, end in _query(req, NLM_F_REQUEST | NLM_F_DUMP, what)]
 
 
 def _inet_parse(data: bytes, off: int, end: int, protocol: int) -> InetDiag:
