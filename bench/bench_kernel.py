@@ -35,17 +35,14 @@ and written to bench/results/kernel-<date>.json.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime as _dt
 import json
 import os
 import platform
 import queue
 import re
-import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,6 +57,7 @@ if REPO not in sys.path:
 # imported here, not in the timed code: a manager has them loaded already
 from jupyter_client import BlockingKernelClient, KernelManager  # noqa: E402
 from nbcheckpoint.engine.images import files_pb2, imagedir  # noqa: E402
+from common import BenchError, evict, Owned, private_dirty, reap, rm, set_subreaper, stat  # noqa: E402
 
 MIB = 1 << 20
 NBCK = [sys.executable, "-m", "nbcheckpoint"]
@@ -67,91 +65,14 @@ CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 TARGETS = {"checkpoint_s": 0.5, "restore_reply_s": 0.6}
 CRIU_REF = {"version": "4.2", "checkpoint_s": 1.0, "restore_reply_s": 0.63,
             "note": "measured on another host (this VM's CRIU 3.17 cannot run on its kernel)"}
-PR_SET_CHILD_SUBREAPER = 36
 SUMMARY_RE = re.compile(r"frozen ([0-9.]+)s, total ([0-9.]+)s")
 
 
-class BenchError(RuntimeError):
-    pass
-
-
 # --- processes ----------------------------------------------------------------------
-class Owned:
-    """Every process this benchmark is responsible for, so that it can clean up."""
-
-    pids: set[int] = set()
-
-    @classmethod
-    def kill(cls, pid: int) -> None:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        reap(pid)
-
-    @classmethod
-    def kill_all(cls) -> None:
-        for pid in list(cls.pids):
-            cls.kill(pid)
-
-
-def reap(pid: int, timeout: float = 30.0) -> None:
-    """Wait for our child (or subreaped orphan) `pid` to be gone."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            break
-        if done:
-            break
-        if time.monotonic() > deadline:
-            raise BenchError(f"process {pid} did not exit within {timeout:.0f}s")
-        time.sleep(0.005)
-    Owned.pids.discard(pid)
-
-
-def set_subreaper() -> None:
-    """A kernel restored by `nbcheckpoint restore -d` becomes our child: we reap it."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
-
-
-def private_dirty(pid: int) -> int:
-    """Private_Dirty + Swap of `pid`, bytes, from /proc/PID/smaps_rollup."""
-    total = 0
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("Private_Dirty", "Swap"):
-                total += int(rest.split()[0]) * 1024
-    return total
 
 
 def dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
-
-
-def evict(path: str) -> None:
-    """Drop every file of a dir from the page cache: the next read comes from the device."""
-    for name in os.listdir(path):
-        fd = os.open(os.path.join(path, name), os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def rm(path: str) -> None:
-    if os.path.isdir(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
 
 
 def cli(args: list[str], timeout: float, pass_fds=()) -> tuple[str, float]:
@@ -550,11 +471,6 @@ def unsavable(disk: str, shm: str, work: str, timeout: float) -> dict:
 
 
 # --- statistics and table ---------------------------------------------------------------
-def stat(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
 def summarize(runs: list[dict]) -> dict:
