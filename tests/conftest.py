@@ -42,23 +42,27 @@ EXIT_TIMEOUT = 10.0
 
 # ----------------------------------------------------------------------------- building
 
-def compile_targets() -> None:
-    """Compile every tests/targets/*.c into tests/targets/bin; fail loudly on any error."""
+def build_c(src: Path, out_name: str) -> Path:
+    """Compile one C program into tests/targets/bin/OUT_NAME; fail loudly on any error."""
     BIN_DIR.mkdir(exist_ok=True)
+    out = BIN_DIR / out_name
+    deps = [src, TARGETS_DIR / "zdtm.h", Path(__file__)]
+    if out.exists() and out.stat().st_mtime >= max(d.stat().st_mtime for d in deps if d.exists()):
+        return out     # up to date: rebuilding would change a file that a live image maps
+    tmp = BIN_DIR / f".{out_name}.{os.getpid()}.tmp"
+    cmd = ["gcc", *CFLAGS, "-Wall", "-o", str(tmp), str(src)]
+    r = subprocess.run(cmd, cwd=src.parent, capture_output=True, text=True)
+    if r.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        pytest.fail(f"compiling {src.name} failed:\n$ {' '.join(cmd)}\n{r.stderr}", pytrace=False)
+    os.replace(tmp, out)   # atomic: parallel sessions never see half a binary
+    return out
+
+
+def compile_targets() -> None:
+    """Compile every tests/targets/*.c into tests/targets/bin."""
     for name in C_TARGETS:
-        src = TARGETS_DIR / f"{name}.c"
-        out = BIN_DIR / name
-        deps = [src, TARGETS_DIR / "zdtm.h", Path(__file__)]
-        if out.exists() and out.stat().st_mtime >= max(d.stat().st_mtime for d in deps if d.exists()):
-            continue   # up to date: rebuilding would change a file that a live image maps
-        tmp = BIN_DIR / f".{name}.{os.getpid()}.tmp"
-        cmd = ["gcc", *CFLAGS, "-Wall", "-o", str(tmp), str(src)]
-        r = subprocess.run(cmd, cwd=TARGETS_DIR, capture_output=True, text=True)
-        if r.returncode != 0:
-            tmp.unlink(missing_ok=True)
-            pytest.fail(f"compiling target {name} failed:\n$ {' '.join(cmd)}\n{r.stderr}",
-                        pytrace=False)
-        os.replace(tmp, BIN_DIR / name)   # atomic: parallel sessions never see half a binary
+        build_c(TARGETS_DIR / f"{name}.c", name)
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN_DIR, CFLAGS, TARGETS_DIR, Target, wait_pid_free
+from conftest import BIN_DIR, build_c, Target, TARGETS_DIR, wait_pid_free
 
 FAIL_TARGETS = TARGETS_DIR / "failures"
 RUN_BEFORE_DUMP = 0.2
@@ -45,16 +45,7 @@ def engine():
 def _compile(name: str) -> Path:
     """Build tests/targets/failures/NAME.c (kept out of tests/targets/*.c: those are all
     expected to dump and restore) into tests/targets/bin/failures-NAME."""
-    BIN_DIR.mkdir(exist_ok=True)
-    out = BIN_DIR / f"failures-{name}"
-    tmp = BIN_DIR / f".failures-{name}.{os.getpid()}.tmp"
-    cmd = ["gcc", *CFLAGS, "-Wall", "-o", str(tmp), str(FAIL_TARGETS / f"{name}.c")]
-    r = subprocess.run(cmd, cwd=FAIL_TARGETS, capture_output=True, text=True)
-    if r.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        pytest.fail(f"compiling {name} failed:\n$ {' '.join(cmd)}\n{r.stderr}", pytrace=False)
-    os.replace(tmp, out)
-    return out
+    return build_c(FAIL_TARGETS / f"{name}.c", f"failures-{name}")
 
 
 @pytest.fixture(scope="module")

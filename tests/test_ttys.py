@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN_DIR, CFLAGS, TARGETS_DIR, wait_pid_free
+from conftest import build_c, TARGETS_DIR, wait_pid_free
 
 RUN_BEFORE_DUMP = 0.3
 JOB_SRC = TARGETS_DIR / "external" / "ttyjob.c"
@@ -215,19 +215,7 @@ def test_pidns_dump_in_namespace(engine, launch, images):
 # ----------------------------------------------------------------------------- shell jobs
 
 def _build_job() -> Path:
-    BIN_DIR.mkdir(exist_ok=True)
-    out = BIN_DIR / "external-ttyjob"
-    deps = [JOB_SRC, TARGETS_DIR / "zdtm.h"]
-    if out.exists() and out.stat().st_mtime >= max(d.stat().st_mtime for d in deps):
-        return out
-    tmp = BIN_DIR / f".external-ttyjob.{os.getpid()}.tmp"
-    cmd = ["gcc", *CFLAGS, "-Wall", "-o", str(tmp), str(JOB_SRC)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        pytest.fail(f"compiling {JOB_SRC.name} failed:\n$ {' '.join(cmd)}\n{r.stderr}", pytrace=False)
-    os.replace(tmp, out)
-    return out
+    return build_c(JOB_SRC, "external-ttyjob")
 
 
 # A shell, as far as a job can tell: session leader with the terminal as its controlling

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN_DIR, CFLAGS, TARGETS_DIR, Target, wait_pid_free
+from conftest import build_c, Target, TARGETS_DIR, wait_pid_free
 
 PEER_SRC = TARGETS_DIR / "external" / "unix_peer.c"
 PEER_FD = 10
@@ -55,19 +55,7 @@ def test_damaged_state_is_noticed(engine, launch, images):
 # ----------------------------------------------------------------------------- external peers
 
 def _build_peer() -> Path:
-    BIN_DIR.mkdir(exist_ok=True)
-    out = BIN_DIR / "external-unix_peer"
-    deps = [PEER_SRC, TARGETS_DIR / "zdtm.h"]
-    if out.exists() and out.stat().st_mtime >= max(d.stat().st_mtime for d in deps):
-        return out      # up to date: rebuilding would change a file that a live image maps
-    tmp = BIN_DIR / f".external-unix_peer.{os.getpid()}.tmp"
-    cmd = ["gcc", *CFLAGS, "-Wall", "-o", str(tmp), str(PEER_SRC)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        pytest.fail(f"compiling {PEER_SRC.name} failed:\n$ {' '.join(cmd)}\n{r.stderr}", pytrace=False)
-    os.replace(tmp, out)
-    return out
+    return build_c(PEER_SRC, "external-unix_peer")
 
 
 @pytest.fixture(scope="module")
