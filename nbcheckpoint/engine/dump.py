@@ -29,6 +29,8 @@ from .options import Options
 from .images import imagedir, inventory_pb2, pstree_pb2
 from . import sigframe
 from .inject import Remote, find_syscall_insn
+from .sys import ptrace
+from .sys.memory import ProcMem
 from .mm import dump_mm, private_dirty_vmas
 from .images import mm_pb2
 from . import pages, timers
@@ -181,16 +183,17 @@ def _inject_phase(pid: int, tids: list[int], mm, syscall_addr: int):
 
     One page holds the sigreturn gadget and a signal frame (sigframe.py), so
     that if the engine dies mid-call the thread returns to its own state.
-    Only mapping and unmapping that page are unguarded: two calls, a few
-    ptrace requests each.
+    Mapping and unmapping that page are guarded by libc's own gadgets and a
+    frame on the stack when the process has them (glibc does), else not.
     """
     xsize = x86_64.xstate_size()
     size = PAGE_SIZE + ((sigframe.frame_size(xsize) + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
-    with Remote(pid, pid, syscall_addr, per_call=True) as boot:
+    boot_guard = _stack_guard(pid, mm, xsize)
+    with Remote(pid, pid, syscall_addr, per_call=True, guard=boot_guard) as boot:
         base = boot.map_scratch(size, prot=7)     # rwx, for a few milliseconds
     try:
         boot.write(base, sigframe.GADGET)
-        guard = (base, base + PAGE_SIZE, xsize, _xfeatures())
+        guard = sigframe.Guard(base, base + PAGE_SIZE, base + PAGE_SIZE + 8, 0, xsize, _xfeatures())
         data = base + 256
         with Remote(pid, pid, syscall_addr, scratch=data, guard=guard) as main:
             brk = main.syscall("brk", 0)
@@ -201,10 +204,33 @@ def _inject_phase(pid: int, tids: list[int], mm, syscall_addr: int):
             with Remote(pid, tid, syscall_addr, scratch=data, guard=guard) as r:
                 threads.append(dump_thread(pid, tid, r, xsize))
     finally:
-        with Remote(pid, pid, syscall_addr, per_call=True) as boot:
+        with Remote(pid, pid, syscall_addr, per_call=True, guard=boot_guard) as boot:
             boot.syscall("munmap", base, size)
     mm.brk = brk
     return task, threads, task_timers
+
+
+def _stack_guard(pid: int, mm, xsize: int):
+    """A guard for the main thread made of libc's gadgets and a frame on its stack, or None."""
+    regs = ptrace.getregs(pid)
+    frame = (regs.rsp - 128 - sigframe.frame_size(xsize) - 64) & ~63      # below the red zone
+    stack = next((v for v in mm.vmas if v.start <= regs.rsp - 1 < v.end and v.prot & 2
+                  and v.kind == mm_pb2.ANON_PRIVATE), None)
+    if stack is None or frame < stack.start:
+        return None
+    syscall_ret = restore_rt = None
+    with ProcMem(pid) as mem:
+        for v in mm.vmas:
+            if not (v.prot & 4 and v.HasField("file") and "/libc.so" in v.file.path):
+                continue
+            code = mem.pread(v.end - v.start, v.start)
+            i, j = code.find(sigframe.LIBC_SYSCALL_RET), code.find(sigframe.LIBC_RESTORE_RT)
+            if i >= 0 and j >= 0:
+                syscall_ret, restore_rt = v.start + i, v.start + j
+                break
+    if syscall_ret is None:
+        return None
+    return sigframe.Guard(syscall_ret, frame, frame, restore_rt, xsize, _xfeatures())
 
 
 def _xfeatures() -> int:

@@ -46,8 +46,7 @@ class Remote:
         self.saved_regs = None
         self.saved_mask = 0
         self.clone_tids: list[int] = []  # threads created by an injected clone
-        # guard = (gadget address, frame address, xstate size, xfeatures): see
-        # sigframe.py.  Guarded calls leave the thread's own registers and
+        # guard: a sigframe.Guard, see sigframe.py.  Guarded calls leave the thread's own registers and
         # mask in place between calls, so at most one call is ever exposed;
         # the frame is written before each call (threads share the slot).
         self.guard = guard
@@ -61,9 +60,10 @@ class Remote:
         self.saved_regs = ptrace.getregs(self.tid)
         self.saved_mask = ptrace.getsigmask(self.tid)
         if self.guard:
-            _, frame, xsize, xfeatures = self.guard
-            xstate = ptrace.getregset(self.tid, ptrace.NT_X86_XSTATE, xsize)
-            self._frame = sigframe.build(frame, self.saved_regs, self.saved_mask, xstate, xfeatures)
+            g = self.guard
+            xstate = ptrace.getregset(self.tid, ptrace.NT_X86_XSTATE, g.xsize)
+            self._frame = sigframe.build(g.frame, self.saved_regs, self.saved_mask, xstate, g.xfeatures,
+                                         g.pretcode)
         if not self.per_call:
             ptrace.setsigmask(self.tid, ALL_SIGNALS)
         return self
@@ -94,8 +94,8 @@ class Remote:
         for i, reg in enumerate(_ARG_REGS):
             setattr(regs, reg, (args[i] if i < len(args) else 0) & ((1 << 64) - 1))
         if self.guard:
-            self.write(self.guard[1], self._frame)
-            regs.rip, regs.rsp = self.guard[0], self.guard[1] + 8
+            self.write(self.guard.frame, self._frame)
+            regs.rip, regs.rsp = self.guard.rip, self.guard.rsp
         # Order matters for a dump (per_call): every state in between must be
         # one the thread survives if the engine dies there (see sigframe.py).
         ptrace.setregs(self.tid, regs)

@@ -16,12 +16,19 @@ ourselves; with the engine dead the thread returns through rt_sigreturn(2)
 to exactly where it was.  A thread that was stopped inside a syscall gets
 the rewound registers (re-issue the call), as on a normal restart.
 
+Before that page exists (to map it, and to unmap it at the end) the same frame
+sits on the thread's own stack, below the red zone, and the call runs at one
+of libc's syscall wrappers, ``syscall; cmp $-4095,%rax; jae ..; ret``: the
+``ret`` pops the frame's first word, libc's ``__restore_rt`` (``mov $15,%rax;
+syscall``), which returns the thread through the frame as above.
+
 Layouts: arch/x86/include/asm/sigframe.h (rt_sigframe), uapi/asm/sigcontext.h
 (sigcontext, _fpx_sw_bytes), kernel/signal_64.c (rt_sigreturn, restore_altstack).
 """
 from __future__ import annotations
 
 import struct
+from typing import NamedTuple
 
 from .sys import x86_64
 
@@ -48,8 +55,19 @@ def frame_size(xstate_size: int) -> int:
     return fp_offset() + xstate_size + 4
 
 
-def build(frame_addr: int, regs: x86_64.Regs, sigmask: int, xstate: bytes, xfeatures: int) -> bytes:
-    """The rt_sigframe to place at frame_addr (64-byte aligned); rsp = frame_addr + 8."""
+class Guard(NamedTuple):
+    """Where a guarded call runs: rip, the frame's address and the rsp to load."""
+    rip: int
+    frame: int
+    rsp: int
+    pretcode: int           # what a `ret` before rt_sigreturn pops (libc gadgets)
+    xsize: int
+    xfeatures: int
+
+
+def build(frame_addr: int, regs: x86_64.Regs, sigmask: int, xstate: bytes, xfeatures: int,
+          pretcode: int = 0) -> bytes:
+    """The rt_sigframe to place at frame_addr (64-byte aligned); rt_sigreturn finds it at rsp - 8."""
     assert frame_addr % 64 == 0
     r = x86_64.Regs.from_buffer_copy(regs)
     x86_64.rewind_interrupted_syscall(r)
@@ -61,7 +79,11 @@ def build(frame_addr: int, regs: x86_64.Regs, sigmask: int, xstate: bytes, xfeat
     uc = struct.pack("<QQ", UC_FP_XSTATE | UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS, 0)
     uc += struct.pack("<QiiQ", 0, ALTSTACK_KEEP, 0, 0) + mcontext + struct.pack("<Q", sigmask)
     assert len(uc) == UCONTEXT_SIZE
-    head = struct.pack("<Q", 0) + uc + bytes(SIGINFO_SIZE)
+    head = struct.pack("<Q", pretcode) + uc + bytes(SIGINFO_SIZE)
     fp = bytearray(xstate)
     struct.pack_into("<IIQI", fp, SW_BYTES_OFFSET, FP_XSTATE_MAGIC1, len(xstate) + 4, xfeatures, len(xstate))
     return head + bytes(fp_offset() - len(head)) + bytes(fp) + struct.pack("<I", FP_XSTATE_MAGIC2)
+
+
+LIBC_SYSCALL_RET = bytes.fromhex("0f05" "483d01f0ffff" "7301" "c3")   # syscall; cmp; jae; ret
+LIBC_RESTORE_RT = bytes.fromhex("48c7c00f000000" "0f05")           # mov $15,%rax; syscall
