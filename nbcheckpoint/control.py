@@ -1,0 +1,119 @@
+"""The control protocol between a kernel, its shim and the manager (docs/jupyter.md).
+
+AF_UNIX SOCK_SEQPACKET, one JSON object per message.  Shared by the shim
+(nbcheckpoint/jupyter/shim.py), the provisioner and the code inside the kernel
+(nbcheckpoint/kernel/); imports nothing from Jupyter.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import uuid
+
+MAX_MESSAGE = 1 << 20            # a message is one datagram; metadata stays far below this
+CONTROL_FD_ENV = "NBCHECKPOINT_CONTROL_FD"
+SHIM_SOCKET_ENV = "NBCHECKPOINT_SHIM_SOCKET"
+
+
+class ControlError(Exception):
+    """Raised by `Channel` when the peer is gone or sends something that is not a message."""
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+class Channel:
+    """One end of a control or admin connection.  Not thread-safe for concurrent receivers."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    @classmethod
+    def from_fd(cls, fd: int) -> "Channel":
+        return cls(socket.socket(fileno=fd))
+
+    @classmethod
+    def connect(cls, path: str, timeout: float | None = 10) -> "Channel":
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.settimeout(timeout)
+        try:
+            s.connect(path)
+        except OSError as e:
+            s.close()
+            raise ControlError(f"cannot reach the kernel's shim at {path}: {e.strerror}") from None
+        s.settimeout(None)
+        return cls(s)
+
+    def send(self, msg: dict) -> None:
+        data = json.dumps(msg).encode()
+        if len(data) > MAX_MESSAGE:
+            raise ControlError(f"control message of {len(data)} bytes is too large")
+        try:
+            self.sock.sendall(data)
+        except OSError as e:
+            raise ControlError(f"control peer is gone ({e.strerror})") from None
+
+    def recv(self, timeout: float | None = None) -> dict:
+        """The next message; ControlError on EOF.  socket.timeout if `timeout` passes."""
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(MAX_MESSAGE)
+        except socket.timeout:
+            raise
+        except OSError as e:
+            raise ControlError(f"control peer is gone ({e.strerror})") from None
+        finally:
+            try:
+                self.sock.settimeout(None)
+            except OSError:
+                pass
+        if not data:
+            raise ControlError("control peer closed the connection")
+        try:
+            msg = json.loads(data)
+        except ValueError:
+            raise ControlError(f"control peer sent a malformed message ({len(data)} bytes)") from None
+        if not isinstance(msg, dict):
+            raise ControlError("control peer sent a message that is not an object")
+        return msg
+
+    def request(self, msg: dict, on_progress=None, timeout: float | None = None) -> dict:
+        """Send a request and wait for its final answer (not `progress`); returns it."""
+        msg = dict(msg)
+        msg.setdefault("id", new_id())
+        self.send(msg)
+        while True:
+            ans = self.recv(timeout)
+            if ans.get("id") != msg["id"]:
+                continue
+            if ans.get("event") == "progress":
+                if on_progress:
+                    on_progress(ans)
+                continue
+            return ans
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def socketpair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    return a, b
+
+
+def control_from_env() -> Channel | None:
+    """The kernel's end of its control socketpair, if it was started by the shim."""
+    v = os.environ.get(CONTROL_FD_ENV)
+    if not v or not v.isdigit():
+        return None
+    fd = int(v)
+    try:
+        os.fstat(fd)
+    except OSError:
+        return None
+    return Channel.from_fd(fd)
