@@ -21,6 +21,7 @@ import errno
 import os
 import signal
 import struct
+import time
 
 from .errors import RestoreError, SysError
 from .inject import Remote, find_syscall_insn
@@ -210,6 +211,108 @@ def _init_main(rfd: int, wfd: int, root_vpid: int) -> None:
     while True:
         pid = sc("wait4", -1, ctypes.byref(status), 0x40000000, None)     # __WALL
         if pid == root_vpid or (pid < 0 and ctypes.get_errno() == errno.ECHILD):
+            break
+    code = (status.value >> 8) & 0xFF if (status.value & 0x7F) == 0 else 128 + (status.value & 0x7F)
+    sc("exit_group", code)
+
+
+def spawn_init(argv: list[str], env: dict[str, str], fds: dict[int, int]) -> tuple[int, int]:
+    """Start `argv` as PID 2 of a new PID + mount namespace, under an init like create_init's.
+
+    How a kernel is launched so that a later restore can recreate its PIDs anywhere
+    (restore puts it back under create_init's init, with the same PIDs).  The init
+    mounts a fresh /proc, dies with the calling thread (PR_SET_PDEATHSIG), reaps, and
+    exits with PID 2's status.  PID 2 starts a session of its own, gets ``fds``
+    (``{target: source}``, e.g. 0/1/2 on a pty slave) and nothing else, default
+    SIGPIPE/SIGXFSZ (Python ignores them) and an empty mask, then execs.  Only raw
+    syscalls run in the children (see _pysyscall).  Returns (init pid, PID 2's pid as
+    we see it).  Raises SysError if the namespace or the exec fails.
+    """
+    import shutil
+    CLONE_NEWNS, CLONE_NEWPID = 0x00020000, 0x20000000
+    path = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=env.get("PATH"))
+    if not path:
+        raise SysError(errno.ENOENT, f"execve({argv[0]!r})", None, "not found in PATH")
+    c_argv = (ctypes.c_char_p * (len(argv) + 1))(*[os.fsencode(a) for a in argv], None)
+    c_env = (ctypes.c_char_p * (len(env) + 1))(*[os.fsencode(f"{k}={v}") for k, v in env.items()], None)
+    c_path = ctypes.c_char_p(os.fsencode(path))
+    srcs, tgts = list(fds.values()), list(fds.keys())
+    top = max(tgts + [2]) + 1
+    errr, errw = os.pipe2(os.O_CLOEXEC)
+    args = CloneArgs(flags=CLONE_NEWNS | CLONE_NEWPID, exit_signal=signal.SIGCHLD)
+    old = signal.pthread_sigmask(signal.SIG_SETMASK, set(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP})
+    try:
+        r = _pysyscall(ctypes.c_long(NR["clone3"]), ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args)))
+        if r == 0:
+            try:
+                _spawned_init(c_path, c_argv, c_env, srcs, tgts, top, errw)
+            finally:
+                os._exit(127)
+        err = ctypes.get_errno()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    os.close(errw)
+    try:
+        if r < 0:
+            raise SysError(err, "clone3(CLONE_NEWPID|CLONE_NEWNS)", None, "a new PID namespace needs CAP_SYS_ADMIN")
+        data = os.read(errr, 8)                   # EOF once PID 2 has exec'd (its copy is O_CLOEXEC)
+    finally:
+        os.close(errr)
+    if data:
+        os.waitpid(r, 0)
+        what, code = struct.unpack("ii", data)
+        raise SysError(code, ("execve", "setup")[what] + f"({path!r})", None, "starting the program failed")
+    for _ in range(2000):
+        try:
+            kids = open(f"/proc/{r}/task/{r}/children").read().split()
+        except OSError:
+            kids = []
+        if kids:
+            return r, int(kids[0])
+        time.sleep(0.001)
+    raise SysError(errno.ESRCH, "spawn_init", r, "the program exited at once")
+
+
+def _spawned_init(c_path, c_argv, c_env, srcs, tgts, top, errw) -> None:
+    """spawn_init's children (never returns).  Only raw syscalls."""
+    def sc(name, *a):
+        return _pysyscall(ctypes.c_long(NR[name]), *[ctypes.c_long(x) if isinstance(x, int) else x for x in a])
+
+    def fail(what):
+        sc("write", errw, struct.pack("ii", what, ctypes.get_errno()), 8)
+        sc("exit_group", 127)
+    MS_REC, MS_PRIVATE = 0x4000, 0x40000
+    sc("prctl", 1, signal.SIGKILL)                              # PR_SET_PDEATHSIG: die with the launcher
+    sc("mount", ctypes.c_char_p(b"none"), ctypes.c_char_p(b"/"), None, MS_REC | MS_PRIVATE, None)
+    sc("mount", ctypes.c_char_p(b"proc"), ctypes.c_char_p(b"/proc"), ctypes.c_char_p(b"proc"), 0, None)
+    child = sc("fork")
+    if child == 0:
+        sc("setsid")
+        high = []
+        for i, s in enumerate(srcs):                            # two passes: a source may be another's target
+            h = sc("fcntl", s, 0, 1024 + i)                     # F_DUPFD
+            if h < 0:
+                fail(1)
+            high.append(h)
+        for h, t in zip(high, tgts):
+            if sc("dup3", h, t, 0) < 0:
+                fail(1)
+        for fd in range(3, top):
+            if fd not in tgts:
+                sc("close", fd)
+        sc("close_range", top, 0x7FFFFFFF, 4)                   # CLOSE_RANGE_CLOEXEC: errw must survive
+        dfl = (ctypes.c_ulong * 4)(0, 0, 0, 0)                  # struct kernel_sigaction {SIG_DFL}
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+            sc("rt_sigaction", sig, dfl, None, 8)
+        empty = ctypes.c_ulong(0)
+        sc("rt_sigprocmask", 2, ctypes.byref(empty), None, 8)  # SIG_SETMASK
+        sc("execve", c_path, c_argv, c_env)
+        fail(0)
+    sc("close_range", 0, 0x7FFFFFFF, 0)                         # the init holds nothing open
+    status = ctypes.c_int(0)
+    while True:
+        pid = sc("wait4", -1, ctypes.byref(status), 0x40000000, None)     # __WALL
+        if pid == child or (pid < 0 and ctypes.get_errno() == errno.ECHILD):
             break
     code = (status.value >> 8) & 0xFF if (status.value & 0x7F) == 0 else 128 + (status.value & 0x7F)
     sc("exit_group", code)

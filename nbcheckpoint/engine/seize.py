@@ -11,8 +11,9 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 
-from .errors import DumpError, SysError
+from .errors import DumpError, EngineError, SysError
 from .sys import proc, ptrace
 
 PTRACE_EVENT_FORK, PTRACE_EVENT_VFORK = 1, 2
@@ -156,6 +157,42 @@ class FrozenTree:
         self.tids, self.order, self._traced = {}, [], set()
 
 
+def interrupt_one(pid: int) -> int | None:
+    """Seize and stop one thread of a running process, for a brief injected call.
+
+    The leader if it can be, else any thread; None if none can be seized
+    (the process is gone, or someone else traces it).  detach() it after.
+    """
+    try:
+        tids = sorted(proc.tids(pid), key=lambda t: t != pid)
+    except SysError:
+        return None
+    for tid in tids:
+        try:
+            ptrace.seize(tid, ptrace.PTRACE_O_TRACESYSGOOD)
+        except SysError as e:
+            if e.errno in (errno.ESRCH, errno.EPERM):
+                continue
+            raise
+        ptrace.interrupt(tid)
+        while True:
+            _, status = ptrace.wait(tid)
+            if (status & 0xFF) != 0x7F:
+                break                               # it exited meanwhile
+            if ptrace.stop_event(status) == ptrace.PTRACE_EVENT_STOP:
+                return tid
+            ptrace.cont(tid, (status >> 8) & 0xFF)  # a signal came first: deliver it
+            ptrace.interrupt(tid)
+    return None
+
+
+def detach(tid: int) -> None:
+    try:
+        ptrace.detach(tid)
+    except SysError:
+        pass
+
+
 def _children(pid: int) -> list[int]:
     out: list[int] = []
     try:
@@ -168,3 +205,38 @@ def _children(pid: int) -> list[int]:
     except SysError:
         pass
     return out
+
+
+def kill_for_restore(root: int, via: int | None = None, timeout: float = 10.0) -> None:
+    """Kill the live tree under `root` so that its image can be restored in its place.
+
+    Connections inside the tree end silently (files.inet.hold_internal), so their
+    address pairs are free for the restored copies at once.  `via`: kill this process
+    instead (e.g. the init of the tree's PID namespace, which takes the namespace down);
+    it is reaped if it is our child.  Returns once every process of the tree is gone.
+    """
+    from .files import inet
+    pids, i = [root], 0
+    while i < len(pids):
+        pids.extend(c for c in _children(pids[i]) if c not in pids)
+        i += 1
+    held = inet.hold_internal(pids)
+    try:
+        for p in ([via] if via else pids):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if via:
+            try:
+                os.waitpid(via, 0)
+            except ChildProcessError:
+                pass
+        deadline = time.monotonic() + timeout
+        while any(proc.pid_state(p) not in ("", "X", "Z") for p in pids):
+            if time.monotonic() > deadline:
+                raise EngineError(f"the tree under {root} did not die within {timeout:.0f} s")
+            time.sleep(0.002)
+    finally:
+        for fd in held:
+            os.close(fd)

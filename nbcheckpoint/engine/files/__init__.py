@@ -134,6 +134,11 @@ class DumpContext:
         self.files: list[files_pb2.FileEntry] = []
         self._seen: dict[tuple[int, int], list[tuple[int, int, int]]] = {}   # (dev, ino) -> [(pid, fd, id)]
         self._pidfds: dict[int, int] = {}
+        self._at_close: list = []
+
+    def at_close(self, fn, *args) -> None:
+        """Call fn(*args) when the dump is over (DumpContext.close, in dump()'s finally)."""
+        self._at_close.append((fn, args))
 
     def getfd(self, pid: int, fd: int) -> int:
         """A duplicate of the target's fd in the engine (pidfd_getfd); the caller closes it."""
@@ -164,6 +169,11 @@ class DumpContext:
         return out
 
     def close(self) -> None:
+        # explicitly, not when collected: a long-lived caller (the Jupyter shim) must not
+        # keep duplicates of the tree's sockets alive after the dump
+        while self._at_close:
+            fn, args = self._at_close.pop(0)
+            fn(*args)
         for fd in self._pidfds.values():
             os.close(fd)
         self._pidfds.clear()

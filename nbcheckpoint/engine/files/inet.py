@@ -25,7 +25,7 @@ queue).  It is read until two readings agree, and repair mode is left at once
 set back).  The engine keeps its duplicate: once the dumped tree has been killed it puts the
 socket into repair mode and closes it, so the old connection ends silently -- no FIN or RST
 reaches an outside peer, and no TIME_WAIT holds the 4-tuple the restore needs.  (That
-happens when the DumpContext is collected, right after dump() returns.)
+happens when the dump closes its DumpContext, at the end of dump().)
 
 The race CRIU closes with netfilter is open here: the process is frozen but the kernel is
 not, so bytes an outside peer sends after the queues were read (and before the kill) are
@@ -67,7 +67,6 @@ import fcntl
 import logging
 import os
 import socket
-import weakref
 
 from ..errors import DumpError, EngineError, RestoreError, UnsupportedError
 from ..images import files_pb2, inet_pb2
@@ -217,7 +216,7 @@ class _DumpState:
         self.inodes: set[int] = set()
         self.held: list[int] = []
         self.add_tree(pid)
-        weakref.finalize(ctx, _release, self.held, self.pids)
+        ctx.at_close(_release, self.held, self.pids)
 
     def add_tree(self, pid: int) -> None:
         for p in sockdiag.frozen_tree(pid):
@@ -873,3 +872,55 @@ class _Restorer:
         f = self.ents[ino]
         fl = fcntl.fcntl(s.fileno(), fcntl.F_GETFL)
         fcntl.fcntl(s.fileno(), fcntl.F_SETFL, (fl & ~os.O_NONBLOCK) | (f.flags & os.O_NONBLOCK))
+
+
+# ----------------------------------------------------------------------------- replacing a live tree
+
+def hold_internal(pids: list[int]) -> list[int]:
+    """Before a tree that was dumped with --leave-running is killed to restore its image in
+    its place: every TCP connection whose two ends are both in the tree goes into repair
+    mode through a duplicate we keep, so the kill ends it without FIN or RST and leaves no
+    TIME_WAIT holding the address pair the restored copy needs.  Connections to outside
+    peers are left alone: they close normally, so the peers learn at once.  Returns the
+    duplicates; close them once the tree is dead."""
+    from ..sys import memory
+    socks: dict[tuple, int] = {}
+    for pid in pids:
+        try:
+            pidfd = memory.pidfd_open(pid)
+        except EngineError:
+            continue
+        try:
+            for fd in proc.fds(pid):
+                try:
+                    if not proc.fdlink(pid, fd).startswith("socket:"):
+                        continue
+                    dup = memory.pidfd_getfd(pidfd, fd, pid)
+                except (OSError, EngineError):
+                    continue
+                sk = socket.socket(fileno=dup)
+                try:
+                    if sk.type != socket.SOCK_STREAM or sk.family not in (socket.AF_INET, socket.AF_INET6):
+                        raise OSError
+                    key = (sk.getsockname()[:2], sk.getpeername()[:2])
+                except OSError:
+                    sk.close()
+                    continue
+                if key in socks:
+                    sk.close()
+                else:
+                    socks[key] = sk.detach()
+        finally:
+            os.close(pidfd)
+    held = []
+    for (local, peer), fd in socks.items():
+        if (peer, local) in socks:
+            with socket.socket(fileno=os.dup(fd)) as sk:
+                try:
+                    tcprepair.repair(sk, tcprepair.REPAIR_ON)
+                except OSError:
+                    pass
+            held.append(fd)
+        else:
+            os.close(fd)
+    return held

@@ -1,0 +1,173 @@
+"""CheckpointableProvisioner: launches kernels under the shim, and restores them.
+
+Registered as ``nbcheckpoint-provisioner`` in ``jupyter_client.kernel_provisioners`` and
+selected by the "Python 3 (checkpointable)" kernelspec.  It honours the provisioner
+contract of jupyter_client (LocalProvisioner does the process bookkeeping; the process
+it sees is the shim, which exits with the kernel's status), so it works from
+jupyter_server, JupyterLab, jupyter console, nbclient and a plain KernelManager.
+
+Extra launch argument: ``nbcheckpoint_restore=NAME`` (``km.start_kernel(...)``) starts
+the kernel from a checkpoint instead: the five channel sockets are bound here (the old
+ports when free, new ones otherwise), the connection file gets the image's key and
+signature scheme, and the shim restores the image with those listeners in place of the
+old ones.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import sys
+import time
+import uuid
+
+from jupyter_client.provisioning import LocalProvisioner
+from traitlets import Bool, Unicode
+
+from .. import control
+from ..store import Store, StoreError
+
+CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+
+
+class CheckpointableProvisioner(LocalProvisioner):
+    checkpoint_dir = Unicode(
+        "", config=True,
+        help="Where checkpoints are stored (default: $NBCHECKPOINT_DIR, else "
+             "<jupyter data dir>/nbcheckpoint). A shared filesystem lets another machine restore them.")
+    pidns = Bool(
+        True, config=True,
+        help="Run each kernel in a PID namespace of its own, so a checkpoint can be restored "
+             "anywhere without PID collisions (needs root; ignored otherwise).")
+
+    _restore_name: str | None = None
+    _listener_fds: list[int]
+    _admin_path: str | None = None
+
+    @property
+    def store(self) -> Store:
+        return Store(self.checkpoint_dir or None)
+
+    # ------------------------------------------------------------------ launch
+
+    async def pre_launch(self, **kwargs):
+        self._restore_name = kwargs.pop("nbcheckpoint_restore", None)
+        self._listener_fds = []
+        km = self.parent
+        if self._restore_name:
+            ck = self.store.get(self._restore_name)
+            listeners = self._bind_listeners(km, ck.meta)
+            conn = ck.meta.get("connection") or {}
+            if conn.get("key"):
+                km.session.key = conn["key"].encode()
+            if conn.get("signature_scheme"):
+                km.session.signature_scheme = conn["signature_scheme"]
+            km.cache_ports = False
+        kwargs = await super().pre_launch(**kwargs)
+        kid = getattr(km, "kernel_id", None) or kwargs.get("kernel_id") or uuid.uuid4().hex
+        runtime = os.path.dirname(km.connection_file) or "."
+        self._admin_path = os.path.join(runtime, f"nbcheckpoint-{kid}.sock")
+        cmd = list(kwargs["cmd"])
+        if cmd and os.path.basename(cmd[0]) in ("python", "python3"):
+            cmd[0] = sys.executable                # the Python this server runs, as ipykernel's own spec
+        shim = [sys.executable, "-m", "nbcheckpoint.jupyter.shim",
+                "--connection-file", km.connection_file, "--admin", self._admin_path,
+                "--store", str(self.store.root), "--kernel-id", kid,
+                "--kernel-name", getattr(km, "kernel_name", "") or ""]
+        if not self.pidns:
+            shim.append("--no-pidns")
+        if self._restore_name:
+            shim += ["--restore", self._restore_name]
+            for ch, s in listeners.items():
+                shim += ["--listener", f"{ch}={s.fileno()}"]
+                self._listener_fds.append(s.detach())
+            kwargs["pass_fds"] = tuple(self._listener_fds)
+        kwargs["cmd"] = shim + ["--"] + cmd
+        return kwargs
+
+    def _bind_listeners(self, km, meta: dict) -> dict[str, socket.socket]:
+        """The five channel listeners of a restored kernel: the old ports when free."""
+        conn = meta.get("connection") or {}
+        if conn.get("transport", "tcp") != "tcp":
+            raise StoreError(f"checkpoint {meta.get('name')!r} used the {conn.get('transport')} transport; "
+                             "only tcp kernels can be restored")
+        missing = [c for c in CHANNELS if c not in (meta.get("listeners") or {})]
+        if missing:
+            raise StoreError(f"checkpoint {meta.get('name')!r} does not record the kernel's "
+                             f"{', '.join(missing)} listeners; it was not taken by nbcheckpoint's shim")
+        ip = km.ip or conn.get("ip") or "127.0.0.1"
+        out = {}
+        try:
+            for ch in CHANNELS:
+                s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((ip, int(conn.get(f"{ch}_port") or 0)))
+                except OSError as e:
+                    if e.errno != errno.EADDRINUSE:
+                        raise
+                    s.bind((ip, 0))
+                s.listen(128)
+                out[ch] = s
+                setattr(km, f"{ch}_port", s.getsockname()[1])
+        except BaseException:
+            for s in out.values():
+                s.close()
+            raise
+        km.ip = ip
+        return out
+
+    async def post_launch(self, **kwargs):
+        for fd in self._listener_fds:              # the shim has its own copies now
+            os.close(fd)
+        self._listener_fds = []
+        await super().post_launch(**kwargs)
+
+    # ------------------------------------------------------------------ checkpoint / restore
+
+    async def _request(self, msg: dict, progress=None, timeout: float | None = None) -> dict:
+        path = self._admin_path
+        if not path or not self.has_process:
+            raise StoreError("this kernel is not running under nbcheckpoint's shim")
+
+        def call():
+            for _ in range(200):                        # the shim may still be binding its socket
+                if os.path.exists(path):
+                    break
+                time.sleep(0.05)
+            ch = control.Channel.connect(path)
+            try:
+                return ch.request(msg, on_progress=progress, timeout=timeout)
+            finally:
+                ch.close()
+        ans = await asyncio.get_running_loop().run_in_executor(None, call)
+        if ans.get("event") == "error":
+            raise StoreError(ans.get("message") or "the shim reported an error")
+        return ans
+
+    async def checkpoint(self, name: str | None = None, notebook: str | None = None,
+                         execution_count: int | None = None, progress=None) -> dict:
+        """Checkpoint the running kernel (it goes on); returns the checkpoint's metadata."""
+        if name is not None:
+            Store.validate_name(name)
+        ans = await self._request({"op": "checkpoint", "name": name, "notebook": notebook,
+                                   "execution_count": execution_count}, progress)
+        return ans["checkpoint"]
+
+    async def restore_in_place(self, name: str, progress=None) -> dict:
+        """Replace the running kernel by checkpoint NAME: same kernel id, same ports."""
+        Store.validate_name(name)
+        ans = await self._request({"op": "restore", "name": name}, progress)
+        return ans["checkpoint"]
+
+    async def status(self) -> dict:
+        return await self._request({"op": "status"})
+
+    async def cleanup(self, restart: bool = False) -> None:
+        if self._admin_path:
+            try:
+                os.unlink(self._admin_path)
+            except OSError:
+                pass
+        await super().cleanup(restart=restart)

@@ -1,0 +1,528 @@
+"""The shim: a checkpointable kernel's ancestor, tracer and voice (docs/jupyter.md).
+
+``python -m nbcheckpoint.jupyter.shim --connection-file CF [...] -- KERNEL ARGV...``
+
+Launched by CheckpointableProvisioner in place of the kernel.  It
+
+* starts the kernel as PID 2 of a new PID namespace (engine.pstree.spawn_init), its
+  stdio on a pty whose master it forwards to its own stdout (the server's log), fd 3 the
+  kernel's end of the control socketpair;
+* serves checkpoint/restore/status requests from the kernel (control) and from the
+  provisioner or tools (the admin socket), one operation at a time, in one engine thread
+  (ptrace requests must come from the thread that attached);
+* forwards signals to the kernel and exits with the kernel's status when it dies.
+
+Threads: the main thread owns the selector (pty, sockets, signals, the init's pidfd);
+the engine thread runs dumps and restores.  The main thread never calls waitpid while
+an operation runs: a wait could consume ptrace stops of the engine thread's tracees.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+import tty
+import uuid
+
+from .. import control, engine
+from ..engine import Options, pstree, seize
+from ..engine.show import objects
+from ..engine.sys import libc, memory, proc
+from ..engine.sys.x86_64 import NR
+from ..store import Store, StoreError, format_size
+
+CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+             signal.SIGWINCH)
+CONTROL_FD = 3          # the kernel's end of the control socketpair, as the kernel sees it
+
+
+def log(msg: str) -> None:
+    sys.stderr.write(f"[nbcheckpoint shim {os.getpid()}] {msg}\n")
+    sys.stderr.flush()
+
+
+class Busy(Exception):
+    pass
+
+
+class Shim:
+    def __init__(self, args):
+        self.args = args
+        self.store = Store(args.store)
+        self.cf = args.connection_file
+        with open(self.cf) as f:
+            self.conn = json.load(f)
+        self.kernel_id = args.kernel_id or ""
+        self.kernel_name = args.kernel_name or ""
+        self.lineage = self.kernel_id or uuid.uuid4().hex
+        self.parent: str | None = None           # the checkpoint this kernel descends from
+        self.restored_from: str | None = None
+        self.pidns = args.pidns
+        self.init_pid = 0                         # the namespace's init (our child)
+        self.kernel_pid = 0                       # the kernel, as we see it
+        self.control_ino = 0
+        self.control: control.Channel | None = None
+        self.busy = threading.Lock()
+        self.jobs: queue.Queue = queue.Queue()
+        self.sel = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.posted: queue.Queue = queue.Queue()  # callables the engine thread hands the main thread
+        self.exit_code: int | None = None
+        self.pidfd = -1
+        self.pidfd_watched = False
+        self.loop_running = False
+        # the pty: the shim keeps the slave open, so the master never sees EIO and a
+        # restored kernel can be handed the same terminal (--shell-job / inherit-fd)
+        self.pty_master, self.pty_slave = os.openpty()
+        tty.setraw(self.pty_slave)               # the log gets the kernel's bytes as written
+        os.set_inheritable(self.pty_slave, False)
+        os.set_blocking(self.pty_master, False)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        if self.args.restore:
+            listeners = {}
+            for spec in self.args.listener:
+                ch, _, fd = spec.partition("=")
+                listeners[ch] = int(fd)
+            self._restore(self.store.get(self.args.restore), listeners, req_id=None)
+            for fd in listeners.values():
+                os.close(fd)
+        else:
+            self._launch()
+
+    def _launch(self) -> None:
+        ours, theirs = control.socketpair()
+        env = dict(os.environ)
+        env.pop("JPY_PARENT_PID", None)           # ipykernel would watch the server, not us
+        env[control.CONTROL_FD_ENV] = str(CONTROL_FD)
+        env["NBCHECKPOINT_DIR"] = str(self.store.root)
+        env["NBCHECKPOINT_KERNEL_ID"] = self.kernel_id
+        fds = {0: self.pty_slave, 1: self.pty_slave, 2: self.pty_slave, CONTROL_FD: theirs.fileno()}
+        argv = list(self.args.cmd)
+        if self.pidns:
+            self.init_pid, self.kernel_pid = pstree.spawn_init(argv, env, fds)
+        else:
+            self.init_pid = self.kernel_pid = self._spawn_plain(argv, env, fds)
+        self.control_ino = os.fstat(theirs.fileno()).st_ino
+        theirs.close()
+        self._set_control(control.Channel(ours))
+        self._watch_init()
+        log(f"kernel started: pid {self.kernel_pid}" + (" in a new PID namespace" if self.pidns else ""))
+
+    def _spawn_plain(self, argv, env, fds) -> int:
+        """Without CAP_SYS_ADMIN: no namespace; restore then needs the same PIDs free."""
+        import subprocess
+        pass_fds = [fds[CONTROL_FD], CONTROL_FD]
+        p = subprocess.Popen(argv, env=env, stdin=fds[0], stdout=fds[1], stderr=fds[2],
+                             pass_fds=pass_fds, start_new_session=True,
+                             preexec_fn=lambda: os.dup2(pass_fds[0], CONTROL_FD))
+        self._popen = p
+        return p.pid
+
+    def _watch_init(self) -> None:
+        if self.pidfd >= 0:
+            if self.pidfd_watched:
+                self.sel.unregister(self.pidfd)
+            os.close(self.pidfd)
+        self.pidfd = memory.pidfd_open(self.init_pid)
+        self.sel.register(self.pidfd, selectors.EVENT_READ, self._on_init_exit)
+        self.pidfd_watched = True
+
+    def _resume_watch(self) -> None:
+        """After an operation: watch the init again if _on_init_exit paused it."""
+        if self.pidfd >= 0 and not self.pidfd_watched:
+            self.sel.register(self.pidfd, selectors.EVENT_READ, self._on_init_exit)
+            self.pidfd_watched = True
+
+    def _set_control(self, ch: control.Channel) -> None:
+        if self.control is not None:
+            try:
+                self.sel.unregister(self.control.sock)
+            except (KeyError, ValueError):
+                pass
+            self.control.close()
+        self.control = ch
+        self.sel.register(ch.sock, selectors.EVENT_READ, lambda: self._on_message(self.control))
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> int:
+        for s in FORWARDED:
+            signal.signal(s, self._on_signal)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, self._drain_posted)
+        self.sel.register(self.pty_master, selectors.EVENT_READ, self._on_pty)
+        admin = None
+        if self.args.admin:
+            admin = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                os.unlink(self.args.admin)
+            except FileNotFoundError:
+                pass
+            old = os.umask(0o177)
+            try:
+                admin.bind(self.args.admin)
+            finally:
+                os.umask(old)
+            admin.listen(8)
+            self.sel.register(admin, selectors.EVENT_READ, lambda: self._on_accept(admin))
+        worker = threading.Thread(target=self._engine_thread, name="engine", daemon=True)
+        worker.start()
+        # the first launch or restore runs in the engine thread too: the restored
+        # init is created there (its PR_SET_PDEATHSIG follows the creating thread)
+        done = threading.Event()
+        err: list[BaseException] = []
+
+        def first():
+            try:
+                self.start()
+            except BaseException as e:
+                err.append(e)
+            finally:
+                done.set()
+        self.busy.acquire()
+        self.jobs.put(first)
+        done.wait()
+        self.busy.release()
+        if err:
+            e = err[0]
+            log(f"could not start the kernel: {e}")
+            return 1
+        self.loop_running = True
+        try:
+            while self.exit_code is None:
+                for key, _ in self.sel.select(timeout=1.0):
+                    key.data()
+        finally:
+            if admin is not None:
+                try:
+                    os.unlink(self.args.admin)
+                except OSError:
+                    pass
+        return self.exit_code
+
+    def _drain_posted(self) -> None:
+        try:
+            while os.read(self.wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                fn = self.posted.get_nowait()
+            except queue.Empty:
+                return
+            fn()
+
+    def post(self, fn) -> None:
+        """Run fn in the main thread (selector changes happen only there)."""
+        self.posted.put(fn)
+        try:
+            os.write(self.wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    def _on_pty(self) -> None:
+        try:
+            data = os.read(self.pty_master, 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return
+        if data:
+            try:
+                os.write(1, data)
+            except OSError:
+                pass
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.kernel_pid:
+            try:
+                os.kill(self.kernel_pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def _on_init_exit(self) -> None:
+        if not self.busy.acquire(blocking=False):
+            # an operation runs (an in-place restore may be replacing the init): look
+            # again when it is over, instead of spinning on a readable pidfd
+            self.sel.unregister(self.pidfd)
+            self.pidfd_watched = False
+            return
+        try:
+            _, status = os.waitpid(self.init_pid, 0)
+        except ChildProcessError:
+            status = 0
+        finally:
+            self.busy.release()
+        self.exit_code = os.waitstatus_to_exitcode(status)
+        if self.exit_code < 0:
+            self.exit_code = 128 - self.exit_code
+        log(f"kernel exited with status {self.exit_code}")
+
+    def _on_accept(self, admin: socket.socket) -> None:
+        conn, _ = admin.accept()
+        ch = control.Channel(conn)
+
+        def readable():
+            try:
+                self._on_message(ch)
+            except control.ControlError:
+                self.sel.unregister(conn)
+                conn.close()
+        self.sel.register(conn, selectors.EVENT_READ, readable)
+
+    def _on_message(self, ch: control.Channel) -> None:
+        try:
+            msg = ch.recv(timeout=0)
+        except (socket.timeout, BlockingIOError):
+            return
+        except control.ControlError:
+            if ch is self.control:                # the kernel closed its end (or died)
+                self.sel.unregister(ch.sock)
+                return
+            raise
+        rid = msg.get("id") or control.new_id()
+        op = msg.get("op")
+        if op == "status":
+            self._reply(ch, {"event": "status", "id": rid, "busy": self.busy.locked(),
+                             "kernel_pid": self.kernel_pid, "init_pid": self.init_pid,
+                             "restored_from": self.restored_from, "lineage": self.lineage,
+                             "parent": self.parent, "store": str(self.store.root)})
+            return
+        if op not in ("checkpoint", "restore"):
+            self._reply(ch, {"event": "error", "id": rid, "message": f"unknown request {op!r}"})
+            return
+        if not self.busy.acquire(blocking=False):
+            self._reply(ch, {"event": "error", "id": rid,
+                             "message": "a checkpoint or restore of this kernel is already running; "
+                                        "wait for it to finish and try again"})
+            return
+        fn = self._checkpoint if op == "checkpoint" else self._restore_in_place
+
+        def job():
+            try:
+                fn(msg, rid, ch)
+            except Exception as e:              # noqa: BLE001 -- every failure goes to the requester
+                if not isinstance(e, (engine.EngineError, StoreError, control.ControlError)):
+                    log(traceback.format_exc())
+                self._reply(ch, {"event": "error", "id": rid, "message": str(e)})
+            finally:
+                self.busy.release()
+                self.post(self._resume_watch)
+        self.jobs.put(job)
+
+    def _reply(self, ch: control.Channel, msg: dict) -> None:
+        try:
+            ch.send(msg)
+        except control.ControlError:
+            pass
+
+    def _engine_thread(self) -> None:
+        while True:
+            self.jobs.get()()
+
+    def _progress(self, ch, rid):
+        last = [0.0]
+
+        def cb(phase, done, total):
+            now = time.monotonic()
+            if phase == "pages" and done < total and now - last[0] < 0.1:
+                return
+            last[0] = now
+            self._reply(ch, {"event": "progress", "id": rid, "phase": phase, "done": done, "total": total})
+        return cb
+
+    # ------------------------------------------------------------------ operations (engine thread)
+
+    def _checkpoint(self, msg: dict, rid: str, ch: control.Channel) -> None:
+        name = msg.get("name") or self.store.new_name()
+        pending = self.store.begin(name)
+        t0 = time.time()
+        try:
+            opts = Options(leave_running=True, tcp_established=True, ext_unix_sk=True, shell_job=True,
+                           file_locks=True)
+            stats = engine.dump(self.kernel_pid, pending.image, leave_running=True,
+                                progress=self._progress(ch, rid), options=opts)
+            ports = {self.conn.get(f"{c}_port"): c for c in CHANNELS}
+            listeners = {ports[o["port"]]: o["ino"] for o in objects(pending.image)
+                         if o["kind"] == "inet" and o.get("listening") and o["port"] in ports}
+            meta = {
+                "created": t0, "kernel_id": self.kernel_id, "kernel_name": self.kernel_name,
+                "notebook": msg.get("notebook"), "execution_count": msg.get("execution_count"),
+                "pages_bytes": stats.pages_bytes, "frozen_s": round(stats.frozen_seconds, 4),
+                "total_s": round(stats.total_seconds, 4), "parent": self.parent, "lineage": self.lineage,
+                "pid": self.kernel_pid, "pidns": self.pidns, "connection": self.conn,
+                "listeners": listeners, "control_ino": self.control_ino, "request_id": rid,
+                "engine_version": engine_version(),
+            }
+            ck = pending.commit(meta)
+        except BaseException:
+            pending.abort()
+            raise
+        self.parent = name
+        log(f"checkpoint {name!r}: {format_size(ck.meta['size_bytes'])}, kernel frozen "
+            f"{stats.frozen_seconds:.2f} s, {stats.total_seconds:.2f} s in all")
+        self._reply(ch, {"event": "saved", "id": rid, "checkpoint": public(ck.meta)})
+
+    def _restore_in_place(self, msg: dict, rid: str, ch: control.Channel) -> None:
+        name = msg.get("name")
+        if not name:
+            raise StoreError("restore needs the name of a checkpoint (`nbcheckpoint ls` lists them)")
+        ck = self.store.get(name)
+        objects(ck.image)                          # a missing or damaged image fails here, kernel untouched
+        missing = [c for c in CHANNELS if c not in ck.meta.get("listeners", {})]
+        if missing:
+            raise StoreError(f"checkpoint {name!r} does not record the kernel's {', '.join(missing)} "
+                             "listening sockets; it was not taken by nbcheckpoint's shim")
+        listeners = self._grab_listeners()
+        try:
+            self._reply(ch, {"event": "progress", "id": rid, "phase": "stopping", "done": 0, "total": 0})
+            seize.kill_for_restore(self.kernel_pid, via=self.init_pid)   # the namespace goes with its init
+            self._restore(ck, listeners, rid, ch)
+        except BaseException as e:
+            # the old kernel is gone: let the manager's restarter start a fresh one
+            log(f"in-place restore of {name!r} failed after the old kernel was stopped: {e}")
+            self.post(lambda: setattr(self, "exit_code", 1))
+            raise
+        finally:
+            for fd in listeners.values():
+                os.close(fd)
+        self._reply(ch, {"event": "replaced", "id": rid, "checkpoint": public(ck.meta),
+                         "kernel_pid": self.kernel_pid})
+
+    def _grab_listeners(self) -> dict[str, int]:
+        """Our own copies of the running kernel's five channel listeners (pidfd_getfd)."""
+        want = {self.conn.get(f"{c}_port"): c for c in CHANNELS}
+        got: dict[str, int] = {}
+        pidfd = memory.pidfd_open(self.kernel_pid)
+        try:
+            for fd in proc.fds(self.kernel_pid):
+                try:
+                    if not proc.fdlink(self.kernel_pid, fd).startswith("socket:"):
+                        continue
+                    dup = memory.pidfd_getfd(pidfd, fd, self.kernel_pid)
+                except (OSError, engine.EngineError):
+                    continue
+                s = socket.socket(fileno=dup)
+                try:
+                    ok = (s.family in (socket.AF_INET, socket.AF_INET6) and s.type == socket.SOCK_STREAM
+                          and s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+                    ch = want.get(s.getsockname()[1]) if ok else None
+                except OSError:
+                    ch = None
+                if ch and ch not in got:
+                    got[ch] = s.detach()
+                else:
+                    s.close()
+        finally:
+            os.close(pidfd)
+        if len(got) != len(CHANNELS):
+            for fd in got.values():
+                os.close(fd)
+            raise engine.EngineError(f"the running kernel does not hold its channel listeners "
+                                     f"({', '.join(sorted(set(CHANNELS) - set(got)))} missing); cannot restore in place")
+        return got
+
+    def _restore(self, ck, listeners: dict[str, int], req_id, ch=None) -> None:
+        meta = ck.meta
+        inherit = {}
+        for c, ino in meta.get("listeners", {}).items():
+            if c in listeners:
+                inherit[f"socket:[{ino}]"] = listeners[c]
+        ours, theirs = control.socketpair()
+        try:
+            if meta.get("control_ino"):
+                inherit[f"socket:[{meta['control_ino']}]"] = theirs.fileno()
+            for o in objects(ck.image):
+                if o["kind"] == "tty" and o["external"] and o["key"]:
+                    inherit[o["key"]] = self.pty_slave
+            opts = Options(tcp_close=True, shell_job=True, file_locks=True, ext_unix_sk=True,
+                           pidns=bool(meta.get("pidns")), inherit_fd=inherit)
+            res = engine.restore(ck.image, progress=self._progress(ch, req_id) if ch else None, options=opts)
+            self.control_ino = os.fstat(theirs.fileno()).st_ino
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.init_pid = res.init_pid or res.pid
+        self.kernel_pid = res.pid
+        self.restored_from = self.parent = ck.name
+        self.lineage = meta.get("lineage") or self.lineage
+        chan = control.Channel(ours)
+        # the thread that was waiting on the control socket in the image wakes up with this
+        self._reply(chan, {"event": "restored", "id": meta.get("request_id"), "checkpoint": public(meta),
+                           "key": self.conn.get("key", "")})
+        done = threading.Event()
+
+        def swap():
+            self._set_control(chan)
+            self._watch_init()
+            done.set()
+        if self.loop_running:
+            self.post(swap)
+            done.wait()
+        else:                                       # first start: the main thread only waits for us
+            swap()
+        log(f"kernel restored from {ck.name!r}: pid {self.kernel_pid}, {res.seconds:.2f} s")
+
+
+def public(meta: dict) -> dict:
+    """META without the secrets, for events and listings."""
+    m = dict(meta)
+    conn = dict(m.get("connection") or {})
+    conn.pop("key", None)
+    m["connection"] = conn
+    return m
+
+
+def engine_version() -> str:
+    from .. import __version__
+    return __version__
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m nbcheckpoint.jupyter.shim",
+                                 description="run a Jupyter kernel under nbcheckpoint's shim")
+    ap.add_argument("--connection-file", required=True)
+    ap.add_argument("--store", default=None, help="checkpoint store directory")
+    ap.add_argument("--admin", default=None, help="path of the admin socket to listen on")
+    ap.add_argument("--kernel-id", default=None)
+    ap.add_argument("--kernel-name", default=None)
+    ap.add_argument("--no-pidns", dest="pidns", action="store_false",
+                    help="run the kernel without a PID namespace of its own")
+    ap.add_argument("--restore", metavar="NAME", help="restore the kernel from this checkpoint")
+    ap.add_argument("--listener", action="append", default=[], metavar="CHANNEL=FD",
+                    help="with --restore: an inherited listening socket for a channel")
+    ap.add_argument("cmd", nargs=argparse.REMAINDER)
+    args = ap.parse_args(argv)
+    if args.cmd and args.cmd[0] == "--":
+        args.cmd = args.cmd[1:]
+    if not args.cmd and not args.restore:
+        ap.error("give the kernel's command after --")
+    if os.geteuid() != 0 and args.pidns:
+        log("not root: running the kernel without a PID namespace of its own "
+            "(restoring it will need its PIDs to be free)")
+        args.pidns = False
+    parent = os.environ.get("JPY_PARENT_PID")
+    if parent and parent.isdigit():
+        libc.syscall(NR["prctl"], 1, signal.SIGTERM, request="prctl(PR_SET_PDEATHSIG)")
+        if os.getppid() != int(parent):
+            return 1                                 # the server is already gone
+    return Shim(args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

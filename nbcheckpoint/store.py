@@ -1,0 +1,199 @@
+"""The checkpoint store: named checkpoints of kernels, each an engine image plus metadata.
+
+Layout (docs/jupyter.md)::
+
+    ROOT/NAME/image/         the engine image (atomic and checksummed by the engine)
+    ROOT/NAME/meta.json      metadata, 0600: it holds the kernel's HMAC key
+    ROOT/.NAME.partial-PID   a checkpoint being written, renamed to NAME when complete
+
+A checkpoint is listed only once it is complete: a crash leaves at most a hidden
+partial directory, removed by the next writer once its PID is dead.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+DIR_ENV = "NBCHECKPOINT_DIR"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_PARTIAL = re.compile(r"\.(.+)\.partial-(\d+)")
+
+
+class StoreError(Exception):
+    """Raised by Store: a bad name, a missing or damaged checkpoint, a name already taken."""
+
+
+def default_root() -> Path:
+    env = os.environ.get(DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    try:
+        from jupyter_core.paths import jupyter_data_dir
+        return Path(jupyter_data_dir()) / "nbcheckpoint"
+    except ImportError:                                     # the engine alone, without Jupyter
+        return Path(os.environ.get("XDG_DATA_HOME", "~/.local/share")).expanduser() / "jupyter" / "nbcheckpoint"
+
+
+@dataclass
+class Checkpoint:
+    name: str
+    path: Path
+    meta: dict
+
+    @property
+    def image(self) -> Path:
+        return self.path / "image"
+
+
+class Store:
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root).expanduser() if root else default_root()
+
+    @staticmethod
+    def validate_name(name: str) -> str:
+        if not isinstance(name, str) or not _NAME.fullmatch(name) or name.endswith(".") or ".." in name:
+            raise StoreError(f"bad checkpoint name {name!r}: use up to 100 letters, digits, '.', '_' "
+                             "or '-', starting with a letter or digit")
+        return name
+
+    def new_name(self, prefix: str = "ckpt") -> str:
+        base = f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name, n = base, 1
+        while (self.root / name).exists():
+            n += 1
+            name = f"{base}-{n}"
+        return name
+
+    def path(self, name: str) -> Path:
+        return self.root / self.validate_name(name)
+
+    def get(self, name: str) -> Checkpoint:
+        p = self.path(name)
+        meta_file = p / "meta.json"
+        if not p.is_dir():
+            raise StoreError(f"no checkpoint named {name!r} in {self.root} (`nbcheckpoint ls` lists them)")
+        try:
+            meta = json.loads(meta_file.read_text())
+        except FileNotFoundError:
+            raise StoreError(f"checkpoint {name!r} in {self.root} is damaged: its meta.json is missing") from None
+        except ValueError as e:
+            raise StoreError(f"checkpoint {name!r} in {self.root} is damaged: meta.json is not JSON ({e})") from None
+        if not (p / "image" / "inventory.img").is_file():
+            raise StoreError(f"checkpoint {name!r} in {self.root} is damaged: its image is missing")
+        return Checkpoint(name, p, meta)
+
+    def list(self) -> list[Checkpoint]:
+        out = []
+        try:
+            entries = list(self.root.iterdir())
+        except FileNotFoundError:
+            return []
+        for p in entries:
+            if p.name.startswith(".") or not p.is_dir():
+                continue
+            try:
+                out.append(self.get(p.name))
+            except StoreError:
+                continue
+        out.sort(key=lambda c: c.meta.get("created", 0), reverse=True)
+        return out
+
+    def delete(self, name: str) -> None:
+        p = self.path(name)
+        if not p.is_dir():
+            raise StoreError(f"no checkpoint named {name!r} in {self.root}")
+        # rename first: a half-deleted directory must not look like a checkpoint
+        trash = self.root / f".{name}.partial-{os.getpid()}"
+        os.rename(p, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def begin(self, name: str) -> "Pending":
+        """Reserve NAME for a checkpoint being written (see Pending)."""
+        self.validate_name(name)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._sweep()
+        if (self.root / name).exists():
+            raise StoreError(f"a checkpoint named {name!r} already exists in {self.root}: choose another "
+                             "name or delete it first (`nbcheckpoint rm {name}`)")
+        for p in self.root.iterdir():
+            m = _PARTIAL.fullmatch(p.name)
+            if m and m.group(1) == name:
+                raise StoreError(f"a checkpoint named {name!r} is being written right now (by pid {m.group(2)})")
+        tmp = self.root / f".{name}.partial-{os.getpid()}"
+        tmp.mkdir(mode=0o700)
+        return Pending(self, name, tmp)
+
+    def _sweep(self) -> None:
+        """Remove partial directories whose writer is dead."""
+        for p in self.root.iterdir():
+            m = _PARTIAL.fullmatch(p.name)
+            if m and not _alive(int(m.group(2))):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+class Pending:
+    """A checkpoint being written: `image` is where the engine writes; `commit(meta)` publishes."""
+
+    def __init__(self, store: Store, name: str, tmp: Path):
+        self.store, self.name, self.tmp = store, name, tmp
+
+    @property
+    def image(self) -> Path:
+        return self.tmp / "image"
+
+    def commit(self, meta: dict) -> Checkpoint:
+        meta = dict(meta, name=self.name)
+        meta.setdefault("hostname", socket.gethostname())
+        meta["size_bytes"] = _du(self.image)
+        f = self.tmp / "meta.json"
+        fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(meta, fh, indent=1, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        final = self.store.root / self.name
+        os.rename(self.tmp, final)
+        dfd = os.open(self.store.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        return Checkpoint(self.name, final, meta)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _du(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
