@@ -88,7 +88,9 @@ def _dump_eventfd(pid, fd, info, entry) -> None:
 
 
 def _dump_epoll(pid, fd, info, entry) -> None:
-    ep = anon_pb2.EpollFile(owner_pid=pid)
+    # the owner as it sees itself (NSpid's last field), which is what restore compares
+    # with: in a PID namespace the engine's pid differs
+    ep = anon_pb2.EpollFile(owner_pid=int(proc.status(pid)["NSpid"].split()[-1]))
     nth: dict[int, int] = {}
     for t in proc.epoll_targets(info):
         toff = nth.get(t["tfd"], 0)       # the kernel's index among registrations with this fd number
