@@ -9,6 +9,7 @@ import traceback
 
 from . import engine
 from .engine import EngineError
+from .store import StoreError
 
 
 def _size(n: float) -> str:
@@ -137,6 +138,34 @@ def cmd_check(args) -> int:
     return 1 if missing else 0
 
 
+def cmd_ls(args) -> int:
+    from .store import Store
+    st = Store(args.store)
+    cks = st.list()
+    if not cks:
+        print(f"no checkpoints in {st.root}")
+        return 0
+    print(f"{'NAME':<28} {'TAKEN':<19} {'SIZE':>10} {'FROZEN':>7}  {'PARENT':<20} NOTEBOOK")
+    for c in cks:
+        m = c.meta
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.get("created", 0)))
+        nb = m.get("notebook") or ""
+        if m.get("execution_count") is not None:
+            nb += f" [{m['execution_count']}]"
+        print(f"{c.name:<28} {when:<19} {_size(m.get('size_bytes', 0)):>10} {m.get('frozen_s', 0):>6.2f}s"
+              f"  {m.get('parent') or '-':<20} {nb}")
+    return 0
+
+
+def cmd_rm(args) -> int:
+    from .store import Store
+    st = Store(args.store)
+    for name in args.names:
+        st.delete(name)
+        print(f"removed {name}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
     return run_demo(images=args.images_dir, keep=args.keep, verbose=args.verbose)
@@ -177,6 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-D", "--images-dir", "--images", **images)
     s.set_defaults(func=cmd_show, parser=s)
 
+    store = dict(metavar="DIR", default=None,
+                 help="checkpoint store (default: $NBCHECKPOINT_DIR, else <jupyter data dir>/nbcheckpoint)")
+    ls = sub.add_parser("ls", parents=[common], help="list the checkpoints of kernels in the store")
+    ls.add_argument("--store", **store)
+    ls.set_defaults(func=cmd_ls)
+    rm = sub.add_parser("rm", parents=[common], help="delete checkpoints from the store")
+    rm.add_argument("names", nargs="+", metavar="NAME")
+    rm.add_argument("--store", **store)
+    rm.set_defaults(func=cmd_rm)
+
     c = sub.add_parser("check", parents=[common], help="probe the kernel features the engine needs")
     c.set_defaults(func=cmd_check)
 
@@ -192,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (EngineError, OSError) as e:   # OSError: e.g. an unwritable --pidfile
+    except (EngineError, StoreError, OSError) as e:   # OSError: e.g. an unwritable --pidfile
         if args.verbose:
             traceback.print_exc()
         print(f"nbcheckpoint: error: {e}", file=sys.stderr)

@@ -1,0 +1,279 @@
+"""The checkpointable kernel: provisioner + shim, against real ipykernels started by jupyter_client.
+
+Every kernel here comes from the "Python 3 (checkpointable)" kernelspec that `pip install`
+puts in place, so these tests also check that the installed spec selects our provisioner.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import stat
+import time
+from pathlib import Path
+
+import pytest
+from jupyter_client import AsyncKernelClient
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+
+from nbcheckpoint.store import Store, StoreError
+
+SPEC = "python3-checkpointable"
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    root = tmp_path / "store"
+    monkeypatch.setenv("NBCHECKPOINT_DIR", str(root))
+    return Store(root)
+
+
+class K:
+    """One kernel: manager, client, and the shim's log."""
+
+    def __init__(self, tmp: Path, restore: str | None = None):
+        self.tmp = tmp
+        self.log_path = tmp / f"shim-{time.monotonic_ns()}.log"
+        self.log = open(self.log_path, "wb")
+        self.km = AsyncKernelManager(kernel_name=SPEC)
+        self.km.cache_ports = False
+        self.restore = restore
+        self.kc: AsyncKernelClient | None = None
+
+    async def start(self):
+        kw = {"nbcheckpoint_restore": self.restore} if self.restore else {}
+        await self.km.start_kernel(stdout=self.log, stderr=self.log, cwd=str(self.tmp), **kw)
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        await self.kc.wait_for_ready(timeout=60)
+        return self
+
+    async def run(self, code: str, timeout: float = 60, kc=None) -> tuple[str, dict]:
+        out = []
+
+        def hook(msg):
+            t = msg["msg_type"]
+            if t == "stream":
+                out.append(msg["content"]["text"])
+            elif t == "error":
+                out.append("\n".join(msg["content"]["traceback"]))
+            elif t == "execute_result":
+                out.append(msg["content"]["data"].get("text/plain", ""))
+        reply = await (kc or self.kc).execute_interactive(code, timeout=timeout, output_hook=hook)
+        return "".join(out), reply["content"]
+
+    async def ok(self, code: str, **kw) -> str:
+        out, reply = await self.run(code, **kw)
+        assert reply["status"] == "ok", out
+        return out
+
+    async def stop(self):
+        try:
+            if self.kc:
+                self.kc.stop_channels()
+            if self.km.has_kernel:
+                await self.km.shutdown_kernel(now=True)
+        finally:
+            self.log.close()
+
+    def shim_log(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+
+def arun(coro):
+    return asyncio.run(asyncio.wait_for(coro, 600))
+
+
+def test_kernelspec_selects_provisioner():
+    spec = KernelSpecManager().get_kernel_spec(SPEC)
+    assert spec.display_name == "Python 3 (checkpointable)"
+    assert spec.metadata["kernel_provisioner"]["provisioner_name"] == "nbcheckpoint-provisioner"
+
+
+STATE = """
+import os, threading, time, sys
+x = 41
+def gen():
+    for i in range(100):
+        yield i
+g = gen(); next(g); next(g)
+f = open("notes.txt", "w"); f.write("before,"); f.flush()
+ticks = [0]
+def tick():
+    while True:
+        ticks[0] += 1; time.sleep(0.01)
+threading.Thread(target=tick, daemon=True).start()
+print("pid", os.getpid(), "ppid", os.getppid())
+"""
+
+CHECK = """
+t0 = ticks[0]; time.sleep(0.1); assert ticks[0] > t0
+f.write("after"); f.flush()
+print(x, next(g), open("notes.txt").read())
+"""
+
+
+def test_launch_checkpoint_restore_in_place(tmp_path, store):
+    async def main():
+        k = await K(tmp_path).start()
+        try:
+            out = await k.ok(STATE)
+            assert out.split()[:4] == ["pid", "2", "ppid", "1"], out     # its own PID namespace
+            # stdio is a pty forwarded to the shim's log (fd 0 is the slave, opened read-write)
+            await k.ok("os.write(0, b'through-the-pty\\n')")
+            meta = await k.km.provisioner.checkpoint(name="first", notebook="nb.ipynb", execution_count=3)
+            assert meta["name"] == "first" and meta["notebook"] == "nb.ipynb" and meta["execution_count"] == 3
+            assert meta["kernel_name"] == SPEC and meta["kernel_id"] == k.km.kernel_id
+            assert meta["size_bytes"] > 10 << 20 and 0 < meta["frozen_s"] <= meta["total_s"]
+            assert "key" not in meta["connection"]                        # secrets stay in meta.json
+            assert set(meta["listeners"]) == {"shell", "iopub", "stdin", "control", "hb"}
+            ck = store.get("first")
+            assert ck.meta["connection"]["key"] == k.km.session.key.decode()
+            assert stat.S_IMODE(os.stat(store.root).st_mode) == 0o700
+            assert stat.S_IMODE(os.stat(ck.path / "meta.json").st_mode) == 0o600
+            assert [c.name for c in store.list()] == ["first"]
+            # the kernel goes on; change everything
+            await k.ok("x = 99; next(g); next(g); f.write('lost,'); f.flush()")
+            ports = json.loads(Path(k.km.connection_file).read_text())
+            meta2 = await k.km.provisioner.restore_in_place("first")
+            assert meta2["name"] == "first"
+            # the same client, the same kernel id and ports: the state of the checkpoint
+            out = await k.ok(CHECK)
+            assert out.strip() == "41 2 before,after", out      # and no IPython history-database complaint
+            assert json.loads(Path(k.km.connection_file).read_text()) == ports
+            st = await k.km.provisioner.status()
+            assert st["restored_from"] == "first" and not st["busy"]
+            # a checkpoint of the restored kernel descends from the first one
+            meta3 = await k.km.provisioner.checkpoint(name="second")
+            assert meta3["parent"] == "first" and meta3["lineage"] == meta["lineage"]
+            assert "through-the-pty" in k.shim_log()
+        finally:
+            await k.stop()
+    arun(main())
+
+
+def test_restore_into_new_kernel(tmp_path, store):
+    async def main():
+        k = await K(tmp_path).start()
+        try:
+            await k.ok(STATE)
+            meta = await k.km.provisioner.checkpoint(name="ck")
+        finally:
+            await k.stop()                  # the kernel is gone
+        old = store.get("ck").meta["connection"]          # with the key (meta.json, 0600)
+        # one old port is taken by someone else: the restored kernel gets a new one there
+        squatter = socket.socket()
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)    # the old port has TIME_WAITs
+        squatter.bind((old["ip"], old["shell_port"]))
+        squatter.listen()
+        k2 = K(tmp_path, restore="ck")
+        try:
+            t0 = time.monotonic()
+            await k2.start()
+            first = time.monotonic() - t0
+            info = json.loads(Path(k2.km.connection_file).read_text())
+            assert info["key"] == old["key"] and info["signature_scheme"] == old["signature_scheme"]
+            assert info["shell_port"] != old["shell_port"]
+            assert info["iopub_port"] == old["iopub_port"]          # free: the old port again
+            out = await k2.ok(CHECK)
+            assert out.strip() == "41 2 before,after", out
+            # IOPub reaches a second, fresh client too
+            kc = AsyncKernelClient(connection_file=k2.km.connection_file)
+            kc.load_connection_file()
+            kc.start_channels()
+            await kc.wait_for_ready(timeout=30)
+            out, reply = await k2.run("print('hello', x)", kc=kc)
+            kc.stop_channels()
+            assert reply["status"] == "ok" and out.strip() == "hello 41"
+            print(f"restore to first reply: {first:.2f} s")
+        finally:
+            squatter.close()
+            await k2.stop()
+    arun(main())
+
+
+def test_errors_leave_the_kernel_untouched(tmp_path, store):
+    async def main():
+        k = await K(tmp_path).start()
+        try:
+            await k.ok("x = 1")
+            with pytest.raises(StoreError, match="no checkpoint named 'nope'"):
+                await k.km.provisioner.restore_in_place("nope")
+            with pytest.raises(StoreError, match="bad checkpoint name"):
+                await k.km.provisioner.checkpoint(name="../x")
+            await k.km.provisioner.checkpoint(name="a")
+            with pytest.raises(StoreError, match="already exists"):
+                await k.km.provisioner.checkpoint(name="a")
+            # damaged: its metadata of files is cut short
+            ck = store.get("a")
+            files_img = ck.image / "files.img"
+            os.chmod(files_img, 0o600)
+            data = files_img.read_bytes()
+            files_img.write_bytes(data[: len(data) // 2])
+            with pytest.raises(StoreError, match="files.img"):
+                await k.km.provisioner.restore_in_place("a")
+            # two at once: the second is refused, the first completes
+            r = await asyncio.gather(k.km.provisioner.checkpoint(name="b"), k.km.provisioner.checkpoint(name="c"),
+                                     return_exceptions=True)
+            errs = [e for e in r if isinstance(e, Exception)]
+            assert len(errs) == 1 and "already running" in str(errs[0]), r
+            assert {c.name for c in store.list()} >= {"a"} and len([c for c in store.list() if c.name in "bc"]) == 1
+            assert not [p for p in store.root.iterdir() if p.name.startswith(".")]   # no partial left
+            out = await k.ok("x += 1; print(x)")
+            assert out.strip() == "2"
+        finally:
+            await k.stop()
+    arun(main())
+
+
+def test_interrupt_shutdown_and_death(tmp_path, store):
+    async def main():
+        k = await K(tmp_path).start()
+        try:
+            mid = k.kc.execute("import time; time.sleep(60)")
+            await asyncio.sleep(1.0)
+            await k.km.interrupt_kernel()
+            reply = await k.kc.get_shell_msg(timeout=20)
+            while reply["parent_header"].get("msg_id") != mid:
+                reply = await k.kc.get_shell_msg(timeout=20)
+            assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
+            # a graceful shutdown ends kernel and shim
+            await k.km.shutdown_kernel()
+            assert not await k.km.is_alive()
+        finally:
+            await k.stop()
+        # the kernel killed from outside: the shim exits, so the manager sees it die
+        k2 = await K(tmp_path).start()
+        try:
+            st = await k2.km.provisioner.status()
+            os.kill(st["kernel_pid"], signal.SIGKILL)
+            for _ in range(100):
+                if not await k2.km.is_alive():
+                    break
+                await asyncio.sleep(0.05)
+            assert not await k2.km.is_alive()
+            assert "kernel exited with status 137" in k2.shim_log()
+        finally:
+            await k2.stop()
+    arun(main())
+
+
+def test_gib_kernel_round_trip(tmp_path, store):
+    """1 GiB of numpy through checkpoint, in-place restore and a new kernel."""
+    async def main():
+        k = await K(tmp_path).start()
+        try:
+            await k.ok("import numpy as np; a = np.arange((1 << 30) // 8, dtype=np.float64); s = float(a[::512].sum())")
+            meta = await k.km.provisioner.checkpoint(name="big")
+            assert meta["pages_bytes"] >= 1 << 30
+            await k.ok("a[:] = 0")
+            await k.km.provisioner.restore_in_place("big")
+            out = await k.ok("print(float(a[::512].sum()) == s)")
+            assert out.strip() == "True"
+        finally:
+            await k.stop()
+    arun(main())
