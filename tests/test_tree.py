@@ -124,3 +124,37 @@ def test_pidns_restore_while_original_runs(launch, images, tmp_path):
             os.waitpid(res.init_pid, os.WNOHANG)
         except ChildProcessError:
             pass
+
+
+def test_pidns_epoll_registrations(launch, images):
+    """A tree living in a PID namespace keeps its epoll registrations through a dump and
+    restore: the epoll's owner is recorded as the process sees itself, not as the engine
+    does (they differ there).  This is how the Jupyter shim runs every kernel."""
+    import signal
+    import time
+    from nbcheckpoint.engine import Options, dump
+    t = launch("eventfd_epoll")
+    img = images()
+    t.checkpoint(img)                                  # the original is gone
+    res = restore(img, options=Options(pidns=True))    # now it lives in a namespace
+    try:
+        img2 = images("in-ns")
+        dump(res.pid, img2)
+        os.waitpid(res.init_pid, 0)
+        res = restore(img2)
+        assert res.init_pid is not None and _ns_view(res.pid)[1] == [str(res.pid), str(t.pid)]
+        os.kill(res.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 30
+        while "PASS" not in t.log() and "FAIL" not in t.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "PASS" in t.log(), t.log()
+    finally:
+        for p in (res.pid, res.init_pid):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.waitpid(res.init_pid, 0)
+        except ChildProcessError:
+            pass
