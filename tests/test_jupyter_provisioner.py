@@ -190,6 +190,11 @@ def test_restore_into_new_kernel(tmp_path, store):
             kc.stop_channels()
             assert reply["status"] == "ok" and out.strip() == "hello 41"
             print(f"restore to first reply: {first:.2f} s")
+            # "Restart kernel" gives a fresh kernel, not the checkpoint again
+            await k2.km.restart_kernel(now=True)
+            await k2.kc.wait_for_ready(timeout=60)
+            out, reply = await k2.run("print('x' in dir())")
+            assert out.strip() == "False", out
         finally:
             squatter.close()
             await k2.stop()

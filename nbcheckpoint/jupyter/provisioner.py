@@ -55,6 +55,9 @@ class CheckpointableProvisioner(LocalProvisioner):
         self._restore_name = kwargs.pop("nbcheckpoint_restore", None)
         self._listener_fds = []
         km = self.parent
+        # "Restart kernel" must give a fresh kernel, not this checkpoint again: the
+        # manager replays its saved launch arguments on restart
+        getattr(km, "_launch_args", {}).pop("nbcheckpoint_restore", None)
         if self._restore_name:
             ck = self.store.get(self._restore_name)
             listeners = self._bind_listeners(km, ck.meta)
