@@ -5,6 +5,15 @@ from .engine import (  # noqa: E402
     DumpError, EngineError, ImageError, RestoreError, UnsupportedError,
     dump as checkpoint, restore,
 )
+from .kernel.hooks import on_checkpoint, on_restore  # noqa: E402
+
+
+def load_ipython_extension(ip):
+    """``%load_ext nbcheckpoint``: the %checkpoint, %restore and %checkpoints magics."""
+    from .kernel import load_ipython_extension as load
+    load(ip)
+
 
 __all__ = ["checkpoint", "restore", "EngineError", "DumpError", "RestoreError",
-           "ImageError", "UnsupportedError", "__version__"]
+           "ImageError", "UnsupportedError", "__version__",
+           "load_ipython_extension", "on_checkpoint", "on_restore"]

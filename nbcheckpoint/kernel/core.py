@@ -1,0 +1,328 @@
+"""The kernel side of nbcheckpoint: what %checkpoint, %restore and the browser call.
+
+Two modes, chosen once per kernel process:
+
+* **shim** -- the kernel was started by nbcheckpoint's provisioner ("Python 3
+  (checkpointable)"): requests go to the shim over the control channel
+  ($NBCHECKPOINT_CONTROL_FD), whose receive side one background thread owns
+  (listener.Listener).  A checkpoint "returns twice": "saved" in this kernel, "restored"
+  in every kernel restored from it.
+* **helper** -- any other kernel: a checkpoint is taken by a helper process started
+  outside the kernel's process tree (helper.py); restoring needs the checkpointable
+  kernel or the command line.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+
+from .. import control
+from ..store import Store, StoreError
+from . import frontend, hooks
+from .listener import Listener
+from .progress import Progress, format_size
+
+CHECKPOINTABLE = "Python 3 (checkpointable)"
+BUSY = "a checkpoint of this kernel is already running; wait for it to finish and try again"
+
+
+class CheckpointError(Exception):
+    """An operation failed; the message is for the user.  Shown without a traceback."""
+
+    def _render_traceback_(self):
+        return [f"\x1b[0;31mnbcheckpoint:\x1b[0m {self}"]
+
+
+def _seqpacket(fd: int) -> bool:
+    try:
+        s = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return False
+    try:
+        return s.family == socket.AF_UNIX and s.type == socket.SOCK_SEQPACKET
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def _control_channel() -> control.Channel | None:
+    v = os.environ.get(control.CONTROL_FD_ENV, "")
+    if not v.isdigit() or not _seqpacket(int(v)):
+        return None
+    ch = control.control_from_env()
+    # our children must not take an unrelated fd of theirs for a control channel
+    os.environ.pop(control.CONTROL_FD_ENV, None)
+    return ch
+
+
+class KernelSide:
+    """One per kernel process (see `get`)."""
+
+    def __init__(self, shell=None):
+        self.shell = shell
+        self.kernel = getattr(shell, "kernel", None)
+        ch = _control_channel()
+        self.listener = Listener(ch, self.kernel).start() if ch else None
+        self.lock = threading.Lock()             # one checkpoint/restore at a time from here
+        self.last: dict | None = None            # the last result: {"event": "saved"|"restored", ...}
+        self.history: list[dict] = []            # every result seen by this process (and its image)
+        if self.kernel is not None:
+            frontend.watch.install(self.kernel)
+
+    @property
+    def mode(self) -> str:
+        return "shim" if self.listener is not None else "helper"
+
+    # ------------------------------------------------------------------ small helpers
+
+    def _notebook(self) -> str | None:
+        ns = getattr(self.shell, "user_ns", {}) or {}
+        return os.environ.get("JPY_SESSION_NAME") or ns.get("__session__") or None
+
+    def _execution_count(self) -> int | None:
+        return getattr(self.shell, "execution_count", None)
+
+    def _record(self, result: dict) -> dict:
+        self.last = result
+        self.history.append(result)
+        return result
+
+    def store(self) -> Store:
+        return Store()
+
+    def _acquire(self) -> None:
+        if not self.lock.acquire(blocking=False):
+            raise CheckpointError(BUSY)
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def checkpoint(self, name: str | None = None, quiet: bool = False, progress=None) -> dict:
+        """Checkpoint this kernel.  Returns {"event": "saved"|"restored", "checkpoint": META}.
+
+        "saved" in this kernel; "restored" in every kernel later restored from the image.
+        """
+        if name is not None:
+            try:
+                Store.validate_name(name)
+            except StoreError as e:
+                raise CheckpointError(str(e)) from None
+        self._acquire()
+        try:
+            hooks.run("checkpoint", {"name": name})
+            flush_history(self.shell)
+            if self.mode == "shim":
+                return self._checkpoint_shim(name, quiet, progress)
+            from .helper import checkpoint_with_helper
+            return checkpoint_with_helper(self, name, quiet, progress)
+        finally:
+            self.lock.release()
+
+    def _checkpoint_shim(self, name, quiet, progress_cb) -> dict:
+        title = f"checkpoint '{name}'" if name else "checkpoint"
+        prog = Progress(title, quiet=quiet, callback=progress_cb)
+        try:
+            p = self.listener.request({"op": "checkpoint", "name": name, "notebook": self._notebook(),
+                                       "execution_count": self._execution_count()})
+        except control.ControlError as e:
+            raise CheckpointError(str(e)) from None
+        prog.show("asking the kernel's shim", force=True)
+        try:
+            while True:
+                msg = p.get(timeout=1.0)
+                if msg is None:
+                    continue
+                ev = msg.get("event")
+                if ev == "progress":
+                    prog.event(msg)
+                elif ev == "saved":
+                    meta = msg.get("checkpoint") or {}
+                    prog.finish(f"saved, {format_size(meta.get('size_bytes'))}")
+                    if not quiet:
+                        print(saved_line(meta))
+                    return self._record({"event": "saved", "checkpoint": meta})
+                elif ev == "restored":
+                    return self._restored(msg, prog, quiet)
+                elif ev == "error":
+                    prog.finish("failed")
+                    raise CheckpointError(msg.get("message") or "the checkpoint failed")
+        finally:
+            p.close()
+
+    def _restored(self, msg: dict, prog: Progress | None, quiet: bool) -> dict:
+        """In a kernel restored from the image this process's magic was waiting in."""
+        meta = msg.get("checkpoint") or {}
+        new_history_session(self.shell)
+        if not quiet:
+            frontend.wait_for_client(msg.get("_subs"))
+        if prog is not None:
+            prog.finish("restored")
+        hooks.run("restore", meta)
+        if not quiet:
+            print(frontend.restored_line(meta))
+        return self._record({"event": "restored", "checkpoint": meta})
+
+    # ------------------------------------------------------------------ restore
+
+    def restore(self, name: str | None = None, quiet: bool = False, progress=None) -> None:
+        """Replace this kernel, in place, by checkpoint `name` (default: its latest one).
+
+        Returns only on failure (CheckpointError; this kernel is untouched): on success
+        this process is replaced and the restored kernel goes on from its checkpoint.
+        """
+        if self.mode != "shim":
+            raise CheckpointError(helper_restore_message(name))
+        self._acquire()
+        try:
+            if not name:
+                name = self._latest_of_lineage()
+            try:
+                Store.validate_name(name)
+            except StoreError as e:
+                raise CheckpointError(str(e)) from None
+            prog = Progress(f"restore '{name}'", quiet=quiet, callback=progress)
+            origin = None
+            if self.kernel is not None:
+                parent = self.kernel.get_parent("shell") or {}
+                if (parent.get("header") or {}).get("msg_type") == "execute_request":
+                    origin = frontend.current_origin(self.kernel)
+            for s in (sys.stdout, sys.stderr):
+                try:
+                    s.flush()
+                except Exception:
+                    pass
+            try:
+                p = self.listener.request({"op": "restore", "name": name, "origin": origin})
+            except control.ControlError as e:
+                raise CheckpointError(str(e)) from None
+            prog.show("asking the kernel's shim", force=True)
+            try:
+                while True:
+                    msg = p.get(timeout=1.0)
+                    if msg is None:
+                        continue
+                    ev = msg.get("event")
+                    if ev == "progress":
+                        prog.event(msg)
+                    elif ev == "error":
+                        prog.finish("failed")
+                        raise CheckpointError(msg.get("message") or f"restoring {name!r} failed")
+                    elif ev in ("replaced", "restored"):
+                        # not expected here (this process is the one replaced); say so
+                        return None
+            finally:
+                p.close()
+        finally:
+            self.lock.release()
+
+    def _latest_of_lineage(self) -> str:
+        lineage = None
+        try:
+            p = self.listener.request({"op": "status"})
+            try:
+                ans = p.get(timeout=10)
+            finally:
+                p.close()
+            lineage = (ans or {}).get("lineage")
+        except control.ControlError:
+            pass
+        cks = self.store().list()
+        mine = [c for c in cks if lineage and c.meta.get("lineage") == lineage]
+        if not mine:
+            raise CheckpointError("this kernel has no checkpoint to go back to yet: name one "
+                                  "(%restore NAME; %checkpoints lists them)")
+        return mine[0].name
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> dict:
+        out = {"mode": self.mode, "last": self.last}
+        if self.listener is not None:
+            out["control_closed"] = self.listener.closed
+            try:
+                p = self.listener.request({"op": "status"})
+                try:
+                    out["shim"] = p.get(timeout=10)
+                finally:
+                    p.close()
+            except control.ControlError as e:
+                out["shim"] = {"error": str(e)}
+        return out
+
+
+def flush_history(shell) -> None:
+    """Write IPython's pending history now, so no transaction is open at the checkpoint.
+
+    The history is written by a background thread; caught in the middle of a transaction
+    the image would hold the database's -journal file, deleted right after, and such an
+    image cannot be restored (the file it had open is gone).  writeout_cache takes the
+    lock the saving thread writes under, so when it returns no write is in progress and
+    nothing is left for the thread to write.
+    """
+    hm = getattr(shell, "history_manager", None)
+    if hm is None or not getattr(hm, "enabled", False):
+        return
+    try:
+        hm.writeout_cache()
+    except Exception:
+        pass
+
+
+def new_history_session(shell) -> None:
+    """A restored kernel writes its history under a new session number.
+
+    The original kernel went on numbering lines in the session the image knows; the
+    restored one would collide with them in IPython's history database.
+    """
+    hm = getattr(shell, "history_manager", None)
+    if hm is None or not getattr(hm, "enabled", False):
+        return
+    try:
+        with hm.db_input_cache_lock:
+            hm.db_input_cache = []
+        with hm.db_output_cache_lock:
+            hm.db_output_cache = []
+        hm.new_session()
+    except Exception:
+        pass
+
+
+def saved_line(meta: dict) -> str:
+    name = meta.get("name", "?")
+    size = format_size(meta.get("size_bytes"))
+    total = meta.get("total_s")
+    frozen = meta.get("frozen_s")
+    took = f" in {total:.1f} s" if isinstance(total, (int, float)) else ""
+    paused = f" (kernel paused {frozen:.1f} s)" if isinstance(frozen, (int, float)) else ""
+    return f"saved '{name}', {size}{took}{paused}"
+
+
+def helper_restore_message(name: str | None) -> str:
+    what = f"'{name}'" if name else "a checkpoint"
+    return (f"%restore cannot replace this kernel with {what}: only a kernel started as "
+            f"\"{CHECKPOINTABLE}\" can be restored in place (its parent process, nbcheckpoint's shim, "
+            "does the restore; a kernel cannot replace itself). Switch this notebook to the "
+            f"\"{CHECKPOINTABLE}\" kernel, or restore a checkpoint from a shell: "
+            "`nbcheckpoint restore -D <checkpoint dir>/image --tcp-close --file-locks -d` "
+            "once this kernel is shut down (%checkpoints shows where each one is).")
+
+
+_side: KernelSide | None = None
+_side_lock = threading.Lock()
+
+
+def get(shell=None) -> KernelSide:
+    """This process's KernelSide (created on first use)."""
+    global _side
+    with _side_lock:
+        if _side is None:
+            if shell is None:
+                try:
+                    from IPython import get_ipython
+                    shell = get_ipython()
+                except Exception:
+                    shell = None
+            _side = KernelSide(shell)
+        return _side

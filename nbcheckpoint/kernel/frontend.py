@@ -1,0 +1,168 @@
+"""What a restored kernel does so that its clients see what it says.
+
+A restored kernel's old client connections come back closed; clients reconnect by
+themselves (ZeroMQ), but IOPub drops what is published before a client has subscribed
+again.  So a restored kernel that has something to say for a cell (the pending
+``%checkpoint``'s "restored from ..." line, the reply to an in-place ``%restore``) first
+waits, for a bounded time, until a client subscribes to IOPub.  Subscriptions are seen
+through the kernel's IOPub XPUB socket (ipykernel >= 7), which passes the first
+subscription of each topic up to the kernel.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import sys
+import threading
+import time
+
+from . import hooks
+
+# How long a restored kernel waits for a client to subscribe before it speaks anyway.
+CLIENT_WAIT = float(os.environ.get("NBCHECKPOINT_CLIENT_WAIT", "20"))
+
+
+class SubscriptionWatch:
+    """Counts IOPub subscriptions seen by the kernel's XPUB socket."""
+
+    def __init__(self):
+        self.count = 0
+        self.cond = threading.Condition()
+        self.installed = False
+
+    def install(self, kernel) -> bool:
+        iopub = getattr(kernel, "iopub_thread", None)
+        stream = getattr(iopub, "_xpub_stream", None)
+        orig = getattr(stream, "_recv_callback", None)
+        if stream is None or orig is None:
+            return False
+        if getattr(orig, "_nbcheckpoint_watch", False):
+            self.installed = True
+            return True
+
+        def on_subscription(frames, _orig=orig):
+            try:
+                _orig(frames)
+            finally:
+                if any(bytes(f)[:1] == b"\x01" for f in frames):
+                    with self.cond:
+                        self.count += 1
+                        self.cond.notify_all()
+        on_subscription._nbcheckpoint_watch = True
+        # ZMQStream.on_recv would re-arm the poller from the wrong thread: swap the callback
+        stream._recv_callback = on_subscription
+        self.installed = True
+        return True
+
+    def wait_new(self, since: int, timeout: float) -> bool:
+        """Wait until a subscription newer than count `since` is seen; False on timeout."""
+        if not self.installed:
+            time.sleep(min(timeout, 1.0))
+            return False
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while self.count <= since:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(left)
+        time.sleep(0.3)     # the client's shell/stdin sockets reconnect at the same pace
+        return True
+
+
+watch = SubscriptionWatch()
+
+
+def wait_for_client(since: int | None) -> bool:
+    if since is None:
+        since = watch.count
+    return watch.wait_new(since, CLIENT_WAIT)
+
+
+# ---------------------------------------------------------------------------- origin
+
+def _idents(kernel) -> list:
+    try:
+        return list(kernel._get_shell_context_var(kernel._shell_parent_ident) or [])
+    except Exception:
+        return []
+
+
+def current_origin(kernel) -> dict | None:
+    """The cell now running (its header and the client's routing identity), as JSON.
+
+    Sent along with an in-place restore request so that the restored kernel, which has
+    never seen this cell, can finish it for the client that is waiting on it.
+    """
+    if kernel is None:
+        return None
+    try:
+        from jupyter_client.jsonutil import json_default
+        import json
+        parent = kernel.get_parent("shell") or {}
+        header = json.loads(json.dumps(parent.get("header") or {}, default=json_default))
+        if not header.get("msg_id"):
+            return None
+        idents = []
+        for f in _idents(kernel):
+            b = f.bytes if hasattr(f, "bytes") else bytes(f)
+            idents.append(base64.b64encode(b).decode())
+        return {"header": header, "idents": idents}
+    except Exception:
+        return None
+
+
+def _shell_reply_stream(kernel, subshell_id=None):
+    if getattr(kernel, "_supports_kernel_subshells", False):
+        return kernel.shell_channel_thread.manager.get_subshell_to_shell_channel_socket(subshell_id)
+    stream = getattr(kernel, "shell_stream", None)
+    if stream is None:
+        streams = getattr(kernel, "shell_streams", None) or [None]
+        stream = streams[0]
+    return stream
+
+
+def restored_line(meta: dict, in_place: bool = False) -> str:
+    name = meta.get("name", "?")
+    when = meta.get("created")
+    taken = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if when else "an unknown time"
+    where = "" if not meta.get("notebook") else f" in {meta['notebook']}"
+    count = meta.get("execution_count")
+    cell = f" after cell [{count}]" if count is not None else ""
+    verb = "restored in place from" if in_place else "restored from"
+    return f"{verb} '{name}' taken at {taken}{where}{cell}"
+
+
+def finish_origin(kernel, msg: dict, run_hooks: bool) -> None:
+    """In a kernel restored in place: end the `%restore` cell of the kernel it replaced.
+
+    Runs on the kernel's main thread.  Publishes the "restored" line under that cell,
+    then its execute_reply and idle status, routed to the client that sent it.
+    """
+    origin = msg.get("origin") or {}
+    header = origin.get("header") or {}
+    meta = msg.get("checkpoint") or {}
+    if kernel is None or not header.get("msg_id"):
+        if run_hooks:
+            hooks.run("restore", meta)
+        return
+    wait_for_client(msg.get("_subs"))
+    idents = [base64.b64decode(i) for i in origin.get("idents") or []]
+    parent = {"header": header, "msg_id": header["msg_id"], "msg_type": header.get("msg_type"),
+              "parent_header": {}, "metadata": {}, "content": {}, "buffers": []}
+    kernel.set_parent(idents, parent, "shell")
+    if run_hooks:
+        hooks.run("restore", meta)
+    print(restored_line(meta, in_place=True))
+    for s in (sys.stdout, sys.stderr):
+        try:
+            s.flush()
+        except Exception:
+            pass
+    count = getattr(getattr(kernel, "shell", None), "execution_count", 1) - 1
+    content = {"status": "ok", "execution_count": count, "user_expressions": {}, "payload": []}
+    try:
+        stream = _shell_reply_stream(kernel, header.get("subshell_id"))
+        kernel.session.send(stream, "execute_reply", content, parent, ident=idents)
+    finally:
+        kernel._publish_status("idle", "shell", parent)

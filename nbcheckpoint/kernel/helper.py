@@ -1,0 +1,317 @@
+"""%checkpoint in a kernel that nbcheckpoint's shim did not start ("helper mode").
+
+The engine must run outside the tree it dumps, so the kernel starts a helper that is
+not its descendant: ``python -m nbcheckpoint.kernel.helper WORKDIR`` (a new session)
+forks the real helper, which calls setsid() again, and exits at once; the kernel reaps
+it, so the helper is reparented away (to init or the nearest subreaper).  The helper
+dumps the kernel with --leave-running into the checkpoint store and writes the outcome
+to WORKDIR/done.json.
+
+While the helper works the kernel only stat()s WORKDIR/done.json and sleeps: it holds
+no file open, so the image never captures a file that will have changed by the time it
+is restored.  A kernel restored from that image wakes up in the same wait; it tells
+itself from the original by its main thread's CPU time, which starts again from zero
+in a restored thread.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from ..store import Store, StoreError
+from .progress import Progress, format_size
+
+CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+SPAWN_TIMEOUT = 30.0
+
+
+# ---------------------------------------------------------------------------- in the kernel
+
+def _connection_file() -> str | None:
+    try:
+        from ipykernel.kernelapp import IPKernelApp
+        if IPKernelApp.initialized():
+            return IPKernelApp.instance().abs_connection_file
+    except Exception:
+        pass
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:                                          # a zombie (not ours: init reaps it soon)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _restored(cpu0: float) -> bool:
+    return time.thread_time() < cpu0
+
+
+def _guard_parent_poller(kernel_app, cpu0: float):
+    """Neutralise ipykernel's parent poller in kernels restored from this checkpoint.
+
+    A kernel launched by a manager (JPY_PARENT_PID) exits when its parent changes, as it
+    does on every restore.  While the helper runs, the poller compares the parent pid
+    with an int that compares equal to any pid once this process knows it is a restored
+    copy; the original gets its plain parent pid back when the checkpoint is done.
+    """
+    poller = getattr(kernel_app, "poller", None)
+    if poller is None or not hasattr(poller, "parent_pid") or not poller.parent_pid:
+        return None
+    real = int(poller.parent_pid)
+    restored = [False]
+    proc0 = time.process_time()       # all threads' CPU time: a restored process starts again
+
+    class ParentPid(int):
+        def _same(self, other):
+            if int(self) == other or restored[0]:
+                return True
+            if time.process_time() < proc0:
+                restored[0] = True
+            return restored[0]
+
+        def __eq__(self, other):
+            return self._same(other)
+
+        def __ne__(self, other):
+            return not self._same(other)
+
+        __hash__ = int.__hash__
+
+    poller.parent_pid = ParentPid(real)
+    return poller, real, restored
+
+
+def checkpoint_with_helper(side, name: str | None, quiet: bool, progress_cb) -> dict:
+    kernel_app = None
+    try:
+        from ipykernel.kernelapp import IPKernelApp
+        if IPKernelApp.initialized():
+            kernel_app = IPKernelApp.instance()
+    except Exception:
+        pass
+    from .core import CheckpointError
+    cf = _connection_file()
+    if not cf or not os.path.exists(cf):
+        raise CheckpointError("%checkpoint needs a Jupyter kernel (this IPython has no connection file)")
+    store = side.store()
+    if name is None:
+        name = store.new_name()
+    try:
+        Store.validate_name(name)
+    except StoreError as e:
+        raise CheckpointError(str(e)) from None
+    if (store.root / name).exists():
+        raise CheckpointError(f"a checkpoint named {name!r} already exists in {store.root}: "
+                              "choose another name or delete it first")
+    work = Path(tempfile.mkdtemp(prefix="nbcheckpoint-helper-"))
+    args = {"pid": os.getpid(), "name": name, "root": str(store.root), "connection_file": cf,
+            "notebook": side._notebook(), "execution_count": side._execution_count(),
+            "kernel_id": _kernel_id(cf)}
+    (work / "args.json").write_text(json.dumps(args))
+    prog = Progress(f"checkpoint '{name}'", quiet=quiet, callback=progress_cb)
+    prog.show("starting a helper outside the kernel (the kernel pauses while its memory is copied)",
+              force=True)
+    for s in (sys.stdout, sys.stderr):
+        try:
+            s.flush()
+        except Exception:
+            pass
+    cpu0 = time.thread_time()
+    guard = _guard_parent_poller(kernel_app, cpu0)
+    try:
+        with open(work / "helper.log", "ab") as log:
+            try:
+                p = subprocess.Popen([sys.executable, "-m", "nbcheckpoint.kernel.helper", str(work)],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+                                     close_fds=True, start_new_session=True)
+                out, _ = p.communicate(timeout=SPAWN_TIMEOUT)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                raise CheckpointError(f"could not start the checkpoint helper: {e}") from None
+        try:
+            helper_pid = int(out.split()[0])
+        except (ValueError, IndexError):
+            raise CheckpointError(f"the checkpoint helper did not start (exit status {p.returncode}); "
+                                  f"its log: {work / 'helper.log'}") from None
+        done = work / "done.json"
+        while True:
+            if _restored(cpu0):
+                break
+            if os.path.exists(done):
+                if _restored(cpu0):
+                    break
+                res = json.loads(done.read_text())
+                if not res.get("ok"):
+                    prog.finish("failed")
+                    raise CheckpointError(res.get("message") or "the checkpoint failed")
+                meta = res["checkpoint"]
+                prog.finish(f"saved, {format_size(meta.get('size_bytes'))}")
+                if not quiet:
+                    from .core import saved_line
+                    print(saved_line(meta))
+                    print(helper_mode_note(name, store.root / name / "image"))
+                shutil.rmtree(work, ignore_errors=True)
+                return side._record({"event": "saved", "checkpoint": meta, "mode": "helper"})
+            if not _alive(helper_pid) and not os.path.exists(done):
+                prog.finish("failed")
+                log_text = ""
+                try:
+                    log_text = (work / "helper.log").read_text()[-2000:]
+                except OSError:
+                    pass
+                raise CheckpointError(f"the checkpoint helper (pid {helper_pid}) died without an answer"
+                                      + (f"; its log ends with:\n{log_text}" if log_text else ""))
+            time.sleep(0.05)
+        # ---- a kernel restored from the image this loop was frozen in
+        if guard:
+            guard[2][0] = True
+            guard[0].parent_pid = os.getppid()
+        try:
+            meta = store.get(name).meta
+        except StoreError:
+            meta = {"name": name}
+        meta = dict(meta)
+        conn = dict(meta.get("connection") or {})
+        conn.pop("key", None)
+        meta["connection"] = conn
+        return side._restored({"event": "restored", "checkpoint": meta}, prog, quiet)
+    finally:
+        if guard:
+            # the original watches its parent again; a restored copy watches its new one
+            guard[0].parent_pid = os.getppid() if guard[2][0] else guard[1]
+
+
+def _kernel_id(cf: str) -> str | None:
+    base = os.path.basename(cf)
+    if base.startswith("kernel-") and base.endswith(".json"):
+        return base[len("kernel-"):-len(".json")]
+    return None
+
+
+def helper_mode_note(name: str, image) -> str:
+    from .core import CHECKPOINTABLE
+    return (f"note: this kernel is not \"{CHECKPOINTABLE}\", so nbcheckpoint took this checkpoint "
+            "with a helper process: %restore and the \"restored\" return of %checkpoint need the "
+            f"checkpointable kernel. To bring '{name}' back, shut this kernel down and run "
+            f"`nbcheckpoint restore -D {image} --tcp-close --file-locks -d` (same ports, same "
+            "connection file; reconnect the notebook to it).")
+
+
+# ---------------------------------------------------------------------------- the helper
+
+def _listeners(image: Path, conn: dict) -> dict[str, int]:
+    """{channel: socket inode} of the kernel's five listeners in the image."""
+    from ..engine.images import files_pb2, imagedir
+    ports = {conn.get(f"{c}_port"): c for c in CHANNELS}
+    out = {}
+    for f in imagedir.ImageReader(str(image)).messages("files.img", files_pb2.FileEntry):
+        if f.kind == files_pb2.INET and f.inet.state == 10 and f.inet.src_port in ports:
+            out.setdefault(ports[f.inet.src_port], f.inet.ino)
+    return out
+
+
+def _write_done(work: Path, result: dict) -> None:
+    tmp = work / f".done.{os.getpid()}"
+    tmp.write_text(json.dumps(result))
+    os.rename(tmp, work / "done.json")
+
+
+def run_helper(work: Path) -> int:
+    from .. import __version__, engine
+    from ..engine import Options
+    args = json.loads((work / "args.json").read_text())
+    pending = None
+    try:
+        store = Store(args["root"])
+        with open(args["connection_file"]) as f:
+            conn = json.load(f)
+        pending = store.begin(args["name"])
+        t0 = time.time()
+        opts = Options(leave_running=True, tcp_established=True, file_locks=True, ext_unix_sk=True)
+        stats = engine.dump(args["pid"], pending.image, leave_running=True, options=opts)
+        meta = {
+            "created": t0, "kernel_id": args.get("kernel_id"), "kernel_name": None,
+            "notebook": args.get("notebook"), "execution_count": args.get("execution_count"),
+            "pages_bytes": stats.pages_bytes, "frozen_s": round(stats.frozen_seconds, 4),
+            "total_s": round(stats.total_seconds, 4), "parent": None, "lineage": None,
+            "pid": args["pid"], "pidns": False, "connection": conn,
+            "listeners": _listeners(pending.image, conn), "control_ino": None, "request_id": None,
+            "engine_version": __version__, "mode": "helper", "hostname": socket.gethostname(),
+        }
+        ck = pending.commit(meta)
+        pending = None
+        public = dict(ck.meta)
+        public["connection"] = {k: v for k, v in conn.items() if k != "key"}
+        _write_done(work, {"ok": True, "checkpoint": public})
+        return 0
+    except Exception as e:
+        if pending is not None:
+            pending.abort()
+        traceback.print_exc()
+        _write_done(work, {"ok": False, "message": str(e) or type(e).__name__})
+        return 1
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m nbcheckpoint.kernel.helper WORKDIR", file=sys.stderr)
+        return 2
+    work = Path(argv[0])
+    pid = os.fork()
+    if pid:
+        print(pid, flush=True)              # the kernel waits for this line, then for our exit
+        os._exit(0)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)                      # stderr stays: WORKDIR/helper.log
+    os.close(devnull)
+    # wait until our parent is gone and reaped: then we are outside the kernel's tree
+    kernel_pid = int(json.loads((work / "args.json").read_text())["pid"])
+    for _ in range(500):
+        if not _is_child_of_kernel(kernel_pid):
+            break
+        time.sleep(0.01)
+    else:
+        _write_done(work, {"ok": False, "message": "the checkpoint helper could not leave the kernel's "
+                                                   "process tree"})
+        os._exit(1)
+    code = run_helper(work)
+    os._exit(code)
+
+
+def _is_child_of_kernel(kernel_pid: int) -> bool:
+    """Is any ancestor of ours the kernel?"""
+    p = os.getppid()
+    for _ in range(64):
+        if p == kernel_pid:
+            return True
+        if p <= 1:
+            return False
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                p = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""%checkpoint, %restore and %checkpoints (registered by ``%load_ext nbcheckpoint``)."""
+from __future__ import annotations
+
+from IPython.core.magic import Magics, line_magic, magics_class
+
+from . import core
+
+
+@magics_class
+class CheckpointMagics(Magics):
+
+    @line_magic
+    def checkpoint(self, line: str):
+        """%checkpoint [NAME] -- checkpoint this kernel (its whole process tree).
+
+        Prints "saved 'NAME' ..." here, and "restored from 'NAME' ..." in every kernel
+        later restored from this checkpoint: the magic returns once in each.  Without
+        NAME the checkpoint gets a name with the date and time.
+        """
+        name = line.strip() or None
+        core.get(self.shell).checkpoint(name)
+
+    @line_magic
+    def restore(self, line: str):
+        """%restore [NAME] -- replace this kernel, in place, by checkpoint NAME.
+
+        The notebook stays connected; the next cell sees the checkpoint's variables.
+        Without NAME: this kernel's latest checkpoint.  Needs the "Python 3
+        (checkpointable)" kernel.  A missing or damaged checkpoint leaves this kernel as
+        it was.
+        """
+        name = line.strip() or None
+        core.get(self.shell).restore(name)
+
+    @line_magic
+    def checkpoints(self, line: str):
+        """%checkpoints -- browse the checkpoint store: restore, delete, refresh."""
+        from .browser import Browser
+        from IPython.display import display
+        b = Browser(core.get(self.shell))
+        display(b)
