@@ -334,8 +334,10 @@ def test_checkpoint_list_restore_delete(server):
     # checkpoint, with a bad and a taken name first
     r = server.api("POST", f"{API}/kernels/{kid}/checkpoint", json={"name": "../x"})
     assert r.status_code == 400 and "bad checkpoint name" in r.json()["message"]
-    meta = server.ok("POST", f"{API}/kernels/{kid}/checkpoint", json={"name": "c1"})
-    assert meta["name"] == "c1" and meta["kernel_id"] == kid
+    r = server.api("POST", f"{API}/kernels/{kid}/checkpoint", json={"name": "c0", "execution_count": "7"})
+    assert r.status_code == 400 and "execution_count" in r.json()["message"]
+    meta = server.ok("POST", f"{API}/kernels/{kid}/checkpoint", json={"name": "c1", "execution_count": 7})
+    assert meta["name"] == "c1" and meta["kernel_id"] == kid and meta["execution_count"] == 7
     assert meta["notebook"] == "work/state.ipynb"          # found from the kernel's session
     assert meta["size_bytes"] > 0 and meta["created"] > 0
     assert "key" not in (meta.get("connection") or {})     # the HMAC key never goes out

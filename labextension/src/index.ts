@@ -119,6 +119,23 @@ function currentKernelId(panel: NotebookPanel): string | null {
   return panel.sessionContext.session?.kernel?.id ?? null;
 }
 
+/** The highest execution count in the notebook: where the kernel's counter is. */
+function lastExecutionCount(panel: NotebookPanel): number | null {
+  const cells = panel.content.model?.cells;
+  let last: number | null = null;
+  if (!cells) {
+    return null;
+  }
+  for (let i = 0; i < cells.length; i++) {
+    const cell = cells.get(i) as unknown as { executionCount?: number | null };
+    const n = cell.executionCount;
+    if (typeof n === 'number' && (last === null || n > last)) {
+      last = n;
+    }
+  }
+  return last;
+}
+
 /** Checkpoint the notebook's kernel, with a toast saying how it went. */
 export async function checkpointNotebook(
   panel: NotebookPanel
@@ -139,7 +156,10 @@ export async function checkpointNotebook(
   try {
     const meta = await post<ICheckpoint>(
       `kernels/${encodeURIComponent(kernelId)}/checkpoint`,
-      { notebook: panel.context.path }
+      {
+        notebook: panel.context.path,
+        execution_count: lastExecutionCount(panel)
+      }
     );
     Notification.dismiss(pending);
     const frozen =

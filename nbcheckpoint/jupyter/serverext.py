@@ -24,6 +24,7 @@ import json
 import posixpath
 import re
 
+from jupyter_core.utils import ensure_async
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.utils import url_path_join
@@ -223,12 +224,17 @@ class KernelCheckpointHandler(BaseHandler):
                                 "checkpointed: it was not started with a checkpointable kernelspec; "
                                 "switch the notebook to 'Python 3 (checkpointable)'")
         notebook = body.get("notebook")
+        if notebook is not None and not isinstance(notebook, str):
+            raise ApiError(400, "notebook must be a string (the notebook's path)")
+        count = body.get("execution_count")
+        if count is not None and (not isinstance(count, int) or isinstance(count, bool)):
+            raise ApiError(400, "execution_count must be an integer")
         if notebook is None:
             s = await self.session_for(kernel_id=kernel_id)
             notebook = s.get("path") if s else None
         kwargs = {"name": name, "notebook": notebook}
-        if body.get("execution_count") is not None:
-            kwargs["execution_count"] = body["execution_count"]
+        if count is not None:
+            kwargs["execution_count"] = count
         meta = await km.provisioner.checkpoint(**kwargs)
         self.reply(public_meta(meta))
 
@@ -286,7 +292,7 @@ class KernelRestoreHandler(RestoreMixin, BaseHandler):
         mkm = self.kernel_manager
         if kernel_id in mkm:
             km = mkm.get_kernel(kernel_id)
-            if self.is_checkpointable(km) and await km.is_alive():
+            if self.is_checkpointable(km) and await ensure_async(km.is_alive()):
                 meta = await km.provisioner.restore_in_place(name)
                 self.log.info("nbcheckpoint: restored %s in place into kernel %s", name, kernel_id)
                 s = await self.session_for(session_id=body.get("session_id"), kernel_id=kernel_id)
