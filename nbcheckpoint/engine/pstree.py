@@ -350,7 +350,8 @@ def make_zombie(stub: Stub, parent: Stub, status: int, comm: str) -> None:
             r.syscall("prctl", 4, 0)                       # PR_SET_DUMPABLE 0: no core file
             stub.ensure_scratch(r)
             r.write(stub.scratch, bytes(32))               # SIG_DFL
-            r.syscall("rt_sigaction", sig, stub.scratch, 0, 8)
+            if sig not in (signal.SIGKILL, signal.SIGSTOP):  # (theirs cannot change: EINVAL)
+                r.syscall("rt_sigaction", sig, stub.scratch, 0, 8)
             r.syscall("tgkill", stub.vpid, stub.vpid, sig)
         r.saved_mask = 0 if sig else r.saved_mask
         if not sig:
