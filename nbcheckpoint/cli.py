@@ -50,11 +50,12 @@ class Progress:
 def _dump_summary(stats) -> str:
     return (f"dumped pid {stats.pid}: {stats.threads} threads, {stats.vmas} VMAs, "
             f"{_size(stats.pages_bytes)} of pages, image {_size(stats.image_bytes)}, "
-            f"frozen {stats.frozen_seconds:.2f}s, total {stats.total_seconds:.2f}s")
+            f"frozen {stats.frozen_seconds:.3f}s, total {stats.total_seconds:.2f}s")
 
 
 def _options(args) -> engine.Options:
-    o = engine.Options(leave_running=getattr(args, "leave_running", False))
+    o = engine.Options(leave_running=getattr(args, "leave_running", False),
+                       snapshot=not getattr(args, "no_snapshot", False))
     for name in ("ext_unix_sk", "tcp_established", "tcp_close", "file_locks", "shell_job", "pidns"):
         setattr(o, name, getattr(args, name, False))
     for spec in getattr(args, "inherit_fd", None) or []:
@@ -190,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-D", "--images-dir", "--images", required=True, **images)
     d.add_argument("-R", "--leave-running", action="store_true",
                    help="let the process continue after the dump (default: kill it)")
+    d.add_argument("--no-snapshot", action="store_true",
+                   help="with --leave-running: copy the memory while the process is frozen, instead of "
+                        "from a copy-on-write snapshot after it runs again")
     _add_criu_options(d, restore=False)
     d.set_defaults(func=cmd_dump)
 

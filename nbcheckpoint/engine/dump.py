@@ -7,30 +7,38 @@ Phases, in order:
 3. per process: collect what needs no injection: VMAs (mm.py), fds (files/);
 4. inject into the process (a scratch page, brk(0), handlers, per-thread
    state) and put every register back: after this phase the process is as
-   it was, so a failure later only needs a thaw;
-5. stream its private pages and the shmem objects it maps (pages.py);
-6. leave-running: thaw now, so the process is frozen only while we copy;
-7. fsync everything, write the inventory, rename: the image appears whole;
-8. otherwise kill the still-frozen process only now that the image is safe.
+   it was, so a failure later only needs a thaw; save its shmem objects;
+5. leave-running: once every process is done with 3-4 (a snapshot child
+   shares its parent's fds, and must not be there while fds are classified),
+   fork each process by an injected clone into a copy-on-write snapshot
+   (snapshot.py);
+6. stream private pages: kill mode, or a process without a snapshot, all of
+   them now; with a snapshot only the VMAs a fork does not copy (MADV_DONTFORK,
+   MADV_WIPEONFORK);
+7. leave-running: thaw now (progress "thawed"), then read the remaining pages
+   out of the snapshots while the tree runs, and release them;
+8. fsync everything, write the inventory, rename: the image appears whole;
+9. otherwise kill the still-frozen process only now that the image is safe.
 
-Any failure before 8 thaws the process and removes the partial image.
+Any failure before 9 thaws the process, releases the snapshots and removes
+the partial image.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .core import dump_thread
 from .errors import DumpError
 from .files import DumpContext, locks
 from .options import Options
 from .images import imagedir, inventory_pb2, pstree_pb2
-from . import sigframe
-from .inject import Remote, find_syscall_insn
-from .sys import ptrace
-from .sys.memory import ProcMem
+from . import sigframe, snapshot
+from .inject import Remote, find_syscall_insn, libc_guard
 from .mm import dump_mm, private_dirty_vmas
 from .images import mm_pb2
 from . import pages, timers
@@ -38,6 +46,8 @@ from .seize import FrozenTree
 from .sys import proc, x86_64
 from .sys.libc import PAGE_SIZE
 from .task import dump_task
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,8 +59,13 @@ class DumpStats:
     pages_bytes: int
     image_bytes: int
     copy_seconds: float      # freeze to image data written (page cache), not yet durable
-    frozen_seconds: float    # how long the process could not run
+    frozen_seconds: float    # how long the process could not run: freeze to thaw (or kill)
     total_seconds: float     # until the image is durable and renamed into place
+    snapshot: bool = False   # leave-running: every process's pages came from a CoW snapshot
+
+    @property
+    def frozen_s(self) -> float:
+        return self.frozen_seconds
 
 
 def dump(pid: int, images_dir, leave_running: bool = False, progress=None, options: Options | None = None) -> DumpStats:
@@ -61,6 +76,7 @@ def dump(pid: int, images_dir, leave_running: bool = False, progress=None, optio
     img = imagedir.ImageWriter(os.fspath(images_dir))
     frozen = None
     files = DumpContext(img, options)
+    snaps: list[snapshot.Snapshot] = []
     try:
         frozen = FrozenTree(pid).freeze()
         if progress:
@@ -69,20 +85,38 @@ def dump(pid: int, images_dir, leave_running: bool = False, progress=None, optio
         tree = img.messages("pstree.img", "nbcheckpoint.images.Process")
         nthreads = nvmas = pages_bytes = 0
         shmem_done: set[int] = set()
+        procs: list[_Proc] = []
         for p in frozen.order:
             tree.add(ns.process(p, tids=[ns.v(t, p) for t in frozen.tids[p]], stopped=p in frozen.stopped))
-            n, v, b = _dump_process(p, frozen.tids[p], img, files, shmem_done, progress, ns)
-            nthreads, nvmas, pages_bytes = nthreads + n, nvmas + v, pages_bytes + b
+            leftovers = [ns.v(z) for z, parent in frozen.leftovers.items() if parent == p]
+            d = _dump_process(p, frozen.tids[p], img, files, shmem_done, ns, leftovers)
+            procs.append(d)
+            nthreads, nvmas, pages_bytes = nthreads + d.nthreads, nvmas + len(d.mm.vmas), pages_bytes + d.nbytes
         for z, status in frozen.zombies.items():
             tree.add(ns.process(z, zombie=True, exit_status=status, comm=proc.stat(z)[2]))
         fw = img.messages("files.img", "nbcheckpoint.images.FileEntry")
         for f in files.files:
             fw.add(f)
 
+        if leave_running and options.snapshot:
+            for d in procs:
+                d.snapshot = _take_snapshot(d, snaps, progress)
+        for d in procs:
+            pages_bytes += d.pages.dump(d.pid, d.frozen_vmas(), progress)
+
         copy_s = frozen_s = time.monotonic() - t0
         if leave_running:
             frozen.thaw()
             frozen = None
+            frozen_s = time.monotonic() - t0
+            if progress:
+                progress("thawed", 0, 0)
+            snapshot.debug_kill("thawed")
+            for d in procs:
+                if d.snapshot is not None:
+                    pages_bytes += d.pages.dump(d.snapshot.child, d.forked_vmas(), progress)
+                    d.snapshot.release()
+            copy_s = time.monotonic() - t0
         if progress:
             progress("sync", 0, 0)
         img.finish_files()
@@ -90,7 +124,7 @@ def dump(pid: int, images_dir, leave_running: bool = False, progress=None, optio
         inv = inventory_pb2.Inventory(
             engine_version=_version(), root_pid=ns.v(pid), in_pidns=ns.separate, kernel_release=platform.release(),
             arch=platform.machine(), page_size=PAGE_SIZE, xstate_size=x86_64.xstate_size(),
-            xfeatures=_xfeatures(), created=time.time(), leave_running=leave_running,
+            xfeatures=x86_64.xfeatures(), created=time.time(), leave_running=leave_running,
             hostname=platform.node(), frozen_seconds=frozen_s)
         final = img.commit(inv)
         if frozen is not None:
@@ -99,14 +133,42 @@ def dump(pid: int, images_dir, leave_running: bool = False, progress=None, optio
             frozen_s = time.monotonic() - t0
         return DumpStats(pid=pid, images_dir=final, threads=nthreads, vmas=nvmas,
                          pages_bytes=pages_bytes, image_bytes=image_bytes, copy_seconds=copy_s,
-                         frozen_seconds=frozen_s, total_seconds=time.monotonic() - t0)
+                         frozen_seconds=frozen_s, total_seconds=time.monotonic() - t0,
+                         snapshot=leave_running and options.snapshot and all(
+                             d.snapshot is not None or not d.forked_vmas() for d in procs))
     except BaseException:
         img.abort()
         if frozen is not None:
             frozen.thaw()
         raise
     finally:
+        for s in snaps:             # after the thaw: each release interrupts its process briefly
+            s.release()
         files.close()
+
+
+@dataclass
+class _Proc:
+    """One process of the tree between the phases of the dump (see the module docstring)."""
+    pid: int                    # the engine's view
+    vpid: int                   # the process's view (the image's)
+    mm: mm_pb2.Mm
+    syscall_addr: int
+    pages: pages.PrivatePages
+    nthreads: int
+    nbytes: int                 # shmem bytes saved so far
+    snapshot: snapshot.Snapshot | None = None
+    private: list = field(default_factory=list)
+
+    def frozen_vmas(self) -> list:
+        """The private VMAs to read out of the frozen process."""
+        if self.snapshot is None:
+            return self.private
+        return [v for v in self.private if not snapshot.forked_intact(v)]
+
+    def forked_vmas(self) -> list:
+        """The private VMAs a snapshot child holds as they were."""
+        return [v for v in self.private if snapshot.forked_intact(v)]
 
 
 class PidView:
@@ -145,10 +207,14 @@ class PidView:
         return pstree_pb2.Process(pid=self.v(p), ppid=parent, pgid=pgid, sid=sid, **kw)
 
 
-def _dump_process(pid: int, tids: list[int], img, files: DumpContext, shmem_done: set, progress, ns: PidView):
-    """One live process: address space, fds, per-process and per-thread state, pages.
+def _dump_process(pid: int, tids: list[int], img, files: DumpContext, shmem_done: set, ns: PidView,
+                  leftovers: list[int] = ()) -> _Proc:
+    """One live process: address space, fds, per-process and per-thread state, shmem.
 
     `pid` and `tids` are the engine's view; files and records use ns.v().
+    Its private pages come later (dump() phases 5-7).  `leftovers`: zombie
+    snapshot children of an earlier dump whose engine died (seize.py), which
+    the process is made to reap (their pids as it sees them).
     """
     mm = dump_mm(pid)
     fds = files.dump_fds(pid)
@@ -156,12 +222,13 @@ def _dump_process(pid: int, tids: list[int], img, files: DumpContext, shmem_done
     vdso = next((v for v in mm.vmas if v.kind == mm_pb2.VDSO), None)
     if vdso is None:
         raise DumpError(f"process {pid} has no [vdso] mapping; the engine needs one to run syscalls in it")
-    task, threads, task_timers = _inject_phase(pid, tids, mm, find_syscall_insn(pid, vdso.start, vdso.end))
+    syscall_addr = find_syscall_insn(pid, vdso.start, vdso.end)
+    task, threads, task_timers = _inject_phase(pid, tids, mm, syscall_addr, leftovers)
     vpid = ns.v(pid)
     task.pid = vpid
     for t in threads:
         t.tid = ns.v(t.tid, pid)
-    nbytes = pages.dump_private(pid, list(private_dirty_vmas(mm)), img, str(vpid), progress)
+    nbytes = 0
     for v in mm.vmas:
         if v.shmem_id and v.shmem_id not in shmem_done:
             shmem_done.add(v.shmem_id)
@@ -175,67 +242,79 @@ def _dump_process(pid: int, tids: list[int], img, files: DumpContext, shmem_done
     fw = img.messages(f"fds-{vpid}.img", "nbcheckpoint.images.FdEntry")
     for e in fds:
         fw.add(e)
-    return len(threads), len(mm.vmas), nbytes
+    return _Proc(pid=pid, vpid=vpid, mm=mm, syscall_addr=syscall_addr, pages=pages.PrivatePages(img, str(vpid)),
+                 nthreads=len(threads), nbytes=nbytes, private=list(private_dirty_vmas(mm)))
 
 
-def _inject_phase(pid: int, tids: list[int], mm, syscall_addr: int):
-    """State only the process itself can tell us, read by injected syscalls.
+@contextlib.contextmanager
+def _gadget_page(pid: int, mm, syscall_addr: int):
+    """Map the page of sigframe.CODE and a signal frame in `pid` (frozen) for a while.
 
-    One page holds the sigreturn gadget and a signal frame (sigframe.py), so
-    that if the engine dies mid-call the thread returns to its own state.
-    Mapping and unmapping that page are guarded by libc's own gadgets and a
-    frame on the stack when the process has them (glibc does), else not.
+    Yields (page address, the Guard of GADGET).  Mapping and unmapping that
+    page are guarded by libc's own gadgets and a frame on the stack when the
+    process has them (glibc does), else not.
     """
     xsize = x86_64.xstate_size()
     size = PAGE_SIZE + ((sigframe.frame_size(xsize) + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
-    boot_guard = _stack_guard(pid, mm, xsize)
+    boot_guard = _stack_guard(pid, mm)
     with Remote(pid, pid, syscall_addr, per_call=True, guard=boot_guard) as boot:
         base = boot.map_scratch(size, prot=7)     # rwx, for a few milliseconds
     try:
-        boot.write(base, sigframe.GADGET)
-        guard = sigframe.Guard(base, base + PAGE_SIZE, base + PAGE_SIZE + 8, 0, xsize, _xfeatures())
+        boot.write(base, sigframe.CODE)
+        yield base, sigframe.Guard(base, base + PAGE_SIZE, base + PAGE_SIZE + 8, 0, xsize, x86_64.xfeatures())
+    finally:
+        with Remote(pid, pid, syscall_addr, per_call=True, guard=boot_guard) as boot:
+            boot.syscall("munmap", base, size)
+
+
+def _inject_phase(pid: int, tids: list[int], mm, syscall_addr: int, leftovers: list[int] = ()):
+    """State only the process itself can tell us, read by injected syscalls.
+
+    Every call runs at the gadget page (sigframe.py), so that if the engine
+    dies mid-call the thread returns to its own state.
+    """
+    xsize = x86_64.xstate_size()
+    with _gadget_page(pid, mm, syscall_addr) as (base, guard):
         data = base + 256
         with Remote(pid, pid, syscall_addr, scratch=data, guard=guard) as main:
             brk = main.syscall("brk", 0)
             task = dump_task(pid, main)
             task_timers = timers.dump(pid, main)
             threads = [dump_thread(pid, pid, main, xsize)]
+            for z in leftovers:
+                main.syscall("wait4", z, 0, snapshot.WALL | snapshot.WNOHANG, 0, check=False)
         for tid in tids[1:]:
             with Remote(pid, tid, syscall_addr, scratch=data, guard=guard) as r:
                 threads.append(dump_thread(pid, tid, r, xsize))
-    finally:
-        with Remote(pid, pid, syscall_addr, per_call=True, guard=boot_guard) as boot:
-            boot.syscall("munmap", base, size)
     mm.brk = brk
     return task, threads, task_timers
 
 
-def _stack_guard(pid: int, mm, xsize: int):
+def _take_snapshot(d: _Proc, snaps: list, progress) -> snapshot.Snapshot | None:
+    """Fork process d (frozen) into a CoW snapshot; None (and a warning) if it cannot be."""
+    if not d.forked_vmas():
+        return None                 # nothing a snapshot would hold
+    why = snapshot.unsuitable(d.pid)
+    if why is None:
+        try:
+            with _gadget_page(d.pid, d.mm, d.syscall_addr) as (base, guard):
+                snap = snapshot.take(d.pid, d.syscall_addr, base, guard, base + 256)
+                snaps.append(snap)
+                snap.attach()
+            return snap
+        except snapshot.CloneFailed as e:
+            why = str(e)
+    log.warning("process %d: no copy-on-write snapshot (%s); its memory is copied while the tree is frozen",
+                d.pid, why)
+    if progress:
+        progress("no-snapshot", d.vpid, 0)
+    return None
+
+
+def _stack_guard(pid: int, mm):
     """A guard for the main thread made of libc's gadgets and a frame on its stack, or None."""
-    regs = ptrace.getregs(pid)
-    frame = (regs.rsp - 128 - sigframe.frame_size(xsize) - 64) & ~63      # below the red zone
-    stack = next((v for v in mm.vmas if v.start <= regs.rsp - 1 < v.end and v.prot & 2
-                  and v.kind == mm_pb2.ANON_PRIVATE), None)
-    if stack is None or frame < stack.start:
-        return None
-    syscall_ret = restore_rt = None
-    with ProcMem(pid) as mem:
-        for v in mm.vmas:
-            if not (v.prot & 4 and v.HasField("file") and "/libc.so" in v.file.path):
-                continue
-            code = mem.pread(v.end - v.start, v.start)
-            i, j = code.find(sigframe.LIBC_SYSCALL_RET), code.find(sigframe.LIBC_RESTORE_RT)
-            if i >= 0 and j >= 0:
-                syscall_ret, restore_rt = v.start + i, v.start + j
-                break
-    if syscall_ret is None:
-        return None
-    return sigframe.Guard(syscall_ret, frame, frame, restore_rt, xsize, _xfeatures())
-
-
-def _xfeatures() -> int:
-    eax, _, _, edx = x86_64.cpuid(0xD, 0)
-    return eax | (edx << 32)
+    return libc_guard(pid, pid, ((v.start, v.end, v.prot, v.file.path if v.HasField("file") else v.name,
+                                  v.kind == mm_pb2.ANON_PRIVATE) for v in mm.vmas))
 
 
 def _version() -> str:

@@ -30,6 +30,33 @@ def find_syscall_insn(pid: int, vdso_start: int, vdso_end: int) -> int:
     return vdso_start + off
 
 
+def libc_guard(pid: int, tid: int, areas) -> "sigframe.Guard | None":
+    """A guard for thread `tid` made of libc's gadgets and a frame on its stack, or None.
+
+    `areas` lists the process's mappings as (start, end, prot, path, anon_private).
+    The frame goes below the thread's red zone, in the private anonymous mapping
+    that holds its rsp; the call runs at libc's `syscall; cmp; jae; ret`, whose
+    `ret` pops libc's __restore_rt (see sigframe.py).  None when the process has
+    no such libc code or the stack no room.
+    """
+    xsize = x86_64.xstate_size()
+    areas = list(areas)
+    regs = ptrace.getregs(tid)
+    frame = (regs.rsp - 128 - sigframe.frame_size(xsize) - 64) & ~63      # below the red zone
+    stack = next((a for a in areas if a[0] <= regs.rsp - 1 < a[1] and a[2] & 2 and a[4]), None)
+    if stack is None or frame < stack[0]:
+        return None
+    with ProcMem(pid) as mem:
+        for start, end, prot, path, _ in areas:
+            if not (prot & 4 and "/libc.so" in path):
+                continue
+            code = mem.pread(end - start, start)
+            i, j = code.find(sigframe.LIBC_SYSCALL_RET), code.find(sigframe.LIBC_RESTORE_RT)
+            if i >= 0 and j >= 0:
+                return sigframe.Guard(start + i, frame, frame, start + j, xsize, x86_64.xfeatures())
+    return None
+
+
 class Remote:
     """Syscalls run in thread `tid`, which must be in a ptrace stop."""
 
@@ -82,7 +109,8 @@ class Remote:
         self.saved_regs = regs
         self.saved_mask = sigmask
 
-    def syscall(self, name: str, *args: int, check: bool = True, rsp: int | None = None) -> int:
+    def syscall(self, name: str, *args: int, check: bool = True, rsp: int | None = None,
+                at_exit=None) -> int:
         nr = x86_64.NR[name]
         regs = x86_64.Regs.from_buffer_copy(self.saved_regs)
         regs.rax = nr
@@ -102,6 +130,8 @@ class Remote:
         if self.per_call:
             ptrace.setsigmask(self.tid, ALL_SIGNALS)
         self._run_syscall()
+        if at_exit is not None:         # at the syscall-exit stop, registers still ours (tests)
+            at_exit()
         res = x86_64.to_signed(ptrace.getregs(self.tid).rax)
         if self.per_call:
             ptrace.setsigmask(self.tid, self.saved_mask)

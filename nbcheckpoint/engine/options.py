@@ -16,6 +16,9 @@ class Options:
     file_locks: bool = False        # --file-locks: dump and re-acquire file locks
     shell_job: bool = False         # --shell-job: session leader and tty master may be outside
     pidns: bool = False             # --pidns: restore into a new PID namespace (PIDs free there)
+    # leave-running dumps: copy private memory from a copy-on-write snapshot after the
+    # thaw (snapshot.py); False copies it all while the tree is frozen (--no-snapshot)
+    snapshot: bool = True
     # --inherit-fd fd[N]:KEY -- on restore, the object KEY (e.g. "socket:[1234]",
     # "pipe:[99]") is not recreated: the engine's fd N is used in its place.
     inherit_fd: dict[str, int] = field(default_factory=dict)

@@ -88,44 +88,54 @@ class _Pipeline:
         self.pool.shutdown(wait=True)
 
 
-def dump_private(pid: int, vmas, img, name: str, progress=None) -> int:
-    """Save the private pages of `vmas`; returns the bytes written."""
-    entries = img.messages(f"pagemap-{name}.img", "nbcheckpoint.images.PagemapEntry")
-    out = img.raw(f"pages-{name}.img")
-    scanner = PagemapScanner(pid)
-    runs = []
-    try:
-        for v in vmas:
-            for a, n in scanner.data_runs(v.start, v.end, anon_only=True):
-                entries.add(pagemap_pb2.PagemapEntry(vaddr=a, nr_pages=n // PAGE_SIZE))
-                runs.append((a, n, bool(v.prot & PROT_READ)))
-    finally:
-        scanner.close()
-    total_bytes = sum(n for _, n, _ in runs)
-    pipe = _Pipeline()
-    mem = None
-    done = 0
-    try:
-        for k, (direct, batch, total) in enumerate(_batches(runs)):
-            i = k % 2
-            pipe.wait(i)                  # this buffer's previous write is done
-            buf = pipe.bufs[i]
-            if direct:
-                vm_read(pid, buf.addr, batch)
-            else:
-                # process_vm_readv honours the target's protections; /proc/PID/mem does not.
-                mem = mem or ProcMem(pid)
-                buf.view[:total] = mem.pread(total, batch[0][0]) if len(batch) == 1 else b"".join(
-                    mem.pread(n, a) for a, n in batch)
-            pipe.submit(i, out.write, buf.view[:total])
-            done += total
-            if progress:
-                progress("pages", done, total_bytes)
-    finally:
-        pipe.close()
-        if mem:
-            mem.close()
-    return done
+class PrivatePages:
+    """pagemap-NAME.img and pages-NAME.img of one process, filled by one or more passes.
+
+    A --leave-running dump reads some VMAs out of the frozen process and the rest,
+    after the thaw, out of its snapshot (snapshot.py): both passes go to the same
+    files.  Runs need not be in address order; restore reads them as written.
+    """
+
+    def __init__(self, img, name: str):
+        self.entries = img.messages(f"pagemap-{name}.img", "nbcheckpoint.images.PagemapEntry")
+        self.out = img.raw(f"pages-{name}.img")
+
+    def dump(self, pid: int, vmas, progress=None) -> int:
+        """Save the private pages of `vmas` as process `pid` holds them; returns the bytes written."""
+        scanner = PagemapScanner(pid)
+        runs = []
+        try:
+            for v in vmas:
+                for a, n in scanner.data_runs(v.start, v.end, anon_only=True):
+                    self.entries.add(pagemap_pb2.PagemapEntry(vaddr=a, nr_pages=n // PAGE_SIZE))
+                    runs.append((a, n, bool(v.prot & PROT_READ)))
+        finally:
+            scanner.close()
+        total_bytes = sum(n for _, n, _ in runs)
+        pipe = _Pipeline()
+        mem = None
+        done = 0
+        try:
+            for k, (direct, batch, total) in enumerate(_batches(runs)):
+                i = k % 2
+                pipe.wait(i)                  # this buffer's previous write is done
+                buf = pipe.bufs[i]
+                if direct:
+                    vm_read(pid, buf.addr, batch)
+                else:
+                    # process_vm_readv honours the target's protections; /proc/PID/mem does not.
+                    mem = mem or ProcMem(pid)
+                    buf.view[:total] = mem.pread(total, batch[0][0]) if len(batch) == 1 else b"".join(
+                        mem.pread(n, a) for a, n in batch)
+                pipe.submit(i, self.out.write, buf.view[:total])
+                done += total
+                if progress:
+                    progress("pages", done, total_bytes)
+        finally:
+            pipe.close()
+            if mem:
+                mem.close()
+        return done
 
 
 def restore_private(pid: int, reader, name: str, index: VmaIndex, progress=None) -> int:

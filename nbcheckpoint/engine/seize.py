@@ -4,7 +4,10 @@ Threads and children may appear while we seize.  Each thread is seized with
 PTRACE_O_TRACECLONE|TRACEFORK|TRACEVFORK, so anything it creates afterwards
 starts traced and stopped; what existed before shows up when we list
 /proc/PID/task and /proc/PID/task/*/children again, which we do until a pass
-finds nothing new.  Zombies are recorded (with their exit status), not seized.
+finds nothing new.  Zombies are recorded (with their exit status), not seized;
+a zombie left by the snapshot of a leave-running dump whose engine died
+(snapshot.py: exit signal 0, exit status SNAPSHOT_EXIT or SIGKILL) is not part
+of the tree: it is recorded apart, for dump.py to reap.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import signal
 import time
 
 from .errors import DumpError, EngineError, SysError
+from .sigframe import SNAPSHOT_EXIT
 from .sys import proc, ptrace
 
 PTRACE_EVENT_FORK, PTRACE_EVENT_VFORK = 1, 2
@@ -29,6 +33,7 @@ class FrozenTree:
         self.tids: dict[int, list[int]] = {}    # pid -> tids, leader first
         self.zombies: dict[int, int] = {}       # pid -> wait status (proc(5) exit_code)
         self.stopped: set[int] = set()          # job-control stopped before the dump
+        self.leftovers: dict[int, int] = {}     # snapshot zombie of a dead engine -> its parent
         self._traced: set[int] = set()
 
     # --- freeze ---------------------------------------------------------------
@@ -43,7 +48,7 @@ class FrozenTree:
             while changed:
                 changed = False
                 for pid in [self.root] + [c for p in list(self.order) for c in _children(p)]:
-                    if pid in self.tids or pid in self.zombies:
+                    if pid in self.tids or pid in self.zombies or pid in self.leftovers:
                         continue
                     if self._freeze_process(pid):
                         changed = True
@@ -65,7 +70,11 @@ class FrozenTree:
         if not state:
             return False
         if state == "Z":
-            self.zombies[pid] = int(proc.stat(pid)[52])
+            st = proc.stat(pid)
+            if int(st[38]) == 0 and int(st[52]) in (SNAPSHOT_EXIT << 8, signal.SIGKILL):
+                self.leftovers[pid] = int(st[4])
+                return False
+            self.zombies[pid] = int(st[52])
             return True
         if state == "T":
             self.stopped.add(pid)

@@ -22,6 +22,23 @@ of libc's syscall wrappers, ``syscall; cmp $-4095,%rax; jae ..; ret``: the
 ``ret`` pops the frame's first word, libc's ``__restore_rt`` (``mov $15,%rax;
 syscall``), which returns the thread through the frame as above.
 
+The --leave-running snapshot (snapshot.py) forks the process with an injected
+``clone(CLONE_FILES)``, exit signal 0.  That call runs at a second gadget, CLONE_OFFSET
+bytes into the same page, with the same frame::
+
+    syscall                 ; clone: the parent gets the child's pid (or -errno), the child 0
+    test %rax, %rax
+    jnz  GADGET+2           ; the parent: rt_sigreturn through the frame, as above
+    mov  $231, %eax
+    mov  $SNAPSHOT_EXIT, %edi
+    syscall                 ; the child: exit_group(SNAPSHOT_EXIT)
+    ud2
+
+The child starts traced and stopped (PTRACE_O_TRACECLONE) and the engine never
+resumes it; were the engine to die before it sets PTRACE_O_EXITKILL on it, the
+kernel would let it go, and its first instructions are these: it exits at once
+and never runs the process's own code.
+
 Layouts: arch/x86/include/asm/sigframe.h (rt_sigframe), uapi/asm/sigcontext.h
 (sigcontext, _fpx_sw_bytes), kernel/signal_64.c (rt_sigreturn, restore_altstack).
 """
@@ -33,6 +50,15 @@ from typing import NamedTuple
 from .sys import x86_64
 
 GADGET = bytes.fromhex("0f05" "b80f000000" "0f05")
+SIGRETURN_OFFSET = 2                  # the `mov $15, %eax; syscall` of GADGET
+CLONE_OFFSET = 16
+SNAPSHOT_EXIT = 83                    # the exit status of a snapshot child that ran (it never should)
+_JNZ_NEXT = CLONE_OFFSET + 2 + 3 + 2  # the address after `jnz rel8`
+CLONE_GADGET = (bytes.fromhex("0f05" "4885c0" "75") + struct.pack("<b", SIGRETURN_OFFSET - _JNZ_NEXT)
+                + b"\xb8" + struct.pack("<I", 231) + b"\xbf" + struct.pack("<I", SNAPSHOT_EXIT)
+                + bytes.fromhex("0f05" "0f0b"))
+# What the dump writes at the start of its page: both gadgets, int3 between them.
+CODE = GADGET + b"\xcc" * (CLONE_OFFSET - len(GADGET)) + CLONE_GADGET
 UC_FP_XSTATE, UC_SIGCONTEXT_SS, UC_STRICT_RESTORE_SS = 0x1, 0x2, 0x4
 FP_XSTATE_MAGIC1, FP_XSTATE_MAGIC2 = 0x46505853, 0x46505845
 SW_BYTES_OFFSET = 464                 # _fpx_sw_bytes inside the legacy FXSAVE area

@@ -46,10 +46,14 @@ class MapLine:
         return self.path.endswith(" (deleted)")
 
 
-def maps(pid: int) -> list[MapLine]:
-    """/proc/PID/smaps: every VMA with its VmFlags (proc(5), "smaps")."""
+def maps(pid: int, vmflags: bool = True) -> list[MapLine]:
+    """/proc/PID/smaps: every VMA with its VmFlags (proc(5), "smaps").
+
+    vmflags=False reads /proc/PID/maps instead: no VmFlags, but no page-table
+    walk either (smaps counts every VMA's pages, which takes a while in a big process)."""
     out: list[MapLine] = []
-    for line in _read(f"/proc/{pid}/smaps", pid).decode("utf-8", "surrogateescape").splitlines():
+    name = "smaps" if vmflags else "maps"
+    for line in _read(f"/proc/{pid}/{name}", pid).decode("utf-8", "surrogateescape").splitlines():
         head = line.split(None, 1)[0] if line else ""
         if "-" in head and not head.endswith(":"):
             parts = line.split(None, 5)

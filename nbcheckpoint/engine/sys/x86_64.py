@@ -31,6 +31,8 @@ NR = dict(
     epoll_create1=291, inotify_init1=294, name_to_handle_at=303, open_by_handle_at=304,
     # file locks (files/locks.py)
     flock=73,
+    # the --leave-running snapshot (snapshot.py)
+    clone=56,
 )
 SYSCALL_NAMES = {v: k for k, v in NR.items()}
 
@@ -108,3 +110,9 @@ def cpuid(leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
 def xstate_size() -> int:
     """Bytes of XSAVE area for the features the OS enabled (CPUID.(0xD,0).EBX)."""
     return cpuid(0xD, 0)[1]
+
+
+def xfeatures() -> int:
+    """The XSAVE feature bits the CPU supports (CPUID.(0xD,0).EDX:EAX)."""
+    eax, _, _, edx = cpuid(0xD, 0)
+    return eax | (edx << 32)
