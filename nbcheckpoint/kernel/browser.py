@@ -64,6 +64,7 @@ class Browser:
         self.refresh_button.on_click(lambda _b: self.refresh())
         self.progress = W.FloatProgress(value=0.0, min=0.0, max=1.0, layout=W.Layout(visibility="hidden"))
         self.status = W.HTML()
+        self.message = ""
         self.grid = W.GridBox(layout=W.Layout(grid_template_columns=GRID, grid_gap="2px 8px"))
         self.widget = W.VBox([W.HBox([self.title, self.refresh_button]), self.grid,
                               W.HBox([self.progress, self.status])])
@@ -95,6 +96,7 @@ class Browser:
                             f"<code>{html.escape(str(store.root))}</code>")
 
     def say(self, text: str, error: bool = False) -> None:
+        self.message = text                 # the status line as plain text
         color = "#c00" if error else "inherit"
         self.status.value = f'<span style="color:{color}">{html.escape(text)}</span>'
 
