@@ -25,7 +25,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 NOTEBOOK = "demo.ipynb"
-UI_TIMEOUT = 60_000          # ms
+UI_TIMEOUT = 60_000          # ms, for every wait on the page (a cold JupyterLab loads slowly)
+expect.set_options(timeout=UI_TIMEOUT)
 
 
 def write_notebook(path: Path) -> None:
