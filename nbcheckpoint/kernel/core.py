@@ -139,7 +139,7 @@ class KernelSide:
                     prog.event(msg)
                 elif ev == "saved":
                     meta = msg.get("checkpoint") or {}
-                    prog.finish(f"saved, {format_size(meta.get('size_bytes'))}")
+                    prog.finish("done")
                     if not quiet:
                         print(saved_line(meta))
                     return self._record({"event": "saved", "checkpoint": meta})

@@ -161,7 +161,7 @@ def checkpoint_with_helper(side, name: str | None, quiet: bool, progress_cb) -> 
                     prog.finish("failed")
                     raise CheckpointError(res.get("message") or "the checkpoint failed")
                 meta = res["checkpoint"]
-                prog.finish(f"saved, {format_size(meta.get('size_bytes'))}")
+                prog.finish("done")
                 if not quiet:
                     from .core import saved_line
                     print(saved_line(meta))
