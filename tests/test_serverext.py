@@ -194,6 +194,14 @@ def wait_kernel_gone(kernel_id: str, timeout: float = 30) -> None:
     raise AssertionError(f"kernel {kernel_id} still has processes {timeout} s after its shutdown")
 
 
+def wait_for_kernels(server: Server, expected: set, timeout: float = 30) -> None:
+    """Until the server's kernels are EXPECTED and no other kernel's process is left."""
+    deadline = time.monotonic() + timeout
+    while {k["id"] for k in server.ok("GET", "/api/kernels")} != expected:
+        assert time.monotonic() < deadline, server.ok("GET", "/api/kernels")
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     s = Server(tmp_path_factory.mktemp("jupyter_server"))
@@ -375,6 +383,20 @@ def test_checkpoint_list_restore_delete(server):
             ws.close()
     asyncio.run(in_place())
     assert run_code(server, kid, "print(x)") == "41\n"
+
+    # a second live copy while this kernel runs: it works, or fails saying so and leaves no
+    # kernel behind (never an empty kernel passed off as the restored one)
+    before = {k["id"] for k in server.ok("GET", "/api/kernels")}
+    r = server.api("POST", f"{API}/restore", json={"name": "c1"})
+    if r.status_code == 200:
+        copy = r.json()["kernel_id"]
+        assert run_code(server, copy, "print(x)") == "41\n"
+        server.ok("DELETE", f"/api/kernels/{copy}", 204)
+        wait_kernel_gone(copy)
+    else:
+        assert r.status_code == 500, r.text
+        assert "restoring checkpoint 'c1' into a new kernel failed" in r.json()["message"], r.text
+        wait_for_kernels(server, before)
 
     # the kernel goes away: restore starts a new kernel (the session went away with the old one)
     server.ok("DELETE", f"/api/kernels/{kid}", 204)

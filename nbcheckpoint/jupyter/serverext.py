@@ -35,6 +35,7 @@ from ..store import Store, StoreError
 AUTH_RESOURCE = "nbcheckpoint"
 API_PREFIX = "nbcheckpoint/api"
 DEFAULT_KERNEL_NAME = "python3-checkpointable"
+RESTORE_TIMEOUT = 600            # s: a restore into a new kernel must be confirmed by then
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
@@ -240,6 +241,32 @@ class KernelCheckpointHandler(BaseHandler):
 
 
 class RestoreMixin:
+    async def confirm_restored(self, kernel_id: str, name: str) -> None:
+        """The kernel started from NAME really is NAME: its shim says so once the restore is
+        done.  Otherwise (the restore failed and the shim exited, or the restarter already
+        put a fresh kernel in its place) it is shut down and the request fails, rather than
+        handing the notebook an empty kernel."""
+        mkm = self.kernel_manager
+        prov = getattr(mkm.get_kernel(kernel_id), "provisioner", None)
+        if prov is None or not callable(getattr(prov, "status", None)):
+            return
+        try:
+            st = await asyncio.wait_for(prov.status(), RESTORE_TIMEOUT)
+            why = f"it runs {st.get('restored_from')!r}" if st.get("restored_from") else "it started empty"
+        except Exception as e:                    # the shim is gone, or never answered
+            self.log.warning("nbcheckpoint: no status from kernel %s: %s", kernel_id, e)
+            st, why = {}, "the kernel exited before it came up"
+        if st.get("restored_from") == name:
+            return
+        self.log.warning("nbcheckpoint: kernel %s is not restored from %s (%s): shutting it down",
+                         kernel_id, name, why)
+        try:
+            await mkm.shutdown_kernel(kernel_id, now=True)
+        except Exception:
+            self.log.exception("nbcheckpoint: shutting down kernel %s", kernel_id)
+        raise ApiError(500, f"restoring checkpoint {name!r} into a new kernel failed ({why}); the "
+                            "Jupyter server's log has the reason nbcheckpoint's shim gave")
+
     async def restore_new_kernel(self, name: str, ck, body: dict, old_kernel_id: str | None):
         """Start a kernel from checkpoint NAME; move the notebook's session to it."""
         meta = ck.meta
@@ -262,6 +289,7 @@ class RestoreMixin:
                 raise ApiError(409, f"checkpoint {name!r} was taken from a kernel of kernelspec "
                                     f"{kernel_name!r}, which this server does not have") from None
             raise
+        await self.confirm_restored(new_id, name)
         switched = None
         if session is not None:
             old = (session.get("kernel") or {}).get("id")
