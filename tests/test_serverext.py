@@ -13,6 +13,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -138,6 +139,7 @@ class Server:
             except psutil.Error:
                 pass
         self._log.close()
+        shutil.rmtree(os.readlink(self.base / "runtime"), ignore_errors=True)
 
 
 def wait_ready(kc, timeout: float = 60) -> None:

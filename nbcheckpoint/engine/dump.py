@@ -114,7 +114,7 @@ def dump(pid: int, images_dir, leave_running: bool = False, progress=None, optio
             snapshot.debug_kill("thawed")
             for d in procs:
                 if d.snapshot is not None:
-                    pages_bytes += d.pages.dump(d.snapshot.child, d.forked_vmas(), progress)
+                    pages_bytes += d.pages.dump(d.snapshot.child, d.forked_vmas(), progress, shared_cow=True)
                     d.snapshot.release()
             copy_s = time.monotonic() - t0
         if progress:

@@ -100,8 +100,13 @@ class PrivatePages:
         self.entries = img.messages(f"pagemap-{name}.img", "nbcheckpoint.images.PagemapEntry")
         self.out = img.raw(f"pages-{name}.img")
 
-    def dump(self, pid: int, vmas, progress=None) -> int:
-        """Save the private pages of `vmas` as process `pid` holds them; returns the bytes written."""
+    def dump(self, pid: int, vmas, progress=None, shared_cow: bool = False) -> int:
+        """Save the private pages of `vmas` as process `pid` holds them; returns the bytes written.
+
+        shared_cow: the pages are shared copy-on-write with another process (a
+        snapshot): read them all through /proc/PID/mem, because process_vm_readv
+        would make the kernel copy each one before reading it (sys/memory.py).
+        """
         scanner = PagemapScanner(pid)
         runs = []
         try:
@@ -120,13 +125,15 @@ class PrivatePages:
                 i = k % 2
                 pipe.wait(i)                  # this buffer's previous write is done
                 buf = pipe.bufs[i]
-                if direct:
+                if direct and not shared_cow:
                     vm_read(pid, buf.addr, batch)
                 else:
                     # process_vm_readv honours the target's protections; /proc/PID/mem does not.
                     mem = mem or ProcMem(pid)
-                    buf.view[:total] = mem.pread(total, batch[0][0]) if len(batch) == 1 else b"".join(
-                        mem.pread(n, a) for a, n in batch)
+                    off = 0
+                    for a, n in batch:
+                        mem.readinto(buf.view[off:off + n], a)
+                        off += n
                 pipe.submit(i, self.out.write, buf.view[:total])
                 done += total
                 if progress:

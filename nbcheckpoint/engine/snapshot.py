@@ -15,7 +15,9 @@ like Redis's BGSAVE, except that the fork is injected:
    before its first instruction; the engine never resumes it and sets
    PTRACE_O_EXITKILL on it;
 2. the tree is thawed; the pages are read out of the children (pages.py:
-   PAGEMAP_SCAN + process_vm_readv) while the processes run;
+   PAGEMAP_SCAN, then /proc/PID/mem -- not process_vm_readv, whose pinning of
+   a page shared copy-on-write makes the kernel copy it first) while the
+   processes run;
 3. each child is SIGKILLed and waited for (we are its tracer); that leaves a
    zombie only its parent can reap, so one thread of the parent is interrupted
    for one injected ``wait4(child, NULL, __WALL|WNOHANG, NULL)`` (:meth:`Snapshot.release`).

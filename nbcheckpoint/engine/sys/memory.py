@@ -2,7 +2,11 @@
 
 - process_vm_readv/writev: fastest (5+ GB/s here) but refuses pages the
   target cannot access with its own protections (read-only, PROT_NONE);
-- /proc/PID/mem: slower, but writes through any protection (FOLL_FORCE);
+- /proc/PID/mem: slower, but writes through any protection (FOLL_FORCE), and
+  takes page references (FOLL_GET) where process_vm_readv pins them (FOLL_PIN):
+  pinning an anonymous page that is shared copy-on-write makes the kernel copy
+  it first ("unshare", mm/gup.c gup_must_unshare), so reading a fork's memory
+  through process_vm_readv would duplicate all of it;
 - PAGEMAP_SCAN (Linux 6.7, fs.h): the present/swapped, non-zero-page runs of a
   range in one ioctl, which is how we skip never-touched and zero pages.
 """
@@ -95,6 +99,19 @@ class ProcMem:
         if len(data) != size:
             raise SysError(14, f"read /proc/{self.pid}/mem", self.pid, f"short read at {addr:#x}")
         return data
+
+    def readinto(self, buf, addr: int) -> None:
+        """Fill the writable buffer `buf` from `addr`, with no copy in between."""
+        view = memoryview(buf).cast("B")
+        while view:
+            try:
+                n = os.preadv(self.fd, [view], addr)
+            except OSError as e:
+                raise SysError(e.errno or 0, f"read /proc/{self.pid}/mem", self.pid, f"at {addr:#x}") from None
+            if n == 0:
+                raise SysError(14, f"read /proc/{self.pid}/mem", self.pid, f"short read at {addr:#x}")
+            view = view[n:]
+            addr += n
 
     def close(self) -> None:
         if self.fd >= 0:
