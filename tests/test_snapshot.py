@@ -8,6 +8,7 @@ by an injected clone; the private pages are read out of those children after the
   private file mapping), and the restored process finds every page as its counters say;
 - the snapshot sees what the frozen process sees (same page runs, same bytes);
 - the freeze is short, measured from inside the target, and nothing is left behind;
+- reading the snapshot does not copy it (the pages stay shared with the running process);
 - the engine killed at the clone, after it, or while the pages stream: the target lives
   on, no copy of it ever runs its code, and the next dump reaps the dead child;
 - a refused clone (pids.max) falls back to the frozen copy, and says so.
@@ -256,6 +257,27 @@ def test_frozen_only_briefly(engine, launch, images):
     assert snap_stats.frozen_seconds < copy_stats.frozen_seconds / 3, report
     assert _tasks(t.pid) == tasks and _children(t.pid) == [], (_tasks(t.pid), _children(t.pid))
     assert not _untouched(t.pid), _untouched(t.pid)
+    t.expect_pass()
+
+
+def test_reading_the_snapshot_copies_nothing(engine, launch, images):
+    """The snapshot's pages are read without breaking their sharing: at the end of the stream
+    the target's static 256 MiB are still shared with its fork (process_vm_readv would have
+    made the kernel copy each page first: GUP unshare of FOLL_PIN on a shared anonymous page)."""
+    t = launch("cow_churn", args=(8, 256))
+    time.sleep(0.3)
+    seen, thawed = [], []
+
+    def progress(phase, done, total):
+        if phase == "thawed":
+            thawed.append(True)
+        elif phase == "pages" and thawed and done == total and total >= 256 << 20:
+            with open(f"/proc/{t.pid}/smaps_rollup") as f:
+                seen.append(next(int(ln.split()[1]) for ln in f if ln.startswith("Shared_Dirty:")) << 10)
+
+    stats = engine.dump(t.pid, str(images()), leave_running=True, progress=progress)
+    assert stats.snapshot and len(seen) == 1, (stats, seen)
+    assert seen[0] >= 250 << 20, f"only {seen[0] >> 20} MiB of the target still shared at the end of the stream"
     t.expect_pass()
 
 
