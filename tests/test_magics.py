@@ -335,3 +335,42 @@ def test_helper_mode_in_a_plain_kernel(kernels, store, tmp_path):
             os.kill(restored, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_restore_in_place_from_another_kernel_adopts_the_key(kernels, store):
+    a = kernels()
+    a.ok("who = 'kernel a'")
+    a.ok("%checkpoint from-a")
+    key_a = json.loads(Path(a.km.connection_file).read_text())["key"]
+    a.stop()
+    b = kernels()
+    assert json.loads(Path(b.km.connection_file).read_text())["key"] != key_a
+    b.ok("who = 'kernel b'")
+    b.kc.execute("%restore from-a")
+    # the restored kernel signs with b's key (the shim's `restored` event), or b's client
+    # would drop everything it says
+    b.wait_answering()
+    assert b.ok("print(who)").strip() == "kernel a"
+    assert b.ok("print(get_ipython().kernel.session.key.decode())").strip() == \
+        json.loads(Path(b.km.connection_file).read_text())["key"]
+
+
+def test_checkpoint_taken_while_idle_runs_the_restore_hooks(kernels, store):
+    k = kernels()
+    k.ok(HOOKS)
+    k.ok("import threading\nthreads = []\n"
+         "@nbcheckpoint.on_restore\ndef where():\n"
+         "    threads.append(threading.current_thread() is threading.main_thread())")
+    ans = k.admin({"op": "checkpoint", "name": "idle"})        # as the toolbar button does
+    assert ans["event"] == "saved", ans
+    k.stop()
+    k2 = kernels(restore="idle")
+    # no magic was waiting in the image: the listener runs the hooks on the main thread
+    deadline = time.monotonic() + 30
+    while True:
+        out = k2.ok("print(events)")
+        if "restore" in out or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert out.strip() == "[('restore', 'idle')]", out
+    assert k2.ok("print(threads)").strip() == "[True]"
