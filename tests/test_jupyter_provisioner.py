@@ -235,6 +235,28 @@ def test_errors_leave_the_kernel_untouched(tmp_path, store):
     arun(main())
 
 
+def test_failed_restore_raises(tmp_path, store):
+    """A restore that fails in the shim fails start_kernel, with the reason; no empty kernel
+    passes for the restored one.  Here: the original still runs and holds the loopback
+    port of its own internal listener, which the copy needs."""
+    async def main():
+        k = await K(tmp_path).start()
+        try:
+            await k.ok("x = 1")
+            await k.km.provisioner.checkpoint(name="ck")
+            k2 = K(tmp_path, restore="ck")
+            try:
+                with pytest.raises(StoreError, match="restoring checkpoint 'ck' failed: .*(address|Address)"):
+                    await k2.start()
+            finally:
+                await k2.stop()
+            out = await k.ok("print(x)")                  # the original is unharmed
+            assert out.strip() == "1"
+        finally:
+            await k.stop()
+    arun(main())
+
+
 def test_interrupt_shutdown_and_death(tmp_path, store):
     async def main():
         k = await K(tmp_path).start()

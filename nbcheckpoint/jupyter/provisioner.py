@@ -70,7 +70,7 @@ class CheckpointableProvisioner(LocalProvisioner):
         kwargs = await super().pre_launch(**kwargs)
         kid = getattr(km, "kernel_id", None) or kwargs.get("kernel_id") or uuid.uuid4().hex
         runtime = os.path.dirname(km.connection_file) or "."
-        self._admin_path = os.path.join(runtime, f"nbcheckpoint-{kid}.sock")
+        self._admin_path = _admin_path(runtime, kid)
         cmd = list(kwargs["cmd"])
         if cmd and os.path.basename(cmd[0]) in ("python", "python3"):
             cmd[0] = sys.executable                # the Python this server runs, as ipykernel's own spec
@@ -126,6 +126,29 @@ class CheckpointableProvisioner(LocalProvisioner):
             os.close(fd)
         self._listener_fds = []
         await super().post_launch(**kwargs)
+        if self._restore_name:
+            await self._wait_restored(self._restore_name)
+
+    async def _wait_restored(self, name: str, timeout: float = 600) -> None:
+        """Return once the shim has restored the kernel; raise with its error if it failed
+        (otherwise the manager would take a dead start for a kernel, and a restarter
+        would quietly replace it by an empty one)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                raise StoreError(f"restoring checkpoint {name!r} failed: the kernel's shim exited "
+                                 f"with status {self.process.returncode if self.process else '?'} (see the server log)")
+            try:
+                st = await self._request({"op": "status"}, timeout=5)
+            except StoreError as e:
+                raise StoreError(f"restoring checkpoint {name!r} failed: {e}") from None
+            except (control.ControlError, OSError, TimeoutError):
+                await asyncio.sleep(0.02)
+                continue
+            if st.get("restored_from") == name:
+                return
+            await asyncio.sleep(0.02)
+        raise StoreError(f"restoring checkpoint {name!r} did not finish within {timeout:.0f} s")
 
     # ------------------------------------------------------------------ checkpoint / restore
 
@@ -136,7 +159,7 @@ class CheckpointableProvisioner(LocalProvisioner):
 
         def call():
             for _ in range(200):                        # the shim may still be binding its socket
-                if os.path.exists(path):
+                if os.path.exists(path) or self.process is None or self.process.poll() is not None:
                     break
                 time.sleep(0.05)
             ch = control.Channel.connect(path)
@@ -174,3 +197,17 @@ class CheckpointableProvisioner(LocalProvisioner):
             except OSError:
                 pass
         await super().cleanup(restart=restart)
+
+
+def _admin_path(runtime: str, kid: str) -> str:
+    """The shim's admin socket: in Jupyter's runtime dir, or, where that path would be too
+    long for a unix socket (108 bytes), in a private directory under /tmp."""
+    path = os.path.join(runtime, f"nbcheckpoint-{kid}.sock")
+    if len(os.fsencode(path)) < 100:
+        return path
+    d = os.path.join("/tmp", f"nbcheckpoint-{os.getuid()}")
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    st = os.lstat(d)
+    if st.st_uid != os.getuid() or st.st_mode & 0o077 or not os.path.isdir(d):
+        raise StoreError(f"{d} must be a directory private to you (mode 0700) for the kernel's admin socket")
+    return os.path.join(d, f"{kid[:36]}.sock")

@@ -79,7 +79,10 @@ class Shim:
         self.exit_code: int | None = None
         self.pidfd = -1
         self.pidfd_watched = False
-        self.loop_running = False
+        self.starting = True
+        self.start_error: str | None = None
+        self.exit_deadline = 0.0
+        self.preparing: dict[str, threading.Event] = {}   # prepare requests awaiting the kernel
         # the pty: the shim keeps the slave open, so the master never sees EIO and a
         # restored kernel can be handed the same terminal (--shell-job / inherit-fd)
         self.pty_master, self.pty_slave = os.openpty()
@@ -116,8 +119,7 @@ class Shim:
             self.init_pid = self.kernel_pid = self._spawn_plain(argv, env, fds)
         self.control_ino = os.fstat(theirs.fileno()).st_ino
         theirs.close()
-        self._set_control(control.Channel(ours))
-        self._watch_init()
+        self._install(control.Channel(ours))
         log(f"kernel started: pid {self.kernel_pid}" + (" in a new PID namespace" if self.pidns else ""))
 
     def _spawn_plain(self, argv, env, fds) -> int:
@@ -144,6 +146,20 @@ class Shim:
         if self.pidfd >= 0 and not self.pidfd_watched:
             self.sel.register(self.pidfd, selectors.EVENT_READ, self._on_init_exit)
             self.pidfd_watched = True
+
+    def _install(self, ch: control.Channel) -> None:
+        """From the engine thread: the new kernel's control channel and init, watched by
+        the main loop (the selector is only touched there)."""
+        done = threading.Event()
+
+        def swap():
+            try:
+                self._set_control(ch)
+                self._watch_init()
+            finally:
+                done.set()
+        self.post(swap)
+        done.wait()
 
     def _set_control(self, ch: control.Channel) -> None:
         if self.control is not None:
@@ -179,31 +195,31 @@ class Shim:
             self.sel.register(admin, selectors.EVENT_READ, lambda: self._on_accept(admin))
         worker = threading.Thread(target=self._engine_thread, name="engine", daemon=True)
         worker.start()
-        # the first launch or restore runs in the engine thread too: the restored
-        # init is created there (its PR_SET_PDEATHSIG follows the creating thread)
-        done = threading.Event()
-        err: list[BaseException] = []
+        # the first launch or restore runs in the engine thread too (the restored init
+        # is created there: its PR_SET_PDEATHSIG follows the creating thread), while this
+        # loop already answers `status` ("starting", then the outcome)
+        self.busy.acquire()
 
         def first():
             try:
                 self.start()
-            except BaseException as e:
-                err.append(e)
+            except BaseException as e:          # noqa: BLE001 -- reported to the manager
+                if not isinstance(e, (engine.EngineError, StoreError)):
+                    log(traceback.format_exc())
+                log(f"could not start the kernel: {e}")
+                self.start_error = str(e) or type(e).__name__
+                # the provisioner asks for the outcome; leave soon whether or not it does
+                self.post(lambda: setattr(self, "exit_deadline", time.monotonic() + 5))
             finally:
-                done.set()
-        self.busy.acquire()
+                self.starting = False
+                self.busy.release()
         self.jobs.put(first)
-        done.wait()
-        self.busy.release()
-        if err:
-            e = err[0]
-            log(f"could not start the kernel: {e}")
-            return 1
-        self.loop_running = True
         try:
             while self.exit_code is None:
-                for key, _ in self.sel.select(timeout=1.0):
+                for key, _ in self.sel.select(timeout=0.2):
                     key.data()
+                if self.exit_deadline and time.monotonic() > self.exit_deadline:
+                    self.exit_code = 1
         finally:
             if admin is not None:
                 try:
@@ -295,8 +311,17 @@ class Shim:
             raise
         rid = msg.get("id") or control.new_id()
         op = msg.get("op")
+        if msg.get("event") == "prepared" and ch is self.control:
+            ev = self.preparing.get(rid)
+            if ev is not None:
+                ev.set()
+            return
+        if op == "status" and self.start_error:
+            self._reply(ch, {"event": "error", "id": rid, "message": self.start_error})
+            self.exit_deadline = time.monotonic() + 0.5
+            return
         if op == "status":
-            self._reply(ch, {"event": "status", "id": rid, "busy": self.busy.locked(),
+            self._reply(ch, {"event": "status", "id": rid, "busy": self.busy.locked(), "starting": self.starting,
                              "kernel_pid": self.kernel_pid, "init_pid": self.init_pid,
                              "restored_from": self.restored_from, "lineage": self.lineage,
                              "parent": self.parent, "store": str(self.store.root)})
@@ -346,10 +371,31 @@ class Shim:
 
     # ------------------------------------------------------------------ operations (engine thread)
 
+    def _prepare_kernel(self, timeout: float = 10.0) -> None:
+        """Before a checkpoint the kernel did not ask for itself (from the server or a tool):
+        let the kernel side quiesce -- run its on_checkpoint hooks and write out IPython's
+        history, so that no database transaction is open in the image.  A kernel without
+        nbcheckpoint's extension never answers: go on after the timeout."""
+        if self.control is None:
+            return
+        pid = control.new_id()
+        ev = self.preparing[pid] = threading.Event()
+        try:
+            self.control.send({"event": "prepare", "id": pid})
+            if not ev.wait(timeout):
+                log("the kernel did not answer 'prepare' (is nbcheckpoint's extension loaded?); "
+                    "checkpointing it as it is")
+        except control.ControlError:
+            pass
+        finally:
+            self.preparing.pop(pid, None)
+
     def _checkpoint(self, msg: dict, rid: str, ch: control.Channel) -> None:
         name = msg.get("name") or self.store.new_name()
         pending = self.store.begin(name)
         t0 = time.time()
+        if ch is not self.control:
+            self._prepare_kernel()
         try:
             opts = Options(leave_running=True, tcp_established=True, ext_unix_sk=True, shell_job=True,
                            file_locks=True)
@@ -465,17 +511,7 @@ class Shim:
         # the thread that was waiting on the control socket in the image wakes up with this
         self._reply(chan, {"event": "restored", "id": meta.get("request_id"), "checkpoint": public(meta),
                            "key": self.conn.get("key", "")})
-        done = threading.Event()
-
-        def swap():
-            self._set_control(chan)
-            self._watch_init()
-            done.set()
-        if self.loop_running:
-            self.post(swap)
-            done.wait()
-        else:                                       # first start: the main thread only waits for us
-            swap()
+        self._install(chan)
         log(f"kernel restored from {ck.name!r}: pid {self.kernel_pid}, {res.seconds:.2f} s")
 
 
