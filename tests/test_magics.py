@@ -374,3 +374,38 @@ def test_checkpoint_taken_while_idle_runs_the_restore_hooks(kernels, store):
         time.sleep(0.2)
     assert out.strip() == "[('restore', 'idle')]", out
     assert k2.ok("print(threads)").strip() == "[True]"
+
+
+def test_restored_kernel_finishes_the_restore_cell_of_the_one_it_replaced(kernels, store, monkeypatch):
+    """%restore sends the cell it runs in as `origin`; a `restored` event carrying it back
+    makes the restored kernel end that cell for its client: output, execute_reply, idle.
+    (The event is made here in the kernel itself, as the shim would send it.)"""
+    monkeypatch.setenv("NBCHECKPOINT_CLIENT_WAIT", "1")
+    k = kernels()
+    code = ("from nbcheckpoint.kernel import core, frontend\n"
+            "kernel = get_ipython().kernel\n"
+            "origin = frontend.current_origin(kernel)\n"
+            "core.get().listener._dispatch({'event': 'restored', 'id': 'none-pending', 'key': "
+            "kernel.session.key.decode(), 'origin': origin, 'checkpoint': {'name': 'fake', 'created': 0}})\n")
+    msg_id = k.kc.execute(code)
+    replies, texts, idle = [], [], 0
+    deadline = time.monotonic() + 60
+    while (len(replies) < 2 or idle < 2) and time.monotonic() < deadline:
+        try:
+            m = k.kc.get_shell_msg(timeout=0.2)
+            if m["parent_header"].get("msg_id") == msg_id:
+                replies.append(m["content"])
+        except Exception:
+            pass
+        try:
+            m = k.kc.get_iopub_msg(timeout=0.2)
+        except Exception:
+            continue
+        if m["parent_header"].get("msg_id") == msg_id:
+            if m["msg_type"] == "stream":
+                texts.append(m["content"]["text"])
+            elif m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
+                idle += 1
+    assert [r["status"] for r in replies] == ["ok", "ok"], replies
+    assert idle == 2 and "restored in place from 'fake'" in "".join(texts), texts
+    assert k.ok("print('still fine')").strip() == "still fine"
