@@ -6,7 +6,11 @@ Public API::
     restore(images_dir, progress=None, options=None) -> RestoreResult
     show(images_dir) -> str
 
-``progress``, when given, is called as ``progress(phase, done, total)``.
+``progress``, when given, is called as ``progress(phase, done, total)``; a dump
+reports ``frozen``, ``pages`` (bytes), ``no-snapshot`` (a process of a
+leave-running dump could not be forked: it is copied while frozen),
+``thawed`` (leave-running: the tree runs again while the image is written)
+and ``sync``.
 The restored process is a child of the calling process (reap it, or let the
 CLI's ``--detach`` hand it to init).
 """

@@ -159,16 +159,17 @@ class _Proc:
     nbytes: int                 # shmem bytes saved so far
     snapshot: snapshot.Snapshot | None = None
     private: list = field(default_factory=list)
+    not_in_child: list = field(default_factory=list)    # VMAs the fork unexpectedly lacks
 
     def frozen_vmas(self) -> list:
         """The private VMAs to read out of the frozen process."""
         if self.snapshot is None:
             return self.private
-        return [v for v in self.private if not snapshot.forked_intact(v)]
+        return [v for v in self.private if not snapshot.forked_intact(v) or v in self.not_in_child]
 
     def forked_vmas(self) -> list:
         """The private VMAs a snapshot child holds as they were."""
-        return [v for v in self.private if snapshot.forked_intact(v)]
+        return [v for v in self.private if snapshot.forked_intact(v) and v not in self.not_in_child]
 
 
 class PidView:
@@ -301,6 +302,10 @@ def _take_snapshot(d: _Proc, snaps: list, progress) -> snapshot.Snapshot | None:
                 snap = snapshot.take(d.pid, d.syscall_addr, base, guard, base + 256)
                 snaps.append(snap)
                 snap.attach()
+            d.not_in_child = snap.missing(d.forked_vmas())
+            if d.not_in_child:
+                log.warning("process %d: its snapshot lacks %s; they are copied while the tree is frozen", d.pid,
+                            ", ".join(f"{v.start:#x}-{v.end:#x}" for v in d.not_in_child))
             return snap
         except snapshot.CloneFailed as e:
             why = str(e)

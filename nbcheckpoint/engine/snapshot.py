@@ -45,6 +45,7 @@ dump says so (a warning, progress phase "no-snapshot", DumpStats.snapshot).
 """
 from __future__ import annotations
 
+import bisect
 import errno
 import logging
 import os
@@ -110,6 +111,19 @@ class Snapshot:
             raise SysError(errno.ESRCH, "snapshot child", self.child, f"it died at once (status {status:#x})")
         ptrace.setoptions(self.child, ptrace.PTRACE_O_EXITKILL | ptrace.PTRACE_O_TRACESYSGOOD)
         debug_kill("snapshot")
+
+    def missing(self, vmas) -> list:
+        """The VMAs of `vmas` the child does not map over their whole range (none are
+        expected: the caller reads those out of the frozen process instead)."""
+        spans = sorted((m.start, m.end) for m in proc.maps(self.child, vmflags=False))
+        out = []
+        for v in vmas:
+            pos, i = v.start, bisect.bisect_right(spans, (v.start, 1 << 64)) - 1
+            while 0 <= i < len(spans) and spans[i][0] <= pos < spans[i][1] and pos < v.end:
+                pos, i = spans[i][1], i + 1
+            if pos < v.end:
+                out.append(v)
+        return out
 
     def release(self) -> None:
         """Kill the child and reap it from its parent; idempotent, never raises for the reap."""
