@@ -355,7 +355,10 @@ def test_restore_in_place_from_another_kernel_adopts_the_key(kernels, store):
         json.loads(Path(b.km.connection_file).read_text())["key"]
 
 
-def test_checkpoint_taken_while_idle_runs_the_restore_hooks(kernels, store):
+def test_checkpoints_taken_from_outside_idle_and_mid_cell(kernels, store):
+    """Checkpoints the kernel did not ask for (server, toolbar): the shim's `prepare` runs
+    the on_checkpoint hooks, even while a cell keeps the main thread busy, and the
+    restored kernel runs the on_restore hooks on its main thread."""
     k = kernels()
     k.ok(HOOKS)
     k.ok("import threading\nthreads = []\n"
@@ -363,17 +366,34 @@ def test_checkpoint_taken_while_idle_runs_the_restore_hooks(kernels, store):
          "    threads.append(threading.current_thread() is threading.main_thread())")
     ans = k.admin({"op": "checkpoint", "name": "idle"})        # as the toolbar button does
     assert ans["event"] == "saved", ans
+    assert k.ok("print(events)").strip() == "[('checkpoint', None)]"
+    # mid-cell: the checkpoint does not wait for the cell
+    k.kc.execute("import time\ndone = []\nfor i in range(40):\n    time.sleep(0.1)\n    done.append(i)\n"
+                 "print('loop finished', len(done), events)")
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    ans = k.admin({"op": "checkpoint", "name": "mid"})
+    assert ans["event"] == "saved" and time.monotonic() - t0 < 5, (ans, time.monotonic() - t0)
+    assert "did not answer 'prepare'" not in k.tail()
     k.stop()
-    k2 = kernels(restore="idle")
-    # no magic was waiting in the image: the listener runs the hooks on the main thread
+
+    k2 = kernels(restore="mid", wait=False)
+    seen = k2.stream_until("loop finished")            # the restored kernel finishes the cell
+    assert "loop finished 40 [('checkpoint', None), ('checkpoint', None)]" in seen, seen
+    # the on_restore hooks wait for the main thread: they run once the cell is over
+    k2.kc.wait_for_ready(timeout=60)
+    assert k2.ok("print(events[2:], threads)").strip() == "[('restore', 'mid')] [True]"
+    k2.stop()          # one copy of a kernel at a time: its internal loopback listener keeps its port
+
+    k3 = kernels(restore="idle")
+    # no magic was waiting in this image: the listener runs the hooks on the main thread
     deadline = time.monotonic() + 30
     while True:
-        out = k2.ok("print(events)")
+        out = k3.ok("print(events, threads)")
         if "restore" in out or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert out.strip() == "[('restore', 'idle')]", out
-    assert k2.ok("print(threads)").strip() == "[True]"
+    assert out.strip() == "[('checkpoint', None), ('restore', 'idle')] [True]", out
 
 
 def test_restored_kernel_finishes_the_restore_cell_of_the_one_it_replaced(kernels, store, monkeypatch):

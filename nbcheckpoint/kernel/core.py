@@ -17,6 +17,7 @@ import os
 import socket
 import sys
 import threading
+import time
 
 from .. import control
 from ..store import Store, StoreError
@@ -268,6 +269,44 @@ def flush_history(shell) -> None:
         hm.writeout_cache()
     except Exception:
         pass
+
+
+def quiesce_history(shell):
+    """From any thread: make sure no history write is under way or starts for a while.
+
+    Waits until IPython's history cache is written out and no write holds its locks, then
+    raises the cache size so that new lines stay in memory (the saving thread is not woken).
+    Returns a function that puts things back, or None when there is no history.
+    """
+    hm = getattr(shell, "history_manager", None)
+    if hm is None or not getattr(hm, "enabled", False):
+        return None
+    deadline = time.monotonic() + 5.0
+    while True:
+        with hm.db_input_cache_lock, hm.db_output_cache_lock:
+            if (not hm.db_input_cache and not hm.db_output_cache) or time.monotonic() > deadline:
+                with _quiet_lock:
+                    if _quiet[0] == 0:
+                        _quiet[1] = hm.db_cache_size
+                        hm.db_cache_size = 1 << 30
+                    _quiet[0] += 1
+                break
+        hm.save_flag.set()                   # let the saving thread write what is cached
+        time.sleep(0.01)
+
+    def resume():
+        with _quiet_lock:
+            _quiet[0] -= 1
+            if _quiet[0]:
+                return                       # another quiet period is still on
+            hm.db_cache_size = _quiet[1]
+        if hm.db_input_cache or hm.db_output_cache:
+            hm.save_flag.set()
+    return resume
+
+
+_quiet = [0, 0]                  # quiet periods under way, the cache size to go back to
+_quiet_lock = threading.Lock()
 
 
 def new_history_session(shell) -> None:

@@ -27,7 +27,7 @@ import traceback
 from pathlib import Path
 
 from ..store import Store, StoreError
-from .progress import Progress, format_size
+from .progress import Progress
 
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 SPAWN_TIMEOUT = 30.0

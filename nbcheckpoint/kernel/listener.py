@@ -119,6 +119,10 @@ class Listener:
             self.last_restored = msg
             self._adopt_key(msg.get("key"))
             msg["_subs"] = frontend.watch.count     # IOPub subscriptions before this restore
+        if event == "prepare":
+            threading.Thread(target=self._prepare, args=(msg,), name="nbcheckpoint-prepare",
+                             daemon=True).start()
+            return
         with self._lock:
             p = self._pending.get(msg.get("id"))
         if p is not None:
@@ -132,6 +136,44 @@ class Listener:
             self._on_main(_unsolicited_restore, self.kernel, msg)
         else:
             log.debug("nbcheckpoint: control message for no pending request: %r", msg)
+
+    def _prepare(self, msg: dict) -> None:
+        """The shim is about to checkpoint this kernel for someone else (server, toolbar).
+
+        Quiesce IPython's history (no database transaction may be open in the image), run
+        the on_checkpoint hooks -- on the main thread when it is idle, here when a cell
+        keeps it busy (the checkpoint must not wait for the cell) -- and answer `prepared`.
+        """
+        from .core import quiesce_history
+        shell = getattr(self.kernel, "shell", None)
+        resume = quiesce_history(shell)
+        claim = threading.Lock()
+        done = threading.Event()
+
+        def run_hooks():
+            if claim.acquire(blocking=False):
+                try:
+                    hooks.run("checkpoint", {"name": msg.get("name")})
+                finally:
+                    done.set()
+        try:
+            if self.kernel is not None and getattr(self.kernel, "io_loop", None) is not None:
+                self._on_main(run_hooks)
+                if not done.wait(1.0):
+                    run_hooks()                 # the main thread is busy: run them here
+                done.wait()
+            else:
+                run_hooks()
+        finally:
+            try:
+                self.channel.send({"event": "prepared", "id": msg.get("id")})
+            except ControlError:
+                pass
+            if resume is not None:
+                # the checkpoint is taken right after `prepared`; history writes resume later
+                t = threading.Timer(10.0, resume)
+                t.daemon = True
+                t.start()
 
     def _adopt_key(self, key) -> None:
         if not isinstance(key, str) or self.kernel is None:
