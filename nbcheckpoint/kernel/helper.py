@@ -165,7 +165,8 @@ def checkpoint_with_helper(side, name: str | None, quiet: bool, progress_cb) -> 
                 if not quiet:
                     from .core import saved_line
                     print(saved_line(meta))
-                    print(helper_mode_note(name, store.root / name / "image"))
+                    print(helper_mode_note(name, restore_command(store.root / name / "image",
+                                                                 bool(meta.get("shell_job")))))
                 shutil.rmtree(work, ignore_errors=True)
                 return side._record({"event": "saved", "checkpoint": meta, "mode": "helper"})
             if not _alive(helper_pid) and not os.path.exists(done):
@@ -204,13 +205,13 @@ def _kernel_id(cf: str) -> str | None:
     return None
 
 
-def helper_mode_note(name: str, image) -> str:
+def helper_mode_note(name: str, command: str) -> str:
     from .core import CHECKPOINTABLE
     return (f"note: this kernel is not \"{CHECKPOINTABLE}\", so nbcheckpoint took this checkpoint "
             "with a helper process: %restore and the \"restored\" return of %checkpoint need the "
             f"checkpointable kernel. To bring '{name}' back, shut this kernel down and run "
-            f"`nbcheckpoint restore -D {image} --tcp-close --file-locks -d` (same ports, same "
-            "connection file; reconnect the notebook to it).")
+            f"`{command}` from a terminal (same ports, same connection file; reconnect the "
+            "notebook to it).")
 
 
 # ---------------------------------------------------------------------------- the helper
@@ -224,6 +225,17 @@ def _listeners(image: Path, conn: dict) -> dict[str, int]:
         if f.kind == files_pb2.INET and f.inet.state == 10 and f.inet.src_port in ports:
             out.setdefault(ports[f.inet.src_port], f.inet.ino)
     return out
+
+
+def _has_outside_terminal(image: Path) -> bool:
+    from ..engine.images import files_pb2, imagedir
+    return any(f.kind == files_pb2.TTY and f.tty.external
+               for f in imagedir.ImageReader(str(image)).messages("files.img", files_pb2.FileEntry))
+
+
+def restore_command(image, shell_job: bool) -> str:
+    return (f"nbcheckpoint restore -D {image} --tcp-close --file-locks"
+            + (" --shell-job" if shell_job else "") + " -d")
 
 
 def _write_done(work: Path, result: dict) -> None:
@@ -243,7 +255,9 @@ def run_helper(work: Path) -> int:
             conn = json.load(f)
         pending = store.begin(args["name"])
         t0 = time.time()
-        opts = Options(leave_running=True, tcp_established=True, file_locks=True, ext_unix_sk=True)
+        # shell_job: a kernel whose server runs in a terminal keeps that terminal open
+        opts = Options(leave_running=True, tcp_established=True, file_locks=True, ext_unix_sk=True,
+                       shell_job=True)
         stats = engine.dump(args["pid"], pending.image, leave_running=True, options=opts)
         meta = {
             "created": t0, "kernel_id": args.get("kernel_id"), "kernel_name": None,
@@ -253,6 +267,7 @@ def run_helper(work: Path) -> int:
             "pid": args["pid"], "pidns": False, "connection": conn,
             "listeners": _listeners(pending.image, conn), "control_ino": None, "request_id": None,
             "engine_version": __version__, "mode": "helper", "hostname": socket.gethostname(),
+            "shell_job": _has_outside_terminal(pending.image),
         }
         ck = pending.commit(meta)
         pending = None
