@@ -80,7 +80,8 @@ class Channel:
         return msg
 
     def request(self, msg: dict, on_progress=None, timeout: float | None = None) -> dict:
-        """Send a request and wait for its final answer (not `progress`); returns it."""
+        """Send a request and wait for its final answer (not `progress` or `taken`,
+        which go to on_progress); returns it."""
         msg = dict(msg)
         msg.setdefault("id", new_id())
         self.send(msg)
@@ -88,7 +89,7 @@ class Channel:
             ans = self.recv(timeout)
             if ans.get("id") != msg["id"]:
                 continue
-            if ans.get("event") == "progress":
+            if ans.get("event") in ("progress", "taken"):      # not final: see docs/jupyter.md
                 if on_progress:
                     on_progress(ans)
                 continue

@@ -369,6 +369,21 @@ class Shim:
             self._reply(ch, {"event": "progress", "id": rid, "phase": phase, "done": done, "total": total})
         return cb
 
+    def _taken(self, ch, rid, name, inner):
+        """Progress that also says `taken` the moment the kernel runs again: the image is
+        still being written (its pages come from a copy-on-write snapshot), so a caller
+        may go on without waiting for `saved`."""
+        t = [0.0]
+
+        def cb(phase, done, total):
+            if phase == "frozen":
+                t[0] = time.monotonic()
+            elif phase == "thawed":
+                self._reply(ch, {"event": "taken", "id": rid, "name": name,
+                                 "frozen_s": round(time.monotonic() - t[0], 4)})
+            inner(phase, done, total)
+        return cb
+
     # ------------------------------------------------------------------ operations (engine thread)
 
     def _prepare_kernel(self, timeout: float = 10.0) -> None:
@@ -400,7 +415,7 @@ class Shim:
             opts = Options(leave_running=True, tcp_established=True, ext_unix_sk=True, shell_job=True,
                            file_locks=True)
             stats = engine.dump(self.kernel_pid, pending.image, leave_running=True,
-                                progress=self._progress(ch, rid), options=opts)
+                                progress=self._taken(ch, rid, name, self._progress(ch, rid)), options=opts)
             ports = {self.conn.get(f"{c}_port"): c for c in CHANNELS}
             listeners = {ports[o["port"]]: o["ino"] for o in objects(pending.image)
                          if o["kind"] == "inet" and o.get("listening") and o["port"] in ports}
