@@ -120,7 +120,7 @@ class Store:
         self._sweep()
         if (self.root / name).exists():
             raise StoreError(f"a checkpoint named {name!r} already exists in {self.root}: choose another "
-                             "name or delete it first (`nbcheckpoint rm {name}`)")
+                             f"name or delete it first (`nbcheckpoint rm {name}`)")
         for p in self.root.iterdir():
             m = _PARTIAL.fullmatch(p.name)
             if m and m.group(1) == name:

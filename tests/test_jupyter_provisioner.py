@@ -221,12 +221,25 @@ def test_errors_leave_the_kernel_untouched(tmp_path, store):
             files_img.write_bytes(data[: len(data) // 2])
             with pytest.raises(StoreError, match="files.img"):
                 await k.km.provisioner.restore_in_place("a")
+            # damaged page data (checked only as pages stream in, by restore itself): found
+            # before the running kernel is stopped
+            await k.km.provisioner.checkpoint(name="p")
+            pages = max((store.get("p").image).glob("pages-*.img"), key=lambda f: f.stat().st_size)
+            os.chmod(pages, 0o600)
+            with open(pages, "r+b") as fh:
+                fh.seek(pages.stat().st_size // 2)
+                b = fh.read(1)
+                fh.seek(-1, 1)
+                fh.write(bytes([b[0] ^ 0xFF]))
+            with pytest.raises(StoreError, match="checksum mismatch"):
+                await k.km.provisioner.restore_in_place("p")
+            assert (await k.km.provisioner.status())["restored_from"] is None
             # two at once: the second is refused, the first completes
             r = await asyncio.gather(k.km.provisioner.checkpoint(name="b"), k.km.provisioner.checkpoint(name="c"),
                                      return_exceptions=True)
             errs = [e for e in r if isinstance(e, Exception)]
             assert len(errs) == 1 and "already running" in str(errs[0]), r
-            assert {c.name for c in store.list()} >= {"a"} and len([c for c in store.list() if c.name in "bc"]) == 1
+            assert {c.name for c in store.list()} >= {"a", "p"} and len([c for c in store.list() if c.name in "bc"]) == 1
             assert not [p for p in store.root.iterdir() if p.name.startswith(".")]   # no partial left
             out = await k.ok("x += 1; print(x)")
             assert out.strip() == "2"

@@ -4,6 +4,7 @@ Public API::
 
     dump(pid, images_dir, leave_running=False, progress=None, options=None) -> DumpStats
     restore(images_dir, progress=None, options=None) -> RestoreResult
+    verify(images_dir, options=None)          # all of restore's checks, no process created
     show(images_dir) -> str
 
 ``progress``, when given, is called as ``progress(phase, done, total)``; a dump
@@ -17,10 +18,10 @@ CLI's ``--detach`` hand it to init).
 from .options import Options
 from .errors import DumpError, EngineError, ImageError, RestoreError, SysError, UnsupportedError
 from .dump import DumpStats, dump
-from .restore import RestoreResult, restore
+from .restore import RestoreResult, restore, verify
 from .show import show
 
 __all__ = [
-    "dump", "restore", "show", "DumpStats", "RestoreResult", "Options",
+    "dump", "restore", "verify", "show", "DumpStats", "RestoreResult", "Options",
     "EngineError", "DumpError", "RestoreError", "ImageError", "UnsupportedError", "SysError",
 ]

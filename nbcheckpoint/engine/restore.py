@@ -115,6 +115,28 @@ def _one(msgs, name):
     return msgs[0]
 
 
+def verify(images_dir, options: Options | None = None) -> None:
+    """Every check restore makes before it creates a process (metadata, the files behind
+    mappings, external objects against `options`), plus the checksums of the page data,
+    which restore itself checks only as the pages stream into the new processes.
+
+    For a caller that must destroy something to make room for the restore -- the Jupyter
+    shim replacing a live kernel in place: a damaged image fails here, with nothing
+    touched.  Raises ImageError / RestoreError."""
+    options = options or Options()
+    img = _Image(os.fspath(images_dir), options)
+    try:
+        for name in img.reader.sums:
+            if name.startswith("pages-"):
+                src = img.reader.open_raw(name)
+                try:
+                    src.verify()
+                finally:
+                    src.close()
+    finally:
+        img.files.close()
+
+
 def restore(images_dir, progress=None, options: Options | None = None) -> RestoreResult:
     t0 = time.monotonic()
     options = options or Options()

@@ -386,7 +386,7 @@ class Shim:
 
     # ------------------------------------------------------------------ operations (engine thread)
 
-    def _prepare_kernel(self, timeout: float = 10.0) -> None:
+    def _prepare_kernel(self, name: str, timeout: float = 10.0) -> None:
         """Before a checkpoint the kernel did not ask for itself (from the server or a tool):
         let the kernel side quiesce -- run its on_checkpoint hooks and write out IPython's
         history, so that no database transaction is open in the image.  A kernel without
@@ -396,7 +396,7 @@ class Shim:
         pid = control.new_id()
         ev = self.preparing[pid] = threading.Event()
         try:
-            self.control.send({"event": "prepare", "id": pid})
+            self.control.send({"event": "prepare", "id": pid, "name": name})
             if not ev.wait(timeout):
                 log("the kernel did not answer 'prepare' (is nbcheckpoint's extension loaded?); "
                     "checkpointing it as it is")
@@ -410,7 +410,7 @@ class Shim:
         pending = self.store.begin(name)
         t0 = time.time()
         if ch is not self.control:
-            self._prepare_kernel()
+            self._prepare_kernel(name)
         try:
             opts = Options(leave_running=True, tcp_established=True, ext_unix_sk=True, shell_job=True,
                            file_locks=True)
@@ -442,16 +442,28 @@ class Shim:
         if not name:
             raise StoreError("restore needs the name of a checkpoint (`nbcheckpoint ls` lists them)")
         ck = self.store.get(name)
-        objects(ck.image)                          # a missing or damaged image fails here, kernel untouched
         missing = [c for c in CHANNELS if c not in ck.meta.get("listeners", {})]
         if missing:
             raise StoreError(f"checkpoint {name!r} does not record the kernel's {', '.join(missing)} "
                              "listening sockets; it was not taken by nbcheckpoint's shim")
         listeners = self._grab_listeners()
+        plan = None
         try:
+            # everything restore checks, and every checksum, while the kernel still runs:
+            # a damaged or unusable checkpoint leaves it untouched
+            self._reply(ch, {"event": "progress", "id": rid, "phase": "verifying", "done": 0, "total": 0})
+            plan = _Plan(self, ck, listeners)
+            engine.verify(ck.image, plan.opts)
             self._reply(ch, {"event": "progress", "id": rid, "phase": "stopping", "done": 0, "total": 0})
             seize.kill_for_restore(self.kernel_pid, via=self.init_pid)   # the namespace goes with its init
-            self._restore(ck, listeners, rid, ch)
+        except BaseException:
+            if plan is not None:
+                plan.close()
+            for fd in listeners.values():
+                os.close(fd)
+            raise
+        try:
+            self._restore(ck, listeners, rid, ch, origin=msg.get("origin"), plan=plan)
         except BaseException as e:
             # the old kernel is gone: let the manager's restarter start a fresh one
             log(f"in-place restore of {name!r} failed after the old kernel was stopped: {e}")
@@ -496,38 +508,59 @@ class Shim:
                                      f"({', '.join(sorted(set(CHANNELS) - set(got)))} missing); cannot restore in place")
         return got
 
-    def _restore(self, ck, listeners: dict[str, int], req_id, ch=None) -> None:
+    def _restore(self, ck, listeners: dict[str, int], req_id, ch=None, origin=None, plan=None) -> None:
         meta = ck.meta
-        inherit = {}
-        for c, ino in meta.get("listeners", {}).items():
-            if c in listeners:
-                inherit[f"socket:[{ino}]"] = listeners[c]
-        ours, theirs = control.socketpair()
+        plan = plan or _Plan(self, ck, listeners)
         try:
-            if meta.get("control_ino"):
-                inherit[f"socket:[{meta['control_ino']}]"] = theirs.fileno()
-            for o in objects(ck.image):
-                if o["kind"] == "tty" and o["external"] and o["key"]:
-                    inherit[o["key"]] = self.pty_slave
-            opts = Options(tcp_close=True, shell_job=True, file_locks=True, ext_unix_sk=True,
-                           pidns=bool(meta.get("pidns")), inherit_fd=inherit)
-            res = engine.restore(ck.image, progress=self._progress(ch, req_id) if ch else None, options=opts)
-            self.control_ino = os.fstat(theirs.fileno()).st_ino
+            res = engine.restore(ck.image, progress=self._progress(ch, req_id) if ch else None, options=plan.opts)
+            self.control_ino = os.fstat(plan.theirs.fileno()).st_ino
         except BaseException:
-            ours.close()
+            plan.close()
             raise
-        finally:
-            theirs.close()
+        plan.theirs.close()
+        ours = plan.ours
         self.init_pid = res.init_pid or res.pid
         self.kernel_pid = res.pid
         self.restored_from = self.parent = ck.name
         self.lineage = meta.get("lineage") or self.lineage
         chan = control.Channel(ours)
         # the thread that was waiting on the control socket in the image wakes up with this
-        self._reply(chan, {"event": "restored", "id": meta.get("request_id"), "checkpoint": public(meta),
-                           "key": self.conn.get("key", "")})
+        restored = {"event": "restored", "id": meta.get("request_id"), "checkpoint": public(meta),
+                    "key": self.conn.get("key", "")}
+        if origin:
+            restored["origin"] = origin          # the %restore cell, for the restored kernel to end
+        self._reply(chan, restored)
         self._install(chan)
         log(f"kernel restored from {ck.name!r}: pid {self.kernel_pid}, {res.seconds:.2f} s")
+
+
+class _Plan:
+    """What a restore of checkpoint `ck` hands in (--inherit-fd): the channel listeners,
+    a fresh control socketpair end in place of the old one, our pty slave for its
+    terminal; and the options that say so."""
+
+    def __init__(self, shim: Shim, ck, listeners: dict[str, int]):
+        meta = ck.meta
+        inherit = {}
+        for c, ino in meta.get("listeners", {}).items():
+            if c in listeners:
+                inherit[f"socket:[{ino}]"] = listeners[c]
+        self.ours, self.theirs = control.socketpair()
+        if meta.get("control_ino"):
+            inherit[f"socket:[{meta['control_ino']}]"] = self.theirs.fileno()
+        try:
+            for o in objects(ck.image):
+                if o["kind"] == "tty" and o["external"] and o["key"]:
+                    inherit[o["key"]] = shim.pty_slave
+        except BaseException:
+            self.close()
+            raise
+        self.opts = Options(tcp_close=True, shell_job=True, file_locks=True, ext_unix_sk=True,
+                            pidns=bool(meta.get("pidns")), inherit_fd=inherit)
+
+    def close(self) -> None:
+        self.ours.close()
+        self.theirs.close()
 
 
 def public(meta: dict) -> dict:

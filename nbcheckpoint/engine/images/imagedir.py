@@ -255,6 +255,15 @@ class RawReader:
         self.hash.update(view[:got])
         return got
 
+    def verify(self, chunk: int = 16 << 20) -> None:
+        """Read what is left to the end and check the checksum (restore.verify)."""
+        while True:
+            data = os.read(self.fd, chunk)
+            if not data:
+                break
+            self.hash.update(data)
+        self.finish()
+
     def finish(self) -> None:
         extra = os.read(self.fd, 1)
         self.close()
