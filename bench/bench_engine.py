@@ -8,7 +8,10 @@ output).  The target is a CPython process holding --size-mib MiB of touched
 random data (bench/engine_target.py).  Every run starts a fresh target and:
 
  1. dumps it with --leave-running to disk, then to tmpfs (/dev/shm), and
-    checks it still answers;
+    checks it still answers: twice with the copy-on-write snapshot (the
+    process frozen only until it is forked), once with --no-snapshot (frozen
+    while its memory is copied), for comparison (after the two in even runs,
+    before them in odd ones);
  2. dumps it (killing it) to disk;
  3. restores that image with a cold page cache (the image files evicted with
     posix_fadvise), then again with a warm one; after each restore, time
@@ -49,7 +52,7 @@ REPO = os.path.dirname(HERE)
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from nbcheckpoint.engine import dump, restore  # noqa: E402
+from nbcheckpoint.engine import Options, dump, restore  # noqa: E402
 from common import BenchError, evict, Owned, private_dirty, reap, rm, set_subreaper, stat  # noqa: E402
 
 MIB = 1 << 20
@@ -127,13 +130,15 @@ def cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _dump(pid: int, path: str, leave_running: bool = False) -> dict:
+def _dump(pid: int, path: str, leave_running: bool = False, snapshot: bool = True) -> dict:
     pd = private_dirty(pid)
     c = cpu_seconds()
-    stats = dump(pid, path, leave_running=leave_running)
+    stats = dump(pid, path, options=Options(leave_running=leave_running, snapshot=snapshot))
+    if leave_running and stats.snapshot != snapshot:
+        raise BenchError(f"leave-running dump with snapshot={snapshot} came back with snapshot={stats.snapshot}")
     return {"pages_bytes": stats.pages_bytes, "image_bytes": stats.image_bytes,
             "private_dirty": pd, "copy_s": stats.copy_seconds, "frozen_s": stats.frozen_seconds,
-            "total_s": stats.total_seconds, "cpu_s": cpu_seconds() - c}
+            "total_s": stats.total_seconds, "cpu_s": cpu_seconds() - c, "snapshot": stats.snapshot}
 
 
 def _restore(path: str, log: Log, timeout: float) -> tuple[int, dict]:
@@ -157,10 +162,14 @@ def one_run(idx: int, size_mib: int, disk: str, shm: str, work: str, timeout: fl
         # 1. --leave-running: what the user feels is the frozen time.  Then the
         #    same again at once: the image's page cache just freed is reused
         #    before the VM hands it back to the host (see the note on fresh memory).
+        #    And --no-snapshot (frozen while the memory is copied): after them in even
+        #    runs, before them in odd ones, so that neither always meets fresh memory.
         for where, base in (("disk", disk), ("shm", shm)):
-            for key in (f"{where}_dump_lr", f"{where}_dump_lr_again"):
+            order = [(f"{where}_dump_lr", True), (f"{where}_dump_lr_again", True)]
+            nosnap = (f"{where}_dump_lr_nosnap", False)
+            for key, snap in (order + [nosnap] if idx % 2 == 0 else [nosnap] + order):
                 path = os.path.join(base, f"lr-{idx}")
-                rec[key] = _dump(pid, path, leave_running=True)
+                rec[key] = _dump(pid, path, leave_running=True, snapshot=snap)
                 rm(path)
             rec[f"{where}_dump_lr"].update(ask(pid, log, timeout))   # still runs, data intact
 
@@ -381,8 +390,8 @@ def summarize(runs: list[dict]) -> dict:
         for phase in ("copy", "frozen", "total"):
             add(f"{d}.{phase}_s", lambda r, d=d, ph=phase: r[d][f"{ph}_s"])
             add(f"{d}.{phase}_gbps", lambda r, d=d, ph=phase: r[d]["pages_bytes"] / r[d][f"{ph}_s"] / GB)
-        for lr in (f"{where}_dump_lr", f"{where}_dump_lr_again"):
-            for phase in ("frozen", "total"):
+        for lr in (f"{where}_dump_lr", f"{where}_dump_lr_again", f"{where}_dump_lr_nosnap"):
+            for phase in ("frozen", "copy", "total"):
                 add(f"{lr}.{phase}_s", lambda r, d=lr, ph=phase: r[d][f"{ph}_s"])
                 add(f"{lr}.{phase}_gbps", lambda r, d=lr, ph=phase: r[d]["pages_bytes"] / r[d][f"{ph}_s"] / GB)
         add(f"{d}.image_ratio", lambda r, d=d: r[d]["image_bytes"] / r[d]["private_dirty"])
@@ -468,11 +477,16 @@ def render(res: dict) -> str:
     row("dump: frozen                         s", *both("{}_dump.frozen_s"))
     row("dump: total incl. fsync              s", *both("{}_dump.total_s"))
     row("dump: engine CPU time (user+sys)     s", *both("{}_dump.cpu_s"))
-    row("dump --leave-running: frozen         s", *both("{}_dump_lr.frozen_s"))
-    row("dump --leave-running: frozen      GB/s", *both("{}_dump_lr.frozen_gbps"), tgt, ok2("{}_dump_lr.frozen_gbps", TARGETS["dump_gbps"]))
-    row("dump --leave-running: total          s", *both("{}_dump_lr.total_s"))
-    row("  same, repeated at once: frozen  GB/s", *both("{}_dump_lr_again.frozen_gbps"), tgt,
-        ok2("{}_dump_lr_again.frozen_gbps", TARGETS["dump_gbps"]))
+    row("dump -R (CoW snapshot): frozen       s", *both("{}_dump_lr.frozen_s", 3))
+    row("dump -R: copy done (runs meanwhile)  s", *both("{}_dump_lr.copy_s"))
+    row("dump -R: total incl. fsync           s", *both("{}_dump_lr.total_s"))
+    row("dump -R: total incl. fsync        GB/s", *both("{}_dump_lr.total_gbps"), tgt, ok2("{}_dump_lr.total_gbps", TARGETS["dump_gbps"]))
+    row("  same, repeated at once: frozen     s", *both("{}_dump_lr_again.frozen_s", 3))
+    row("  same, repeated at once: total      s", *both("{}_dump_lr_again.total_s"))
+    row("dump -R --no-snapshot: frozen        s", *both("{}_dump_lr_nosnap.frozen_s"))
+    row("dump -R --no-snapshot: frozen     GB/s", *both("{}_dump_lr_nosnap.frozen_gbps"), tgt,
+        ok2("{}_dump_lr_nosnap.frozen_gbps", TARGETS["dump_gbps"]))
+    row("dump -R --no-snapshot: total         s", *both("{}_dump_lr_nosnap.total_s"))
     tgt = f">= {TARGETS['restore_gbps']:.0f} GB/s"
     row("restore, cold page cache          GB/s", fmt(s.get("disk_restore_cold.gbps")), "", tgt,
         verdict(med("disk_restore_cold.gbps"), TARGETS["restore_gbps"], True))
@@ -528,7 +542,7 @@ def render(res: dict) -> str:
     lines.append("the host, and touching it again costs a host fault per page: see 'memory: first touch' vs 'reuse').")
     lines.append("Dumps write into fresh page cache or tmpfs and restores fill a fresh address space, so both are")
     lines.append("bounded by first-touch speed, and the first big operation after a free is the slowest (compare")
-    lines.append("'dump --leave-running' with 'repeated at once'). Other sessions share the 2 CPUs (load average")
+    lines.append("'dump -R' with 'repeated at once'). Other sessions share the 2 CPUs (load average")
     lines.append("above). Read the medians, not single runs.")
     for e in res.get("errors", []):
         lines.append(f"error: {e}")

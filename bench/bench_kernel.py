@@ -9,8 +9,10 @@ MiB of numpy data (np.random.default_rng().random(...): every page touched and
 incompressible).  Every run then, on that kernel:
 
  1. `nbcheckpoint dump --leave-running` through the CLI, images on disk, then on tmpfs:
-    wall time of the command, and the time the kernel was frozen (the CLI's summary
-    line); the kernel must still answer;
+    wall time of the command, the time the kernel was frozen and the engine's total
+    (the CLI's summary line); the kernel must still answer.  The same with
+    --no-snapshot (frozen while its memory is copied), for comparison (second
+    in even runs, first in odd ones);
  2. `dill.dump_session(file)` in the kernel (file next to the disk images): time in the
     kernel, time of the cell as the client sees it, file size;
  3. `nbcheckpoint dump` (kills the kernel) to disk; image size vs the kernel's private
@@ -212,12 +214,14 @@ def listeners_in_image(images: str) -> dict[int, int]:
     return out
 
 
-def dump_kernel(k: Kernel, images: str, leave_running: bool, timeout: float) -> dict:
+def dump_kernel(k: Kernel, images: str, leave_running: bool, timeout: float, snapshot: bool = True) -> dict:
     """`nbcheckpoint dump` of a kernel through the CLI, as a user would run it."""
     pd = private_dirty(k.pid)
     args = ["dump", "-t", str(k.pid), "-D", images, "--tcp-established", "--file-locks"]
     if leave_running:
         args.append("--leave-running")
+    if not snapshot:
+        args.append("--no-snapshot")
     out, wall = cli(args, timeout)
     m = SUMMARY_RE.search(out)
     if not m:
@@ -322,11 +326,15 @@ def one_run(idx: int, n_floats: int, disk: str, shm: str, work: str, timeout: fl
         rec["fill_s"] = float(_value(out, "fill"))
         want = _value(out, "sum")
 
-        # 1. --leave-running: the kernel pauses for `frozen`, the user waits for the CLI
+        # 1. --leave-running: the kernel pauses for `frozen`, the user waits for the CLI;
+        #    and --no-snapshot, frozen while the memory is copied (second in even runs,
+        #    first in odd ones: the first dump after the fill meets fresh memory)
         for where, base in (("disk", disk), ("shm", shm)):
-            path = os.path.join(base, f"lr-{idx}")
-            rec[f"{where}_dump_lr"] = dump_kernel(k, path, True, timeout)
-            rm(path)
+            pair = [(f"{where}_dump_lr", True), (f"{where}_dump_lr_nosnap", False)]
+            for key, snap in (pair if idx % 2 == 0 else pair[::-1]):
+                path = os.path.join(base, f"lr-{idx}")
+                rec[key] = dump_kernel(k, path, True, timeout, snapshot=snap)
+                rm(path)
 
         # 2. dill.dump_session in the same kernel state (file in the disk images' dir)
         dill_file = os.path.join(disk, f"session-{idx}.pkl")
@@ -485,7 +493,7 @@ def summarize(runs: list[dict]) -> dict:
                 pass
         s[key] = stat(vals)
 
-    for d in ("disk_dump_lr", "shm_dump_lr", "disk_dump", "shm_dump"):
+    for d in ("disk_dump_lr", "shm_dump_lr", "disk_dump_lr_nosnap", "shm_dump_lr_nosnap", "disk_dump", "shm_dump"):
         for k in ("wall_s", "frozen_s", "total_s", "answers_after_s"):
             add(f"{d}.{k}", lambda r, d=d, k=k: r[d][k])
         add(f"{d}.image_ratio", lambda r, d=d: r[d]["image_bytes"] / r[d]["private_dirty"])
@@ -549,10 +557,14 @@ def render(res: dict) -> str:
     row("nbcheckpoint dump (kill): CLI wall", g("disk_dump.wall_s"), g("shm_dump.wall_s"), f"<= {ct} s",
         f"{cr['checkpoint_s']} s", oks(["disk_dump.wall_s", "shm_dump.wall_s"], ct))
     row("  engine: freeze -> image durable", g("disk_dump.total_s"), g("shm_dump.total_s"))
-    row("nbcheckpoint dump -R: kernel frozen", g("disk_dump_lr.frozen_s"), g("shm_dump_lr.frozen_s"),
+    row("nbcheckpoint dump -R: kernel frozen", g("disk_dump_lr.frozen_s", 3), g("shm_dump_lr.frozen_s", 3),
         f"<= {ct} s", "", oks(["disk_dump_lr.frozen_s", "shm_dump_lr.frozen_s"], ct))
+    row("  engine: freeze -> image durable", g("disk_dump_lr.total_s"), g("shm_dump_lr.total_s"))
     row("nbcheckpoint dump -R: CLI wall", g("disk_dump_lr.wall_s"), g("shm_dump_lr.wall_s"))
     row("  then 1+1 on the old client", g("disk_dump_lr.answers_after_s", 3), g("shm_dump_lr.answers_after_s", 3))
+    row("dump -R --no-snapshot: kernel frozen", g("disk_dump_lr_nosnap.frozen_s"), g("shm_dump_lr_nosnap.frozen_s"),
+        f"<= {ct} s", "", oks(["disk_dump_lr_nosnap.frozen_s", "shm_dump_lr_nosnap.frozen_s"], ct))
+    row("  engine: freeze -> image durable", g("disk_dump_lr_nosnap.total_s"), g("shm_dump_lr_nosnap.total_s"))
     row("dill.dump_session (in the kernel)", g("dill_dump.kernel_s"), "", f"<= {ct} s", "",
         verdict(s.get("dill_dump.kernel_s"), ct))
     row("  the cell, as the client sees it", g("dill_dump.cell_s"))
@@ -607,9 +619,10 @@ def render(res: dict) -> str:
             lines.append(f"  error: {u['error']}")
     lines.append("")
     lines.append("Notes: kill-mode dumps return once the image is durable (fsync), dill.dump_session does not fsync.")
-    lines.append("dump -R thaws the kernel before the fsync: 'kernel frozen' is the pause the user feels. Fresh")
-    lines.append("memory is slow and erratic on this VM (docs/bench.md): the copy into page cache/tmpfs and the")
-    lines.append("restored address space are bound by first touch. Read medians, not single runs.")
+    lines.append("dump -R thaws the kernel once it is forked (a copy-on-write snapshot the image is read from),")
+    lines.append("--no-snapshot once its memory is copied; both before the fsync. 'kernel frozen' is the pause the")
+    lines.append("user feels. Fresh memory is slow and erratic on this VM (docs/bench.md): the copy into page")
+    lines.append("cache/tmpfs and the restored address space are bound by first touch. Read medians, not single runs.")
     for e in res.get("errors", []):
         lines.append(f"error: {e}")
     return "\n".join(lines)
@@ -732,7 +745,8 @@ def main(argv=None) -> int:
             durations.append(time.monotonic() - t)
             if rec is not None:
                 (res["warmup_runs"] if i < args.warmup else res["runs"]).append(rec)
-                log(f"  dump -R frozen {rec['disk_dump_lr']['frozen_s']:.2f}s, kill dump "
+                log(f"  dump -R frozen {rec['disk_dump_lr']['frozen_s']:.3f}s (--no-snapshot "
+                    f"{rec['disk_dump_lr_nosnap']['frozen_s']:.2f}s), kill dump "
                     f"{rec['disk_dump']['wall_s']:.2f}s, restore->reply {rec['disk_restore_warm']['total_s']:.2f}s; "
                     f"dill dump {rec['dill_dump']['kernel_s']:.2f}s, start+load+reply "
                     f"{rec['dill_load']['total_s']:.2f}s ({durations[-1]:.0f}s)")
