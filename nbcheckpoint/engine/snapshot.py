@@ -98,7 +98,7 @@ class Snapshot:
 
     def __init__(self, pid: int, child: int, vchild: int):
         self.pid = pid              # the process it copies (the engine's view of PIDs)
-        self.child = child          # the engine's view: ptrace, /proc, process_vm_readv
+        self.child = child          # the engine's view: ptrace, /proc/PID/mem
         self.vchild = vchild        # the process's view: what an injected wait4 names
         self._dead = False
         self._released = False
@@ -145,7 +145,7 @@ class Snapshot:
             self._dead = True
         try:
             self._reap()
-        except SysError as e:
+        except Exception as e:          # noqa: BLE001 -- runs in dump()'s finally: never mask its outcome
             log.warning("process %d: could not reap its snapshot child %d (%s); it stays a zombie "
                         "until the process exits or waits for it", self.pid, self.vchild, e)
 
