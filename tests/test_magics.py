@@ -7,6 +7,7 @@ Checkpointable kernels come from the installed "Python 3 (checkpointable)" kerne
 from __future__ import annotations
 
 import json
+import queue
 import os
 import signal
 import subprocess
@@ -195,7 +196,25 @@ def test_restore_in_place(kernels, store):
     assert "saved 'here'" in k.ok("%checkpoint here")
     k.ok("x = 0; events.clear(); del ticks")
     shim = k.km.provisioner.process.pid
-    k.kc.execute("%restore here")          # the cell ends with the process it runs in
+    mid = k.kc.execute("%restore here")    # the process it runs in ends; the restored one ends the cell
+    reply, seen = None, []
+    deadline = time.monotonic() + 60
+    while reply is None and time.monotonic() < deadline:
+        try:                               # service IOPub meanwhile, as a frontend does: a
+            while True:                    # blocking client resubscribes only when it reads it
+                m = k.kc.get_iopub_msg(timeout=0.05)
+                if m["msg_type"] == "stream":
+                    seen.append(m["content"]["text"])
+        except queue.Empty:
+            pass
+        try:
+            m = k.kc.get_shell_msg(timeout=0.05)
+        except queue.Empty:
+            continue
+        if m["parent_header"].get("msg_id") == mid:
+            reply = m
+    assert reply is not None and reply["content"]["status"] == "ok", (reply, seen)
+    assert time.monotonic() < deadline - 55, "the %restore cell took more than 5 s to end"
     k.wait_answering()
     out = k.ok("import time; t0 = ticks[0]; time.sleep(0.2)\n"
                "print(x, events, ticks[0] > t0, os.getpid() == pid0,\n"
@@ -366,7 +385,7 @@ def test_checkpoints_taken_from_outside_idle_and_mid_cell(kernels, store):
          "    threads.append(threading.current_thread() is threading.main_thread())")
     ans = k.admin({"op": "checkpoint", "name": "idle"})        # as the toolbar button does
     assert ans["event"] == "saved", ans
-    assert k.ok("print(events)").strip() == "[('checkpoint', None)]"
+    assert k.ok("print(events)").strip() == "[('checkpoint', 'idle')]"      # `prepare` names it
     # mid-cell: the checkpoint does not wait for the cell
     k.kc.execute("import time\ndone = []\nfor i in range(40):\n    time.sleep(0.1)\n    done.append(i)\n"
                  "print('loop finished', len(done), events)")
@@ -379,7 +398,7 @@ def test_checkpoints_taken_from_outside_idle_and_mid_cell(kernels, store):
 
     k2 = kernels(restore="mid", wait=False)
     seen = k2.stream_until("loop finished")            # the restored kernel finishes the cell
-    assert "loop finished 40 [('checkpoint', None), ('checkpoint', None)]" in seen, seen
+    assert "loop finished 40 [('checkpoint', 'idle'), ('checkpoint', 'mid')]" in seen, seen
     # the on_restore hooks wait for the main thread: they run once the cell is over
     k2.kc.wait_for_ready(timeout=60)
     assert k2.ok("print(events[2:], threads)").strip() == "[('restore', 'mid')] [True]"
@@ -393,7 +412,7 @@ def test_checkpoints_taken_from_outside_idle_and_mid_cell(kernels, store):
         if "restore" in out or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert out.strip() == "[('checkpoint', None), ('restore', 'idle')] [True]", out
+    assert out.strip() == "[('checkpoint', 'idle'), ('restore', 'idle')] [True]", out
 
 
 def test_restored_kernel_finishes_the_restore_cell_of_the_one_it_replaced(kernels, store, monkeypatch):

@@ -19,7 +19,9 @@ import time
 from . import hooks
 
 # How long a restored kernel waits for a client to subscribe before it speaks anyway.
-CLIENT_WAIT = float(os.environ.get("NBCHECKPOINT_CLIENT_WAIT", "20"))
+# A client that services IOPub resubscribes within a second; one that waits only on its
+# shell socket (a blocking client) resubscribes once it reads IOPub, after the wait.
+CLIENT_WAIT = float(os.environ.get("NBCHECKPOINT_CLIENT_WAIT", "5"))
 
 
 class SubscriptionWatch:
@@ -71,6 +73,26 @@ class SubscriptionWatch:
 
 
 watch = SubscriptionWatch()
+
+
+class _FirstCellGate:
+    """After a restore, the next cell waits (bounded) until a client has subscribed to
+    IOPub again before it runs, so its output is not published into the void: the shell
+    connection may come back before the IOPub one (each reconnects on its own)."""
+
+    def __init__(self):
+        self.since: int | None = None
+
+    def arm(self, since: int) -> None:
+        self.since = since
+
+    def pre_run_cell(self, *_args) -> None:
+        since, self.since = self.since, None
+        if since is not None:
+            watch.wait_new(since, min(CLIENT_WAIT, 5.0))
+
+
+gate = _FirstCellGate()
 
 
 def wait_for_client(since: int | None) -> bool:
