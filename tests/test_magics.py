@@ -164,7 +164,7 @@ def broken():
 def test_checkpoint_returns_saved_then_restored_in_a_new_kernel(kernels, store):
     k = kernels()
     k.ok(HOOKS)
-    out = k.ok("%checkpoint first")
+    out = k.ok("%checkpoint --wait first")
     assert "saved 'first'" in out and "MiB" in out and "kernel paused" in out, out
     assert "on_checkpoint hook broken failed" in out and "this hook is broken" in out, out  # reported, not fatal
     meta = store.get("first").meta
@@ -173,7 +173,7 @@ def test_checkpoint_returns_saved_then_restored_in_a_new_kernel(kernels, store):
     k.ok("x = 0")
     k.stop()
 
-    # a new kernel from the checkpoint: the %checkpoint pending in the image returns again
+    # a new kernel from the checkpoint: the %checkpoint --wait pending in the image returns again
     k2 = kernels(restore="first", wait=False)
     seen = k2.stream_until("restored from 'first'")
     assert "on_restore hook ran" in seen, seen
@@ -181,7 +181,7 @@ def test_checkpoint_returns_saved_then_restored_in_a_new_kernel(kernels, store):
     k2.kc.wait_for_ready(timeout=60)
     assert k2.ok("print(x, events)").strip() == "41 [('checkpoint', 'first'), ('restore', 'first')]"
     # the kernel goes on as itself: it can checkpoint again, and its history works
-    assert "saved 'second'" in k2.ok("%checkpoint second")
+    assert "saved 'second'" in k2.ok("%checkpoint --wait second")
     assert "ERROR" not in k2.ok("y = 1\nprint(y)")
     assert store.get("second").meta["parent"] == "first"
 
@@ -193,7 +193,7 @@ def test_restore_in_place(kernels, store):
          "def tick():\n    while True:\n        ticks[0] += 1; threading.Event().wait(0.01)\n"
          "threading.Thread(target=tick, daemon=True).start()\n"
          "pid0 = os.getpid(); before = open('/proc/self/stat').read().split()[21]")
-    assert "saved 'here'" in k.ok("%checkpoint here")
+    assert "saved 'here'" in k.ok("%checkpoint --wait here")
     k.ok("x = 0; events.clear(); del ticks")
     shim = k.km.provisioner.process.pid
     mid = k.kc.execute("%restore here")    # the process it runs in ends; the restored one ends the cell
@@ -214,7 +214,7 @@ def test_restore_in_place(kernels, store):
         if m["parent_header"].get("msg_id") == mid:
             reply = m
     assert reply is not None and reply["content"]["status"] == "ok", (reply, seen)
-    assert time.monotonic() < deadline - 55, "the %restore cell took more than 5 s to end"
+    assert time.monotonic() < deadline - 50, "the %restore cell took more than 10 s to end"
     k.wait_answering()
     out = k.ok("import time; t0 = ticks[0]; time.sleep(0.2)\n"
                "print(x, events, ticks[0] > t0, os.getpid() == pid0,\n"
@@ -223,7 +223,7 @@ def test_restore_in_place(kernels, store):
     assert k.km.provisioner.process.pid == shim and k.km.is_alive()      # same kernel, same manager
     assert k.admin({"op": "status"})["restored_from"] == "here"
     # the restored kernel takes checkpoints and restores in place again
-    assert "saved 'again'" in k.ok("%checkpoint again")
+    assert "saved 'again'" in k.ok("%checkpoint --wait again")
     k.ok("x = -1")
     k.kc.execute("%restore again")
     k.wait_answering()
@@ -240,7 +240,7 @@ def test_restore_errors_leave_the_kernel_untouched(kernels, store):
     out = k.error("%restore")
     assert "no checkpoint to go back to" in out, out
     # damaged: its metadata is gone
-    k.ok("%checkpoint dmg")
+    k.ok("%checkpoint --wait dmg")
     (store.get("dmg").path / "meta.json").unlink()
     out = k.error("%restore dmg")
     assert "damaged" in out and "meta.json" in out, out
@@ -252,7 +252,7 @@ def test_restore_errors_leave_the_kernel_untouched(kernels, store):
 def test_concurrent_checkpoints_are_refused(kernels, store):
     k = kernels()
     k.ok("import numpy as np; big = np.ones((512 << 20) // 8)")
-    # a second %checkpoint while one runs in this kernel (here: from a thread of it)
+    # a second %checkpoint --wait while one runs in this kernel (here: from a thread of it)
     out = k.ok(r'''
 import threading, time
 from nbcheckpoint.kernel import core
@@ -277,7 +277,7 @@ print(res)
     assert "{'bg': 'saved'}" in out, out
     assert [c.name for c in store.list()] == ["one"]
     # the shim refuses a request from outside while the kernel's own runs
-    k.kc.execute("%checkpoint three")
+    k.kc.execute("%checkpoint --wait three")
     deadline = time.monotonic() + 60
     while not k.admin({"op": "status"})["busy"]:
         assert time.monotonic() < deadline, "the kernel's checkpoint never started"
@@ -291,9 +291,9 @@ print(res)
 def test_checkpoints_browser(kernels, store):
     k = kernels()
     k.ok("x = 'w1'")
-    k.ok("%checkpoint w1")
+    k.ok("%checkpoint --wait w1")
     k.ok("x = 'w2'")
-    k.ok("%checkpoint w2")
+    k.ok("%checkpoint --wait w2")
     k.ok("x = 'now'")
     out, reply = k.run("%checkpoints")
     assert reply["status"] == "ok", out
@@ -318,14 +318,14 @@ def test_helper_mode_in_a_plain_kernel(kernels, store, tmp_path):
     pid = k.km.provisioner.process.pid
     k.ok("%load_ext nbcheckpoint\nimport os, nbcheckpoint\nx = 41\nevents = []\n"
          "nbcheckpoint.on_restore(lambda meta: events.append(meta['name']))")
-    out = k.ok("%checkpoint plain")
+    out = k.ok("%checkpoint --wait plain")
     assert "saved 'plain'" in out and "Python 3 (checkpointable)" in out and "nbcheckpoint restore" in out, out
     meta = store.get("plain").meta
     assert meta["mode"] == "helper" and meta["pid"] == pid and set(meta["listeners"]) == {
         "shell", "iopub", "stdin", "control", "hb"}
     out = k.error("%restore plain")
     assert "Python 3 (checkpointable)" in out and "nbcheckpoint restore" in out, out
-    out = k.error("%checkpoint plain")
+    out = k.error("%checkpoint --wait plain")
     assert "already exists" in out, out
     k.ok("x = 0")
 
@@ -359,7 +359,7 @@ def test_helper_mode_in_a_plain_kernel(kernels, store, tmp_path):
 def test_restore_in_place_from_another_kernel_adopts_the_key(kernels, store):
     a = kernels()
     a.ok("who = 'kernel a'")
-    a.ok("%checkpoint from-a")
+    a.ok("%checkpoint --wait from-a")
     key_a = json.loads(Path(a.km.connection_file).read_text())["key"]
     a.stop()
     b = kernels()
@@ -448,3 +448,32 @@ def test_restored_kernel_finishes_the_restore_cell_of_the_one_it_replaced(kernel
     assert [r["status"] for r in replies] == ["ok", "ok"], replies
     assert idle == 2 and "restored in place from 'fake'" in "".join(texts), texts
     assert k.ok("print('still fine')").strip() == "still fine"
+
+
+def test_checkpoint_returns_while_the_image_is_written(kernels, store):
+    """%checkpoint without --wait returns once the kernel runs again; the shim writes the
+    image from the snapshot and takes a %restore that comes meanwhile in turn."""
+    k = kernels()
+    k.ok("import numpy as np; a = np.ones((256 << 20) // 8); x = 41")
+    out = k.ok("%checkpoint bg")
+    assert "checkpoint 'bg' taken (kernel paused" in out and "background" in out, out
+    k.ok("x = 0")
+    mid = k.kc.execute("%restore bg")           # queued behind the write, then in place
+    deadline = time.monotonic() + 120
+    reply = None
+    while reply is None and time.monotonic() < deadline:
+        try:
+            while True:
+                k.kc.get_iopub_msg(timeout=0.05)
+        except queue.Empty:
+            pass
+        try:
+            m = k.kc.get_shell_msg(timeout=0.05)
+        except queue.Empty:
+            continue
+        if m["parent_header"].get("msg_id") == mid:
+            reply = m
+    assert reply is not None and reply["content"]["status"] == "ok", reply
+    k.wait_answering()
+    assert k.ok("print(x, float(a.sum()) == (256 << 20) // 8)").strip() == "41 True"
+    assert store.get("bg").meta["frozen_s"] < store.get("bg").meta["total_s"]

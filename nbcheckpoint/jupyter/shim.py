@@ -83,6 +83,7 @@ class Shim:
         self.start_error: str | None = None
         self.exit_deadline = 0.0
         self.preparing: dict[str, threading.Event] = {}   # prepare requests awaiting the kernel
+        self.writing: str | None = None          # a checkpoint whose kernel runs again, being written
         # the pty: the shim keeps the slave open, so the master never sees EIO and a
         # restored kernel can be handed the same terminal (--shell-job / inherit-fd)
         self.pty_master, self.pty_slave = os.openpty()
@@ -329,14 +330,23 @@ class Shim:
         if op not in ("checkpoint", "restore"):
             self._reply(ch, {"event": "error", "id": rid, "message": f"unknown request {op!r}"})
             return
+        queued = False
         if not self.busy.acquire(blocking=False):
-            self._reply(ch, {"event": "error", "id": rid,
-                             "message": "a checkpoint or restore of this kernel is already running; "
-                                        "wait for it to finish and try again"})
-            return
+            if not self.writing:
+                self._reply(ch, {"event": "error", "id": rid,
+                                 "message": "a checkpoint or restore of this kernel is already running; "
+                                            "wait for it to finish and try again"})
+                return
+            # the kernel already runs on; only the image is being written: take the next
+            # turn of the engine thread (which holds `busy` until then) instead of refusing
+            queued = True
+            self._reply(ch, {"event": "progress", "id": rid, "phase": f"waiting for checkpoint "
+                             f"'{self.writing}' to be written", "done": 0, "total": 0})
         fn = self._checkpoint if op == "checkpoint" else self._restore_in_place
 
         def job():
+            if queued:
+                self.busy.acquire()
             try:
                 fn(msg, rid, ch)
             except Exception as e:              # noqa: BLE001 -- every failure goes to the requester
@@ -379,6 +389,7 @@ class Shim:
             if phase == "frozen":
                 t[0] = time.monotonic()
             elif phase == "thawed":
+                self.writing = name
                 self._reply(ch, {"event": "taken", "id": rid, "name": name,
                                  "frozen_s": round(time.monotonic() - t[0], 4)})
             inner(phase, done, total)
@@ -432,6 +443,8 @@ class Shim:
         except BaseException:
             pending.abort()
             raise
+        finally:
+            self.writing = None
         self.parent = name
         log(f"checkpoint {name!r}: {format_size(ck.meta['size_bytes'])}, kernel frozen "
             f"{stats.frozen_seconds:.2f} s, {stats.total_seconds:.2f} s in all")

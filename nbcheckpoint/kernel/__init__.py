@@ -14,10 +14,8 @@ __all__ = ["load_ipython_extension", "unload_ipython_extension", "on_checkpoint"
 def load_ipython_extension(ip) -> None:
     from . import core
     from .magics import CheckpointMagics
-    from .frontend import gate
     core.get(ip)                 # the listener starts now: a checkpoint taken while idle needs it
     ip.register_magics(CheckpointMagics)
-    ip.events.register("pre_run_cell", gate.pre_run_cell)
 
 
 def unload_ipython_extension(ip) -> None:

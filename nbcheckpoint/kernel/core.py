@@ -100,10 +100,14 @@ class KernelSide:
 
     # ------------------------------------------------------------------ checkpoint
 
-    def checkpoint(self, name: str | None = None, quiet: bool = False, progress=None) -> dict:
-        """Checkpoint this kernel.  Returns {"event": "saved"|"restored", "checkpoint": META}.
+    def checkpoint(self, name: str | None = None, quiet: bool = False, progress=None,
+                   wait: bool = True) -> dict:
+        """Checkpoint this kernel.  Returns {"event": "saved"|"taken"|"restored", ...}.
 
-        "saved" in this kernel; "restored" in every kernel later restored from the image.
+        "saved" (with "checkpoint": META) in this kernel once the image is complete, or,
+        with wait=False, "taken" (with "name", "frozen_s") as soon as the kernel runs
+        again while the shim writes the image; "restored" in every kernel later restored
+        from the image.
         """
         if name is not None:
             try:
@@ -115,16 +119,17 @@ class KernelSide:
             hooks.run("checkpoint", {"name": name})
             flush_history(self.shell)
             if self.mode == "shim":
-                return self._checkpoint_shim(name, quiet, progress)
+                return self._checkpoint_shim(name, quiet, progress, wait)
             from .helper import checkpoint_with_helper
             return checkpoint_with_helper(self, name, quiet, progress)
         finally:
             self.lock.release()
 
-    def _checkpoint_shim(self, name, quiet, progress_cb) -> dict:
+    def _checkpoint_shim(self, name, quiet, progress_cb, wait=True) -> dict:
         title = f"checkpoint '{name}'" if name else "checkpoint"
         prog = Progress(title, quiet=quiet, callback=progress_cb)
         try:
+            frontend.watch.mark()
             p = self.listener.request({"op": "checkpoint", "name": name, "notebook": self._notebook(),
                                        "execution_count": self._execution_count()})
         except control.ControlError as e:
@@ -138,6 +143,14 @@ class KernelSide:
                 ev = msg.get("event")
                 if ev == "progress":
                     prog.event(msg)
+                elif ev == "taken" and not wait:
+                    # the kernel runs again; the shim writes the image (and takes any
+                    # %checkpoint/%restore after it in turn)
+                    prog.finish("taken")
+                    if not quiet:
+                        print(taken_line(msg))
+                    return self._record({"event": "taken", "name": msg.get("name"),
+                                         "frozen_s": msg.get("frozen_s")})
                 elif ev == "saved":
                     meta = msg.get("checkpoint") or {}
                     prog.finish("done")
@@ -326,6 +339,13 @@ def new_history_session(shell) -> None:
         hm.new_session()
     except Exception:
         pass
+
+
+def taken_line(msg: dict) -> str:
+    frozen = msg.get("frozen_s")
+    paused = f" (kernel paused {frozen:.2f} s)" if isinstance(frozen, (int, float)) else ""
+    return (f"checkpoint '{msg.get('name', '?')}' taken{paused}; its image is being written in the "
+            "background (%checkpoints lists it once complete; %checkpoint --wait waits for that)")
 
 
 def saved_line(meta: dict) -> str:

@@ -118,8 +118,7 @@ class Listener:
             self.restores += 1
             self.last_restored = msg
             self._adopt_key(msg.get("key"))
-            msg["_subs"] = frontend.watch.count     # IOPub subscriptions before this restore
-            frontend.gate.arm(msg["_subs"])
+            msg["_subs"] = frontend.watch.marked()  # IOPub subscriptions when the image was taken
         if event == "prepare":
             threading.Thread(target=self._prepare, args=(msg,), name="nbcheckpoint-prepare",
                              daemon=True).start()
@@ -146,6 +145,7 @@ class Listener:
         keeps it busy (the checkpoint must not wait for the cell) -- and answer `prepared`.
         """
         from .core import quiesce_history
+        frontend.watch.mark()
         shell = getattr(self.kernel, "shell", None)
         resume = quiesce_history(shell)
         claim = threading.Lock()

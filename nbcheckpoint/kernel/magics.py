@@ -11,14 +11,20 @@ class CheckpointMagics(Magics):
 
     @line_magic
     def checkpoint(self, line: str):
-        """%checkpoint [NAME] -- checkpoint this kernel (its whole process tree).
+        """%checkpoint [--wait] [NAME] -- checkpoint this kernel (its whole process tree).
 
-        Prints "saved 'NAME' ..." here, and "restored from 'NAME' ..." in every kernel
-        later restored from this checkpoint: the magic returns once in each.  Without
-        NAME the checkpoint gets a name with the date and time.
+        Returns as soon as the kernel runs again ("checkpoint 'NAME' taken ..."), while
+        its image is written in the background from a copy-on-write snapshot; with
+        --wait, once the image is complete ("saved 'NAME' ...").  In every kernel later
+        restored from this checkpoint it returns again ("restored from 'NAME' ...").
+        Without NAME the checkpoint gets a name with the date and time.
         """
-        name = line.strip() or None
-        core.get(self.shell).checkpoint(name)
+        args = line.split()
+        wait = "--wait" in args
+        args = [a for a in args if a != "--wait"]
+        if len(args) > 1 or any(a.startswith("-") for a in args):
+            raise core.CheckpointError(f"usage: %checkpoint [--wait] [NAME] (got {line.strip()!r})")
+        core.get(self.shell).checkpoint(args[0] if args else None, wait=wait)
 
     @line_magic
     def restore(self, line: str):
