@@ -125,10 +125,21 @@ class Harness:
 
     async def replaced_in_place(self, cell) -> None:
         c = self.client
-        c.kc.execute(cell.source)
-        await _answers(c.kc)
-        # the %checkpoint pending in the image says "restored from ..." to this client
-        texts = await _collect(c.kc, time.monotonic() + 10, "restored from")
+        mid = c.kc.execute(cell.source)
+        # the %checkpoint pending in the image says "restored from ..." to this client, and
+        # the restored kernel ends this %restore cell (its reply): wait for both, servicing
+        # IOPub meanwhile, as a frontend does, before the next cell goes
+        texts: list[str] = []
+        deadline = time.monotonic() + 90
+        replied = False
+        while time.monotonic() < deadline and not (replied and "restored from" in "".join(texts)):
+            await _collect(c.kc, time.monotonic() + 0.2, texts=texts)
+            try:
+                reply = await c.kc.get_shell_msg(timeout=0.05)
+            except Exception:
+                continue
+            replied = replied or reply["parent_header"].get("msg_id") == mid
+        assert replied, "the %restore cell never got its reply" + "".join(texts)
         cell.outputs = _stream_output(texts)
 
     async def preempted(self, cell) -> None:

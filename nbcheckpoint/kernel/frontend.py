@@ -163,6 +163,23 @@ def finish_origin(kernel, msg: dict, run_hooks: bool) -> None:
     idents = [base64.b64decode(i) for i in origin.get("idents") or []]
     parent = {"header": header, "msg_id": header["msg_id"], "msg_type": header.get("msg_type"),
               "parent_header": {}, "metadata": {}, "content": {}, "buffers": []}
+    # This runs as an event-loop callback, possibly while the next cell is already under
+    # way (a cell's execution yields to the loop): put its parent back afterwards, or that
+    # cell's output would be published under the %restore cell and its client drop it.
+    prev, prev_idents = kernel.get_parent("shell"), _idents(kernel)
+    try:
+        _finish(kernel, msg, run_hooks, meta, header, idents, parent)
+    finally:
+        if prev:
+            for s in (sys.stdout, sys.stderr):
+                try:
+                    s.flush()
+                except Exception:
+                    pass
+            kernel.set_parent(prev_idents, prev, "shell")
+
+
+def _finish(kernel, msg, run_hooks, meta, header, idents, parent) -> None:
     kernel.set_parent(idents, parent, "shell")
     if run_hooks:
         hooks.run("restore", meta)
