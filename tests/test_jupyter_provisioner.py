@@ -317,3 +317,15 @@ def test_gib_kernel_round_trip(tmp_path, store):
         finally:
             await k.stop()
     arun(main())
+
+
+def test_jupyter_console(tmp_path, store):
+    """`jupyter console` drives the checkpointable kernel too (a terminal frontend)."""
+    import subprocess
+    import sys
+    script = 'import os\nprint("pid-in-ns", os.getpid(), 6*7)\n%checkpoint --wait from-console\nexit\n'
+    r = subprocess.run([sys.executable, "-m", "jupyter_console", "--kernel", SPEC, "--simple-prompt"],
+                       input=script, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert "pid-in-ns 2 42" in r.stdout, r.stdout + r.stderr
+    assert "saved 'from-console'" in r.stdout, r.stdout + r.stderr
+    assert store.get("from-console").meta["kernel_name"] == SPEC
