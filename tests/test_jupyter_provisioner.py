@@ -168,7 +168,15 @@ def test_restore_into_new_kernel(tmp_path, store):
         # one old port is taken by someone else: the restored kernel gets a new one there
         squatter = socket.socket()
         squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)    # the old port has TIME_WAITs
-        squatter.bind((old["ip"], old["shell_port"]))
+        deadline = time.monotonic() + 15
+        while True:          # the manager waits for the shim only: the namespace dies just after
+            try:
+                squatter.bind((old["ip"], old["shell_port"]))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
         squatter.listen()
         k2 = K(tmp_path, restore="ck")
         try:

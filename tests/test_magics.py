@@ -90,6 +90,28 @@ class Kernel:
                     return "".join(seen)
         raise AssertionError(f"no {text!r} on IOPub within {timeout} s; saw {''.join(seen)!r}" + self.tail())
 
+    def reply_of(self, msg_id: str, timeout: float = 60) -> tuple[dict | None, list[str]]:
+        """The shell reply to msg_id (None after `timeout`) and the stream text seen
+        meanwhile.  IOPub is read all along, as a frontend does: a blocking client
+        resubscribes to a restored kernel's IOPub only when it reads it."""
+        seen: list[str] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                while True:
+                    m = self.kc.get_iopub_msg(timeout=0.05)
+                    if m["msg_type"] == "stream":
+                        seen.append(m["content"]["text"])
+            except queue.Empty:
+                pass
+            try:
+                m = self.kc.get_shell_msg(timeout=0.05)
+            except queue.Empty:
+                continue
+            if m["parent_header"].get("msg_id") == msg_id:
+                return m, seen
+        return None, seen
+
     def wait_answering(self, timeout: float = 60) -> None:
         """Until the kernel (perhaps replaced meanwhile) answers kernel_info on this client."""
         deadline = time.monotonic() + timeout
@@ -197,24 +219,10 @@ def test_restore_in_place(kernels, store):
     k.ok("x = 0; events.clear(); del ticks")
     shim = k.km.provisioner.process.pid
     mid = k.kc.execute("%restore here")    # the process it runs in ends; the restored one ends the cell
-    reply, seen = None, []
-    deadline = time.monotonic() + 60
-    while reply is None and time.monotonic() < deadline:
-        try:                               # service IOPub meanwhile, as a frontend does: a
-            while True:                    # blocking client resubscribes only when it reads it
-                m = k.kc.get_iopub_msg(timeout=0.05)
-                if m["msg_type"] == "stream":
-                    seen.append(m["content"]["text"])
-        except queue.Empty:
-            pass
-        try:
-            m = k.kc.get_shell_msg(timeout=0.05)
-        except queue.Empty:
-            continue
-        if m["parent_header"].get("msg_id") == mid:
-            reply = m
+    t0 = time.monotonic()
+    reply, seen = k.reply_of(mid)
     assert reply is not None and reply["content"]["status"] == "ok", (reply, seen)
-    assert time.monotonic() < deadline - 50, "the %restore cell took more than 10 s to end"
+    assert time.monotonic() - t0 < 10, "the %restore cell took more than 10 s to end"
     k.wait_answering()
     out = k.ok("import time; t0 = ticks[0]; time.sleep(0.2)\n"
                "print(x, events, ticks[0] > t0, os.getpid() == pid0,\n"
@@ -459,21 +467,8 @@ def test_checkpoint_returns_while_the_image_is_written(kernels, store):
     assert "checkpoint 'bg' taken (kernel paused" in out and "background" in out, out
     k.ok("x = 0")
     mid = k.kc.execute("%restore bg")           # queued behind the write, then in place
-    deadline = time.monotonic() + 120
-    reply = None
-    while reply is None and time.monotonic() < deadline:
-        try:
-            while True:
-                k.kc.get_iopub_msg(timeout=0.05)
-        except queue.Empty:
-            pass
-        try:
-            m = k.kc.get_shell_msg(timeout=0.05)
-        except queue.Empty:
-            continue
-        if m["parent_header"].get("msg_id") == mid:
-            reply = m
-    assert reply is not None and reply["content"]["status"] == "ok", reply
+    reply, seen = k.reply_of(mid, timeout=120)
+    assert reply is not None and reply["content"]["status"] == "ok", (reply, seen)
     k.wait_answering()
     assert k.ok("print(x, float(a.sum()) == (256 << 20) // 8)").strip() == "41 True"
     assert store.get("bg").meta["frozen_s"] < store.get("bg").meta["total_s"]

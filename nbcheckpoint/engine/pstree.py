@@ -207,13 +207,7 @@ def _init_main(rfd: int, wfd: int, root_vpid: int) -> None:
         pass
     sc("prctl", 1, 0)                                           # released: outlive the engine
     sc("close_range", 3, 0x7FFFFFFF, 0)                         # the engine's files are the tree's now
-    status = ctypes.c_int(0)
-    while True:
-        pid = sc("wait4", -1, ctypes.byref(status), 0x40000000, None)     # __WALL
-        if pid == root_vpid or (pid < 0 and ctypes.get_errno() == errno.ECHILD):
-            break
-    code = (status.value >> 8) & 0xFF if (status.value & 0x7F) == 0 else 128 + (status.value & 0x7F)
-    sc("exit_group", code)
+    _reap_then_exit(sc, root_vpid)
 
 
 def spawn_init(argv: list[str], env: dict[str, str], fds: dict[int, int]) -> tuple[int, int]:
@@ -309,10 +303,16 @@ def _spawned_init(c_path, c_argv, c_env, srcs, tgts, top, errw) -> None:
         sc("execve", c_path, c_argv, c_env)
         fail(0)
     sc("close_range", 0, 0x7FFFFFFF, 0)                         # the init holds nothing open
+    _reap_then_exit(sc, child)
+
+
+def _reap_then_exit(sc, root: int) -> None:
+    """An init's life: reap every child (as PID 1 must) until `root` exits, then exit with
+    its status, taking the namespace down with it.  Raw syscalls through `sc`."""
     status = ctypes.c_int(0)
     while True:
         pid = sc("wait4", -1, ctypes.byref(status), 0x40000000, None)     # __WALL
-        if pid == child or (pid < 0 and ctypes.get_errno() == errno.ECHILD):
+        if pid == root or (pid < 0 and ctypes.get_errno() == errno.ECHILD):
             break
     code = (status.value >> 8) & 0xFF if (status.value & 0x7F) == 0 else 128 + (status.value & 0x7F)
     sc("exit_group", code)
