@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -328,7 +329,9 @@ def test_engine_killed_around_the_snapshot(engine, launch, images, point):
 
 # ----------------------------------------------------------------------------- clone refused
 
-def _pids_cgroup_root() -> Path | None:
+def _pids_cgroup_root(tmp: Path) -> Path:
+    """A mounted hierarchy with the pids controller: the machine's (v1 or v2), else one we
+    mount under `tmp` (root may mount cgroupfs; unmounted by the caller via tmp)."""
     v1 = Path("/sys/fs/cgroup/pids")
     if (v1 / "cgroup.procs").exists():
         return v1
@@ -338,7 +341,18 @@ def _pids_cgroup_root() -> Path | None:
             return v2
     except OSError:
         pass
-    return None
+    for fstype, opts, name in (("cgroup", "pids", "pids"), ("cgroup2", "", "unified")):
+        mnt = tmp / name
+        mnt.mkdir()
+        r = subprocess.run(["mount", "-t", fstype] + (["-o", opts] if opts else []) + [fstype, str(mnt)],
+                           capture_output=True, text=True)
+        if r.returncode == 0 and (mnt / "cgroup.procs").exists():
+            if fstype == "cgroup2" and "pids" not in (mnt / "cgroup.controllers").read_text().split():
+                subprocess.run(["umount", str(mnt)])
+                continue
+            return mnt
+    raise AssertionError("no pids cgroup controller is mounted here and none could be mounted "
+                         "(v1 `mount -t cgroup -o pids`, v2 `mount -t cgroup2`): this test needs one")
 
 
 def _cgroup_of(pid: int, root: Path) -> Path:
@@ -354,13 +368,14 @@ def test_clone_refused_falls_back_to_frozen_copy(engine, launch, images, caplog)
     """pids.max leaves no room for the fork: the dump copies while frozen, as without a
     snapshot, and says so (warning naming the process and the error, progress "no-snapshot",
     DumpStats.snapshot False); the image is whole."""
-    root = _pids_cgroup_root()
-    if root is None:
-        pytest.skip("no pids cgroup controller on this machine")
+    mounts = Path(tempfile.mkdtemp(prefix="nbck-cg-"))
+    root = _pids_cgroup_root(mounts)
     t = launch("cow_churn")
     time.sleep(0.3)
     home = _cgroup_of(t.pid, root)
     cg = root / f"nbcheckpoint-test-{os.getpid()}-{t.pid}"
+    if (root / "cgroup.subtree_control").exists():           # v2: the children need the controller
+        (root / "cgroup.subtree_control").write_text("+pids")
     cg.mkdir()
     try:
         (cg / "cgroup.procs").write_text(str(t.pid))
@@ -372,6 +387,9 @@ def test_clone_refused_falls_back_to_frozen_copy(engine, launch, images, caplog)
     finally:
         (home / "cgroup.procs").write_text(str(t.pid))
         cg.rmdir()
+        if root.is_relative_to(mounts):
+            subprocess.run(["umount", str(root)])
+        shutil.rmtree(mounts, ignore_errors=True)
     assert not stats.snapshot
     assert _phases(log) == ["frozen", "no-snapshot", "pages", "thawed", "sync"], log
     assert f"process {t.pid}" in caplog.text and "EAGAIN" in caplog.text, caplog.text
