@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import threading
 import time
 
@@ -136,14 +135,8 @@ class KernelSide:
             raise CheckpointError(str(e)) from None
         prog.show("asking the kernel's shim", force=True)
         try:
-            while True:
-                msg = p.get(timeout=1.0)
-                if msg is None:
-                    continue
-                ev = msg.get("event")
-                if ev == "progress":
-                    prog.event(msg)
-                elif ev == "taken" and not wait:
+            for ev, msg in _answers(p, prog, "the checkpoint failed"):
+                if ev == "taken" and not wait:
                     # the kernel runs again; the shim writes the image (and takes any
                     # %checkpoint/%restore after it in turn)
                     prog.finish("taken")
@@ -159,9 +152,6 @@ class KernelSide:
                     return self._record({"event": "saved", "checkpoint": meta})
                 elif ev == "restored":
                     return self._restored(msg, prog, quiet)
-                elif ev == "error":
-                    prog.finish("failed")
-                    raise CheckpointError(msg.get("message") or "the checkpoint failed")
         finally:
             p.close()
 
@@ -202,28 +192,15 @@ class KernelSide:
                 parent = self.kernel.get_parent("shell") or {}
                 if (parent.get("header") or {}).get("msg_type") == "execute_request":
                     origin = frontend.current_origin(self.kernel)
-            for s in (sys.stdout, sys.stderr):
-                try:
-                    s.flush()
-                except Exception:
-                    pass
+            frontend.flush_std()
             try:
                 p = self.listener.request({"op": "restore", "name": name, "origin": origin})
             except control.ControlError as e:
                 raise CheckpointError(str(e)) from None
             prog.show("asking the kernel's shim", force=True)
             try:
-                while True:
-                    msg = p.get(timeout=1.0)
-                    if msg is None:
-                        continue
-                    ev = msg.get("event")
-                    if ev == "progress":
-                        prog.event(msg)
-                    elif ev == "error":
-                        prog.finish("failed")
-                        raise CheckpointError(msg.get("message") or f"restoring {name!r} failed")
-                    elif ev in ("replaced", "restored"):
+                for ev, msg in _answers(p, prog, f"restoring {name!r} failed"):
+                    if ev in ("replaced", "restored"):
                         # not expected here (this process is the one replaced); say so
                         return None
             finally:
@@ -339,6 +316,23 @@ def new_history_session(shell) -> None:
         hm.new_session()
     except Exception:
         pass
+
+
+def _answers(p, prog: Progress, failure: str):
+    """(event, message) of every answer to request `p` but `progress` (shown by `prog`);
+    an `error` raises CheckpointError with the shim's message (else `failure`)."""
+    while True:
+        msg = p.get(timeout=1.0)
+        if msg is None:
+            continue
+        ev = msg.get("event")
+        if ev == "progress":
+            prog.event(msg)
+        elif ev == "error":
+            prog.finish("failed")
+            raise CheckpointError(msg.get("message") or failure)
+        else:
+            yield ev, msg
 
 
 def taken_line(msg: dict) -> str:

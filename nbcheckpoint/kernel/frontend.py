@@ -146,6 +146,15 @@ def restored_line(meta: dict, in_place: bool = False) -> str:
     return f"{verb} '{name}' taken at {taken}{where}{cell}"
 
 
+def flush_std() -> None:
+    """Push out what this process printed (ipykernel's streams publish asynchronously)."""
+    for s in (sys.stdout, sys.stderr):
+        try:
+            s.flush()
+        except Exception:          # noqa: BLE001 -- a closed or replaced stream
+            pass
+
+
 def finish_origin(kernel, msg: dict, run_hooks: bool) -> None:
     """In a kernel restored in place: end the `%restore` cell of the kernel it replaced.
 
@@ -171,11 +180,7 @@ def finish_origin(kernel, msg: dict, run_hooks: bool) -> None:
         _finish(kernel, msg, run_hooks, meta, header, idents, parent)
     finally:
         if prev:
-            for s in (sys.stdout, sys.stderr):
-                try:
-                    s.flush()
-                except Exception:
-                    pass
+            flush_std()
             kernel.set_parent(prev_idents, prev, "shell")
 
 
@@ -184,11 +189,7 @@ def _finish(kernel, msg, run_hooks, meta, header, idents, parent) -> None:
     if run_hooks:
         hooks.run("restore", meta)
     print(restored_line(meta, in_place=True))
-    for s in (sys.stdout, sys.stderr):
-        try:
-            s.flush()
-        except Exception:
-            pass
+    flush_std()
     count = getattr(getattr(kernel, "shell", None), "execution_count", 1) - 1
     content = {"status": "ok", "execution_count": count, "user_expressions": {}, "payload": []}
     try:

@@ -27,6 +27,7 @@ import traceback
 from pathlib import Path
 
 from ..store import Store, StoreError
+from . import frontend
 from .progress import Progress
 
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
@@ -128,11 +129,7 @@ def checkpoint_with_helper(side, name: str | None, quiet: bool, progress_cb) -> 
     prog = Progress(f"checkpoint '{name}'", quiet=quiet, callback=progress_cb)
     prog.show("starting a helper outside the kernel (the kernel pauses while its memory is copied)",
               force=True)
-    for s in (sys.stdout, sys.stderr):
-        try:
-            s.flush()
-        except Exception:
-            pass
+    frontend.flush_std()
     cpu0 = time.thread_time()
     guard = _guard_parent_poller(kernel_app, cpu0)
     try:
