@@ -581,7 +581,7 @@ def _verify_complete(engine, img: Path) -> None:
     rd.verify_all_metadata()
     for name in rd.sums:
         if name.startswith("pages-"):
-            r = rd.open_raw(name)
+            r = rd.open_pages(name)
             buf = bytearray(8 << 20)
             left = rd.sums[name].size
             while left:

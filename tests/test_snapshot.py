@@ -113,7 +113,7 @@ def _page_runs(img: Path, pid: int) -> dict[int, bytes]:
     from nbcheckpoint.engine.images import imagedir, pagemap_pb2
     rd = imagedir.ImageReader(str(img))
     entries = list(rd.messages(f"pagemap-{pid}.img", pagemap_pb2.PagemapEntry))
-    src = rd.open_raw(f"pages-{pid}.img")
+    src = rd.open_pages(f"pages-{pid}.img")
     out = {}
     for e in entries:
         buf = bytearray(e.nr_pages * 4096)

@@ -98,7 +98,7 @@ class PrivatePages:
 
     def __init__(self, img, name: str):
         self.entries = img.messages(f"pagemap-{name}.img", "nbcheckpoint.images.PagemapEntry")
-        self.out = img.raw(f"pages-{name}.img")
+        self.out = img.pages(f"pages-{name}.img")
 
     def dump(self, pid: int, vmas, progress=None, shared_cow: bool = False) -> int:
         """Save the private pages of `vmas` as process `pid` holds them; returns the bytes written.
@@ -159,7 +159,7 @@ def restore_private(pid: int, reader, name: str, index: VmaIndex, progress=None)
         runs.append((e.vaddr, length, bool(v.prot & PROT_WRITE)))
     total_bytes = sum(n for _, n, _ in runs)
     batches = list(_batches(runs))
-    src = reader.open_raw(f"pages-{name}.img")
+    src = reader.open_pages(f"pages-{name}.img")
     pipe = _Pipeline()
     mem = None
     done = 0
@@ -200,7 +200,7 @@ def dump_shmem(pid: int, vma, img) -> int:
     """Save the content of the shmem object behind `vma` (by SEEK_DATA/SEEK_HOLE)."""
     name = f"shmem-{vma.shmem_id}"
     entries = img.messages(f"pagemap-{name}.img", "nbcheckpoint.images.PagemapEntry")
-    out = img.raw(f"pages-{name}.img")
+    out = img.pages(f"pages-{name}.img")
     fd = os.open(f"/proc/{pid}/map_files/{vma.start:x}-{vma.end:x}", os.O_RDONLY)
     done = 0
     try:
@@ -246,7 +246,7 @@ def restore_shmem(reader, vma) -> int:
         fd = os.open(f"/proc/self/map_files/{addr:x}-{addr + len(m):x}", os.O_RDWR | os.O_CLOEXEC)
         # the object lives on through fd; the engine's mapping is dropped with m
     entries = reader.messages(f"pagemap-{name}.img", pagemap_pb2.PagemapEntry)
-    src = reader.open_raw(f"pages-{name}.img")
+    src = reader.open_pages(f"pages-{name}.img")
     buf = _Buffer(CHUNK)
     done = 0
     try:

@@ -128,7 +128,7 @@ def verify(images_dir, options: Options | None = None) -> None:
     try:
         for name in img.reader.sums:
             if name.startswith("pages-"):
-                src = img.reader.open_raw(name)
+                src = img.reader.open_pages(name)
                 try:
                     src.verify()
                 finally:

@@ -9,12 +9,16 @@ Layout (one directory per image, 0700; files 0600)::
     mm-PID.img             Mm
     files-PID.img          FdEntry messages
     pagemap-NAME.img       PagemapHead, then PagemapEntry runs
-    pages-NAME.img         raw page bytes of the LOCAL runs, in order
+    pages-NAME.img         raw page bytes of the LOCAL runs, in order, checked per block
     file-ID.img            content of a file deleted while open
 
 A message file is: magic (8 bytes), the message type's full name (u16 length +
 utf-8), then messages each prefixed by a u32 length.  The type name makes a
 foreign or mixed-up file fail loudly instead of parsing as garbage.
+
+Page data files carry one xxh3-64 per BLOCK bytes (in the inventory) instead of one
+checksum of the whole: a sequential reader checks each block as it passes, and lazy
+restore (lazy.py) reads and checks any single block on demand.
 
 Atomicity: everything is written into a hidden sibling directory, fsynced,
 then renamed onto the final name; an image is complete or absent.
@@ -32,11 +36,12 @@ import xxhash
 from ..errors import ImageError
 from . import inventory_pb2
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: page data checked per block
 MAGIC = b"NBCKIMG\x01"
 INVENTORY = "inventory.img"
 _LEN = struct.Struct("<I")
 MAX_MESSAGE = 64 << 20
+BLOCK = 256 << 10           # page data checksum block: what lazy restore reads per fault
 
 
 class _HashingFile:
@@ -60,6 +65,53 @@ class _HashingFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def summary(self) -> inventory_pb2.FileSum:
+        return inventory_pb2.FileSum(name=os.path.basename(self.path), size=self.size,
+                                     xxh3_128=self.hash.digest())
+
+
+class _BlockSums:
+    """xxh3-64 of every BLOCK bytes of a stream, the last block possibly short."""
+
+    def __init__(self):
+        self.hash = xxhash.xxh3_64()
+        self.fill = 0
+        self.sums = bytearray()
+
+    def update(self, data) -> None:
+        view = memoryview(data)
+        while view:
+            n = min(len(view), BLOCK - self.fill)
+            self.hash.update(view[:n])
+            self.fill += n
+            view = view[n:]
+            if self.fill == BLOCK:
+                self._close_block()
+
+    def _close_block(self) -> None:
+        self.sums += self.hash.digest()
+        self.hash.reset()
+        self.fill = 0
+
+    def finish(self) -> bytes:
+        if self.fill:
+            self._close_block()
+        return bytes(self.sums)
+
+
+class PagesWriter(_HashingFile):
+    """A page data file: checksummed per block (see the module's docstring)."""
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        self.hash = _BlockSums()
+
+    def summary(self) -> inventory_pb2.FileSum:
+        sums = self.hash.finish()
+        return inventory_pb2.FileSum(name=os.path.basename(self.path), size=self.size,
+                                     xxh3_128=xxhash.xxh3_128_digest(sums), block_size=BLOCK,
+                                     block_sums=sums)
 
 
 class MessageWriter(_HashingFile):
@@ -103,14 +155,18 @@ class ImageWriter:
         self._files.append(w)
         return w
 
+    def pages(self, name: str) -> PagesWriter:
+        w = PagesWriter(self.path(name))
+        self._files.append(w)
+        return w
+
     def finish_files(self) -> None:
         """fsync and close every data file (the slow part on a real disk)."""
         for f in self._files:
             if f.fd >= 0:
                 os.fsync(f.fd)
                 f.close()
-            self._sums.append(inventory_pb2.FileSum(name=os.path.basename(f.path), size=f.size,
-                                                    xxh3_128=f.hash.digest()))
+            self._sums.append(f.summary())
         self._files = []
 
     def commit(self, inv: inventory_pb2.Inventory) -> str:
@@ -219,58 +275,94 @@ class ImageReader:
         data = self.read_bytes(name)
         return list(_parse_messages(data, os.path.join(self.dir, name), msg_cls.DESCRIPTOR.full_name, msg_cls))
 
-    def open_raw(self, name: str) -> "RawReader":
-        return RawReader(self.check_size(name), self._sum(name).xxh3_128)
+    def open_pages(self, name: str) -> "PagesReader":
+        s = self._sum(name)
+        if s.block_size != BLOCK or len(s.block_sums) != 8 * ((s.size + BLOCK - 1) // BLOCK):
+            raise ImageError(f"image file {os.path.join(self.dir, name)}: its block checksums are "
+                             "missing or do not match its size: damaged")
+        return PagesReader(self.check_size(name), s.size, s.block_sums)
 
     def verify_all_metadata(self) -> None:
-        """Check every file's size, and the checksum of all but page data (see RawReader)."""
+        """Check every file's size, and the checksum of all but page data (see PagesReader)."""
         for name in self.sums:
             self.check_size(name)
             if not name.startswith("pages-"):
                 self.read_bytes(name)
 
 
-class RawReader:
-    """Sequential reader of a raw data file; checks its checksum at the end.
+class PagesReader:
+    """A page data file, read in order (readinto) or by block (block), every block checked.
 
-    Page data is verified while it streams into the restored process (reading
-    1 GiB twice would halve restore speed); a mismatch is raised before that
-    process ever runs, and restore then kills it.
+    Page data is verified as it streams into the restored process (reading 1 GiB
+    twice would halve restore speed); a mismatch is raised before that process
+    ever runs, and restore then kills it.  Lazy restore reads single blocks
+    (block()) in whatever order the restored process touches them.
     """
 
-    def __init__(self, path: str, digest: bytes):
+    def __init__(self, path: str, size: int, sums: bytes):
         self.path = path
+        self.size = size
+        self.sums = sums
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        self.digest = digest
-        self.hash = xxhash.xxh3_128()
+        self.pos = 0                      # readinto's position
+        self._partial = xxhash.xxh3_64()  # readinto's hash of the current block so far
+
+    def _check(self, index: int, digest: bytes) -> None:
+        if digest != self.sums[8 * index:8 * index + 8]:
+            raise ImageError(f"image file {self.path} is corrupted (checksum mismatch in bytes "
+                             f"{index * BLOCK}-{min(self.size, (index + 1) * BLOCK)})")
 
     def readinto(self, buf) -> int:
+        """Fill buf with the next len(buf) bytes, checking each block as it completes."""
         view = memoryview(buf)
+        if self.pos + len(view) > self.size:
+            raise ImageError(f"image file {self.path} ends early: truncated")
         got = 0
         while got < len(view):
-            n = os.readv(self.fd, [view[got:]])
+            n = os.preadv(self.fd, [view[got:]], self.pos + got)
             if n == 0:
                 raise ImageError(f"image file {self.path} ends early: truncated")
             got += n
-        self.hash.update(view[:got])
+        while view:
+            n = min(len(view), BLOCK - self.pos % BLOCK)
+            self._partial.update(view[:n])
+            self.pos += n
+            view = view[n:]
+            if self.pos % BLOCK == 0 or self.pos == self.size:
+                self._check((self.pos - 1) // BLOCK, self._partial.digest())
+                self._partial.reset()
         return got
 
-    def verify(self, chunk: int = 16 << 20) -> None:
-        """Read what is left to the end and check the checksum (restore.verify)."""
-        while True:
-            data = os.read(self.fd, chunk)
-            if not data:
-                break
-            self.hash.update(data)
-        self.finish()
+    def block(self, index: int, buf) -> memoryview:
+        """Block `index` read into buf (BLOCK bytes at least) and checked; returns its bytes."""
+        off = index * BLOCK
+        n = min(BLOCK, self.size - off)
+        if n <= 0:
+            raise ImageError(f"image file {self.path}: no block {index} (the pagemap and the data disagree)")
+        view = memoryview(buf)[:n]
+        got = 0
+        while got < n:
+            r = os.preadv(self.fd, [view[got:]], off + got)
+            if r == 0:
+                raise ImageError(f"image file {self.path} ends early: truncated")
+            got += r
+        self._check(index, xxhash.xxh3_64_digest(view))
+        return view
+
+    def verify(self) -> None:
+        """Check every block (restore.verify)."""
+        buf = bytearray(BLOCK)
+        for i in range((self.size + BLOCK - 1) // BLOCK):
+            self.block(i, buf)
+        self.close()
 
     def finish(self) -> None:
-        extra = os.read(self.fd, 1)
+        """After the last readinto: everything was read."""
+        pos = self.pos
         self.close()
-        if extra:
-            raise ImageError(f"image file {self.path} has trailing data: damaged")
-        if self.hash.digest() != self.digest:
-            raise ImageError(f"image file {self.path} is corrupted (checksum mismatch)")
+        if pos != self.size:
+            raise ImageError(f"image file {self.path} has {self.size - pos} bytes no pagemap entry "
+                             "accounts for: damaged")
 
     def close(self) -> None:
         if self.fd >= 0:

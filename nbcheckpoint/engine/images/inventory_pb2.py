@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*nbcheckpoint/engine/images/inventory.proto\x12\x13nbcheckpoint.images\"7\n\x07\x46ileSum\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x10\n\x08xxh3_128\x18\x03 \x01(\x0c\"\xcf\x02\n\tInventory\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x16\n\x0e\x65ngine_version\x18\x02 \x01(\t\x12\x10\n\x08root_pid\x18\x03 \x01(\r\x12\x16\n\x0ekernel_release\x18\x04 \x01(\t\x12\x0c\n\x04\x61rch\x18\x05 \x01(\t\x12\x11\n\tpage_size\x18\x06 \x01(\r\x12\x13\n\x0bxstate_size\x18\x07 \x01(\r\x12\x11\n\txfeatures\x18\x08 \x01(\x04\x12\x0f\n\x07\x63reated\x18\t \x01(\x01\x12+\n\x05\x66iles\x18\n \x03(\x0b\x32\x1c.nbcheckpoint.images.FileSum\x12\x15\n\rleave_running\x18\x0b \x01(\x08\x12\x0e\n\x06parent\x18\x0c \x01(\t\x12\x10\n\x08hostname\x18\r \x01(\t\x12\x16\n\x0e\x66rozen_seconds\x18\x0e \x01(\x01\x12\x10\n\x08in_pidns\x18\x0f \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*nbcheckpoint/engine/images/inventory.proto\x12\x13nbcheckpoint.images\"_\n\x07\x46ileSum\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x10\n\x08xxh3_128\x18\x03 \x01(\x0c\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x12\n\nblock_sums\x18\x05 \x01(\x0c\"\xcf\x02\n\tInventory\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x16\n\x0e\x65ngine_version\x18\x02 \x01(\t\x12\x10\n\x08root_pid\x18\x03 \x01(\r\x12\x16\n\x0ekernel_release\x18\x04 \x01(\t\x12\x0c\n\x04\x61rch\x18\x05 \x01(\t\x12\x11\n\tpage_size\x18\x06 \x01(\r\x12\x13\n\x0bxstate_size\x18\x07 \x01(\r\x12\x11\n\txfeatures\x18\x08 \x01(\x04\x12\x0f\n\x07\x63reated\x18\t \x01(\x01\x12+\n\x05\x66iles\x18\n \x03(\x0b\x32\x1c.nbcheckpoint.images.FileSum\x12\x15\n\rleave_running\x18\x0b \x01(\x08\x12\x0e\n\x06parent\x18\x0c \x01(\t\x12\x10\n\x08hostname\x18\r \x01(\t\x12\x16\n\x0e\x66rozen_seconds\x18\x0e \x01(\x01\x12\x10\n\x08in_pidns\x18\x0f \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,7 +32,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nbcheckpoint.engine.images.
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FILESUM']._serialized_start=67
-  _globals['_FILESUM']._serialized_end=122
-  _globals['_INVENTORY']._serialized_start=125
-  _globals['_INVENTORY']._serialized_end=460
+  _globals['_FILESUM']._serialized_end=162
+  _globals['_INVENTORY']._serialized_start=165
+  _globals['_INVENTORY']._serialized_end=500
 # @@protoc_insertion_point(module_scope)
