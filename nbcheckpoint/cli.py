@@ -56,7 +56,7 @@ def _dump_summary(stats) -> str:
 def _options(args) -> engine.Options:
     o = engine.Options(leave_running=getattr(args, "leave_running", False),
                        snapshot=not getattr(args, "no_snapshot", False))
-    for name in ("ext_unix_sk", "tcp_established", "tcp_close", "file_locks", "shell_job", "pidns"):
+    for name in ("ext_unix_sk", "tcp_established", "tcp_close", "file_locks", "shell_job", "pidns", "lazy_pages"):
         setattr(o, name, getattr(args, name, False))
     for spec in getattr(args, "inherit_fd", None) or []:
         key, fd = engine.Options.parse_inherit_fd(spec)
@@ -77,6 +77,9 @@ def _add_criu_options(p, restore: bool) -> None:
                        help="restore connections to peers outside the tree closed (the process sees a reset)")
         p.add_argument("--pidns", action="store_true",
                        help="restore into a new PID namespace, where the image's PIDs are free")
+        p.add_argument("--lazy-pages", action="store_true",
+                       help="start the tree before its big anonymous memory is in; this command serves "
+                            "those pages (first those the tree touches) until all are in (needs --pidns)")
         p.add_argument("--inherit-fd", action="append", metavar="fd[N]:KEY",
                        help="use our fd N in place of the object KEY (e.g. fd[3]:socket:[12345]); repeatable")
 
@@ -102,15 +105,28 @@ def cmd_restore(args) -> int:
         with open(args.pidfile, "w") as f:
             f.write(f"{res.pid}\n")
     if args.detach:
-        # We exit now; the restored child is reparented to init (or a subreaper).
-        print(res.pid)
-        return 0
+        print(res.pid, flush=True)
     if args.verbose:
         print(f"restored pid {res.pid} in {res.seconds:.2f}s", file=sys.stderr)
-    # Like criu restore: stay its parent and exit with its status.
+    if res.lazy is not None:
+        # The tree runs already; it gets the rest of its memory from us (with -d too:
+        # the pid is printed, and we exit once every page is in).
+        t0 = time.monotonic()
+        try:
+            res.lazy.serve(progress=progress)
+        finally:
+            progress.clear()
+        if args.verbose:
+            print(f"lazy pages: {_size(res.lazy.done)} in {time.monotonic() - t0:.2f}s, "
+                  f"{res.lazy.faults} faults served", file=sys.stderr)
+    if args.detach:
+        # We exit now; the restored child is reparented to init (or a subreaper).
+        return 0
+    # Like criu restore: stay its parent and exit with its status (with --pidns the
+    # namespace's init is our child, and exits with the root's status).
     while True:
         try:
-            _, status = os.waitpid(res.pid, 0)
+            _, status = os.waitpid(res.init_pid or res.pid, 0)
             break
         except InterruptedError:
             continue

@@ -16,6 +16,9 @@ class Options:
     file_locks: bool = False        # --file-locks: dump and re-acquire file locks
     shell_job: bool = False         # --shell-job: session leader and tty master may be outside
     pidns: bool = False             # --pidns: restore into a new PID namespace (PIDs free there)
+    # --lazy-pages: the tree runs before its big anonymous memory is in; the caller must
+    # then call RestoreResult.lazy.serve() (lazy.py).  Needs a PID namespace.
+    lazy_pages: bool = False
     # leave-running dumps: copy private memory from a copy-on-write snapshot after the
     # thaw (snapshot.py); False copies it all while the tree is frozen (--no-snapshot)
     snapshot: bool = True

@@ -41,23 +41,37 @@ def _pieces(addr: int, length: int):
 
 
 def _batches(runs):
-    """Group (addr, length, direct) runs into chunk-sized batches.
+    """Group (addr, length, direct, offset) runs into chunk-sized batches of
+    (addr, length, offset) pieces; offset: where the bytes are in the image.
 
     `direct` runs go through process_vm_readv/writev, one call per batch;
     the others (pages the target itself may not read or write) through
     /proc/PID/mem, and never share a batch with direct ones.
     """
     batch, total, kind = [], 0, None
-    for addr, length, direct in runs:
+    for addr, length, direct, off in runs:
         for a, n in _pieces(addr, length):
             if batch and (total + n > CHUNK or kind != direct):
                 yield kind, batch, total
                 batch, total = [], 0
-            batch.append((a, n))
+            batch.append((a, n, off + (a - addr)))
             total += n
             kind = direct
     if batch:
         yield kind, batch, total
+
+
+def _fill(src, view, batch) -> None:
+    """Read a batch's bytes from the image into view, one read per contiguous stretch."""
+    pos = 0
+    start, n = batch[0][2], 0
+    for _, ln, off in batch:
+        if off != start + n:
+            src.read_at(start, view[pos:pos + n])
+            pos += n
+            start, n = off, 0
+        n += ln
+    src.read_at(start, view[pos:pos + n])
 
 
 class _Pipeline:
@@ -113,10 +127,10 @@ class PrivatePages:
             for v in vmas:
                 for a, n in scanner.data_runs(v.start, v.end, anon_only=True):
                     self.entries.add(pagemap_pb2.PagemapEntry(vaddr=a, nr_pages=n // PAGE_SIZE))
-                    runs.append((a, n, bool(v.prot & PROT_READ)))
+                    runs.append((a, n, bool(v.prot & PROT_READ), 0))
         finally:
             scanner.close()
-        total_bytes = sum(n for _, n, _ in runs)
+        total_bytes = sum(r[1] for r in runs)
         pipe = _Pipeline()
         mem = None
         done = 0
@@ -126,12 +140,12 @@ class PrivatePages:
                 pipe.wait(i)                  # this buffer's previous write is done
                 buf = pipe.bufs[i]
                 if direct and not shared_cow:
-                    vm_read(pid, buf.addr, batch)
+                    vm_read(pid, buf.addr, [(a, n) for a, n, _ in batch])
                 else:
                     # process_vm_readv honours the target's protections; /proc/PID/mem does not.
                     mem = mem or ProcMem(pid)
                     off = 0
-                    for a, n in batch:
+                    for a, n, _ in batch:
                         mem.readinto(buf.view[off:off + n], a)
                         off += n
                 pipe.submit(i, self.out.write, buf.view[:total])
@@ -145,9 +159,14 @@ class PrivatePages:
         return done
 
 
-def restore_private(pid: int, reader, name: str, index: VmaIndex, progress=None) -> int:
-    """Write the saved pages into process `pid`, whose VMAs are already mapped."""
+def restore_private(pid: int, reader, name: str, index: VmaIndex, progress=None, lazy: bool = False):
+    """Write the saved pages into process `pid`, whose VMAs are already mapped.
+
+    lazy: leave the pages of the VMAs lazy.choose() picks for the page server.
+    Returns (bytes written, lazy.Pages or None)."""
+    from . import lazy as lazymod
     runs = []
+    off = 0
     for e in reader.messages(f"pagemap-{name}.img", pagemap_pb2.PagemapEntry):
         length = e.nr_pages * PAGE_SIZE
         v = index.find(e.vaddr)
@@ -156,37 +175,52 @@ def restore_private(pid: int, reader, name: str, index: VmaIndex, progress=None)
         if v is None or e.vaddr + length > v.end:
             raise ImageError(f"pagemap-{name}.img: pages at {e.vaddr:#x} (+{length}) lie outside "
                              "every mapping: the image is inconsistent")
-        runs.append((e.vaddr, length, bool(v.prot & PROT_WRITE)))
-    total_bytes = sum(n for _, n, _ in runs)
-    batches = list(_batches(runs))
+        runs.append((e.vaddr, length, bool(v.prot & PROT_WRITE), off, v))
+        off += length
     src = reader.open_pages(f"pages-{name}.img")
+    try:
+        if off != src.size:
+            raise ImageError(f"image file {src.path} holds {src.size} bytes, its pagemap {off}: damaged")
+        later = lazymod.choose(runs) if lazy else set()
+        done = _write_runs(pid, src, [r[:4] for r in runs if id(r[4]) not in later], progress)
+    except BaseException:
+        src.close()
+        raise
+    if not later:
+        src.close()
+        return done, None
+    return done, lazymod.Pages(src, [r[4] for r in runs if id(r[4]) in later],
+                               [(a, n, o) for a, n, _, o, v in runs if id(v) in later])
+
+
+def _write_runs(pid: int, src, runs, progress) -> int:
+    total_bytes = sum(r[1] for r in runs)
+    batches = list(_batches(runs))
     pipe = _Pipeline()
     mem = None
     done = 0
     try:
         for k in range(min(2, len(batches))):          # prefetch
-            pipe.submit(k, src.readinto, pipe.bufs[k].view[:batches[k][2]])
+            pipe.submit(k, _fill, src, pipe.bufs[k].view, batches[k][1])
         for k, (direct, batch, total) in enumerate(batches):
             i = k % 2
             pipe.wait(i)
             buf = pipe.bufs[i]
             if direct:
-                vm_write(pid, buf.addr, batch)
+                vm_write(pid, buf.addr, [(a, n) for a, n, _ in batch])
             else:
                 mem = mem or ProcMem(pid, write=True)
                 off = 0
-                for a, n in batch:
+                for a, n, _ in batch:
                     mem.pwrite(buf.view[off:off + n], a)
                     off += n
             if k + 2 < len(batches):
-                pipe.submit(i, src.readinto, buf.view[:batches[k + 2][2]])
+                pipe.submit(i, _fill, src, buf.view, batches[k + 2][1])
             done += total
             if progress:
                 progress("pages", done, total_bytes)
-        src.finish()
     finally:
         pipe.close()
-        src.close()
         if mem:
             mem.close()
     return done

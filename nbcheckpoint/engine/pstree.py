@@ -161,9 +161,17 @@ def create_init(root_vpid: int) -> "Stub":
     """PID 1 of a new PID namespace (with its own mount namespace and /proc).
 
     It is a copy of the engine that mounts a fresh /proc, blocks until the
-    engine has restored the tree (it closes `release`), then reaps children as
-    an init must, and exits with the root's status when the root exits --
-    taking the namespace down with it, like a container.  Returned traced.
+    engine has restored the tree, then reaps children as an init must, and
+    exits with the root's status when the root exits -- taking the namespace
+    down with it, like a container.  Returned traced.
+
+    The engine talks to it over a pipe (``stub.release_fd``, see init_go):
+    ``r`` -- released: the init outlives the engine from now on;
+    ``g`` -- go, but on a lifeline: the tree runs while the engine still
+    serves its memory (lazy restore); when the pipe then ends without an
+    ``r`` (the engine died), the init exits and the kernel kills every
+    process of the namespace, rather than let them read zeros where their
+    memory was still to come.  EOF before either means restore failed.
     """
     CLONE_NEWNS, CLONE_NEWPID = 0x00020000, 0x20000000
     rfd, wfd = os.pipe()
@@ -193,8 +201,26 @@ def create_init(root_vpid: int) -> "Stub":
     return stub
 
 
+def init_go(init: "Stub", lifeline: bool) -> None:
+    """Let create_init's init start reaping; `lifeline`: it dies with us until init_release."""
+    os.write(init.release_fd, b"g" if lifeline else b"r")
+    if not lifeline:
+        os.close(init.release_fd)
+        init.release_fd = -1
+
+
+def init_release(init: "Stub") -> None:
+    """Cut the lifeline: the namespace outlives the engine from now on."""
+    if init.release_fd >= 0:
+        os.write(init.release_fd, b"r")
+        os.close(init.release_fd)
+        init.release_fd = -1
+
+
 def _init_main(rfd: int, wfd: int, root_vpid: int) -> None:
-    """The namespace's init (runs in the child; never returns).  Only raw syscalls."""
+    """The namespace's init (runs in the child; never returns).  Only raw syscalls.
+
+    All signals are blocked here (create_init masks them around the clone)."""
     def sc(name, *a):
         return _pysyscall(ctypes.c_long(NR[name]), *[ctypes.c_long(x) if isinstance(x, int) else x for x in a])
     MS_REC, MS_PRIVATE = 0x4000, 0x40000
@@ -203,11 +229,49 @@ def _init_main(rfd: int, wfd: int, root_vpid: int) -> None:
     sc("mount", ctypes.c_char_p(b"none"), ctypes.c_char_p(b"/"), None, MS_REC | MS_PRIVATE, None)
     sc("mount", ctypes.c_char_p(b"proc"), ctypes.c_char_p(b"/proc"), ctypes.c_char_p(b"proc"), 0, None)
     buf = ctypes.create_string_buffer(1)
-    while sc("read", rfd, buf, 1) < 0 and ctypes.get_errno() == errno.EINTR:
+    while (n := sc("read", rfd, buf, 1)) < 0 and ctypes.get_errno() == errno.EINTR:
         pass
-    sc("prctl", 1, 0)                                           # released: outlive the engine
-    sc("close_range", 3, 0x7FFFFFFF, 0)                         # the engine's files are the tree's now
+    if n != 1:
+        sc("exit_group", 1)                                     # restore failed: the engine kills us
+    sc("prctl", 1, 0)                                           # outlive the engine's thread...
+    if buf.raw == b"g":
+        # ...but not the engine itself: reap while watching the lifeline
+        sc("close_range", 0, rfd - 1, 0) if rfd > 0 else None
+        sc("close_range", rfd + 1, 0x7FFFFFFF, 0)
+        _reap_on_lifeline(sc, rfd, root_vpid)
+    # the engine's files are the tree's now; and a shell pipeline reading our stdout
+    # must not wait for the namespace to end
+    sc("close_range", 0, 0x7FFFFFFF, 0)
     _reap_then_exit(sc, root_vpid)
+
+
+def _reap_on_lifeline(sc, rfd: int, root: int) -> None:
+    """Reap children (as _reap_then_exit) until the engine writes ``r`` on rfd; exit when
+    the root exits, and also when rfd ends (the engine died: the namespace dies with us)."""
+    SFD_NONBLOCK, POLLIN, WNOHANG = 0o4000, 1, 1
+    chld = ctypes.c_uint64(1 << (signal.SIGCHLD - 1))
+    sfd = sc("signalfd4", -1, ctypes.byref(chld), 8, SFD_NONBLOCK)   # SIGCHLD is blocked here
+    fds = (ctypes.c_int32 * 4)(rfd, POLLIN, sfd, POLLIN)            # struct pollfd[2] (events, revents: s16)
+    status = ctypes.c_int(0)
+    scratch = ctypes.create_string_buffer(128)
+    while True:
+        while (pid := sc("wait4", -1, ctypes.byref(status), WNOHANG | 0x40000000, None)) > 0:   # __WALL
+            if pid == root:
+                _exit_like(sc, status.value)
+        sc("ppoll", fds, 2, None, None, 8)
+        if fds[1] >> 16:                                            # revents of rfd
+            n = sc("read", rfd, scratch, 1)
+            if n == 1 and scratch.raw[:1] == b"r":
+                sc("close", sfd)
+                return
+            if n == 0 or (n < 0 and ctypes.get_errno() != errno.EINTR):
+                sc("exit_group", 128 + signal.SIGKILL)
+        sc("read", sfd, scratch, 128)                               # drain (non-blocking)
+
+
+def _exit_like(sc, status: int) -> None:
+    code = (status >> 8) & 0xFF if (status & 0x7F) == 0 else 128 + (status & 0x7F)
+    sc("exit_group", code)
 
 
 def spawn_init(argv: list[str], env: dict[str, str], fds: dict[int, int]) -> tuple[int, int]:
@@ -314,8 +378,7 @@ def _reap_then_exit(sc, root: int) -> None:
         pid = sc("wait4", -1, ctypes.byref(status), 0x40000000, None)     # __WALL
         if pid == root or (pid < 0 and ctypes.get_errno() == errno.ECHILD):
             break
-    code = (status.value >> 8) & 0xFF if (status.value & 0x7F) == 0 else 128 + (status.value & 0x7F)
-    sc("exit_group", code)
+    _exit_like(sc, status.value)
 
 
 def make_sessions(stub: Stub, process) -> None:

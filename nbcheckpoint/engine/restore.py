@@ -12,14 +12,18 @@ Phases, in order (why, where it matters):
    into their parent; session leaders setsid() at once; then process groups;
 4. per process, by injected syscalls: unregister the inherited rseq, unmap
    the engine's memory, move the vDSO, PR_SET_MM_MAP (after the unmap: EBUSY
-   while the old exe is mapped), map every VMA, write the pages;
+   while the old exe is mapped), map every VMA, write the pages (with
+   --lazy-pages, not those of the big anonymous VMAs: lazy.py);
 5. fds into place (dup3), everything else closed; cwd, umask, personality,
    signal handlers, rlimits, pdeathsig;
 6. threads by injected clone3(set_tid=[tid]); per-thread state injected into
-   each thread; credentials last (clone3 with set_tid needs our privileges);
-   zombies exit with their dumped status (their parents are still stubs);
+   each thread; with --lazy-pages, the userfaultfd registered (after every
+   step that may touch the process's memory, before the credentials);
+   credentials last (clone3 with set_tid needs our privileges); zombies exit
+   with their dumped status (their parents are still stubs);
 7. registers and xstate of every thread, then detach them all: the tree runs,
-   and no process runs before every process is whole.
+   and no process runs before every process is whole (or, lazily, before
+   every page still to come is registered with the page server).
 
 Any failure kills every stub: no half-restored process is ever left running.
 """
@@ -35,7 +39,7 @@ import signal
 import time
 from dataclasses import dataclass
 
-from . import core, files, mm as mmmod, pages, pstree, task as taskmod, timers
+from . import core, files, lazy, mm as mmmod, pages, pstree, task as taskmod, timers
 from .errors import ImageError, RestoreError
 from .files import locks, tty
 from .images import core_pb2, files_pb2, imagedir, mm_pb2, pstree_pb2
@@ -55,6 +59,8 @@ class RestoreResult:
     pids: list[int] = None      # every live process, as the caller sees them
     vpid: int = 0               # the root as it sees itself (differs with --pidns)
     init_pid: int | None = None  # --pidns: the namespace's init, the caller's child
+    # --lazy-pages: the page server; call lazy.serve() at once (None: nothing was left lazy)
+    lazy: "lazy.PageServer | None" = None
 
 
 class _Proc:
@@ -144,6 +150,9 @@ def restore(images_dir, progress=None, options: Options | None = None) -> Restor
     if img.reader.inventory.in_pidns and not options.pidns:
         # its PIDs mean something only in a namespace of its own
         options = dataclasses.replace(options, pidns=True)
+    if options.lazy_pages and not options.pidns:
+        raise RestoreError("--lazy-pages needs --pidns: the restored tree must live in a PID namespace "
+                           "that dies with the engine, should it die while pages are still to come")
     if img.procs[0].pid == 1:
         raise RestoreError("the image's root is PID 1 of its namespace (an init); restoring an init "
                            "is not supported yet: dump its child instead")
@@ -153,16 +162,19 @@ def restore(images_dir, progress=None, options: Options | None = None) -> Restor
     engine_fds: list[int] = []
     stubs: dict[int, pstree.Stub] = {}     # image pid -> stub
     init = None
+    server = None
     done = False
     try:
         prepared = _open_everything(img, engine_fds)
         if options.pidns:
             init = pstree.create_init(img.procs[0].pid)
+        if options.lazy_pages:
+            server = lazy.PageServer(init)
         stubs = _create_tree(img, init)
         npages = 0
         host_tids: dict[int, int] = {}     # image tid -> tid as we see it
         for p in img.live:
-            n, tids = _rebuild(stubs[p.pid], p, img, prepared, progress)
+            n, tids = _rebuild(stubs[p.pid], p, img, prepared, progress, server)
             npages += n
             host_tids.update(tids)
         for p in img.live:
@@ -173,11 +185,15 @@ def restore(images_dir, progress=None, options: Options | None = None) -> Restor
             for th in p.threads:
                 ptrace.setregset(host_tids[th.tid], ptrace.NT_X86_XSTATE, th.xstate)
                 core.restore_sched(th, host_tids[th.tid])
+        if server is not None and not server.spaces:
+            server.close()
+            server = None                   # nothing was big enough to leave lazy
         for tid in host_tids.values():
             ptrace.detach(tid)
         if init is not None:
             ptrace.detach(init.pid)
-            os.close(init.release_fd)       # the init may start reaping
+            # the init may start reaping; while pages are to come, on a lifeline to us
+            pstree.init_go(init, lifeline=server is not None)
         done = True
         for p in img.live:                  # return once stopped ones are stopped again
             deadline = time.monotonic() + 2
@@ -188,8 +204,11 @@ def restore(images_dir, progress=None, options: Options | None = None) -> Restor
         if not done:
             for st in reversed(list(stubs.values())):
                 pstree.kill(st.pid)
+            if server is not None:
+                server.close()
             if init is not None:
-                os.close(init.release_fd)
+                if init.release_fd >= 0:
+                    os.close(init.release_fd)
                 pstree.kill(init.pid)
         for fd in engine_fds:
             os.close(fd)
@@ -197,7 +216,7 @@ def restore(images_dir, progress=None, options: Options | None = None) -> Restor
     root = stubs[img.procs[0].pid]
     return RestoreResult(pid=root.pid, seconds=time.monotonic() - t0, pages_bytes=npages,
                          pids=[stubs[p.pid].pid for p in img.live], vpid=root.vpid,
-                         init_pid=init.pid if init else None)
+                         init_pid=init.pid if init else None, lazy=server)
 
 
 def _wait_pid_free(pid: int, timeout: float = 5.0) -> None:
@@ -290,7 +309,7 @@ def _specials(pid: int) -> dict[int, tuple[int, int]]:
             if m.path in mmmod.SPECIAL and mmmod.SPECIAL[m.path] in mmmod.VDSO_KINDS}
 
 
-def _rebuild(stub: pstree.Stub, pr: _Proc, img: _Image, p: _Prepared, progress):
+def _rebuild(stub: pstree.Stub, pr: _Proc, img: _Image, p: _Prepared, progress, server):
     """4-6 for one process; its threads stay stopped with their final registers.
 
     `pid` is the engine's view of the process (ptrace, /proc); the image's
@@ -308,7 +327,10 @@ def _rebuild(stub: pstree.Stub, pr: _Proc, img: _Image, p: _Prepared, progress):
         r.map_scratch(addr=mmmod.free_hole(mm, PAGE_SIZE))
         mmmod.set_mm_map(r, mm, p.exe[mm.exe.path])
         mmmod.map_vmas(r, mm, p.maps, p.shmem)
-        npages = pages.restore_private(pid, img.reader, str(pr.pid), mmmod.VmaIndex(mm.vmas), progress)
+        npages, later = pages.restore_private(pid, img.reader, str(pr.pid), mmmod.VmaIndex(mm.vmas), progress,
+                                              lazy=server is not None)
+        if later:
+            server.hold(later)
         mmmod.apply_advice(r, mm)
         # 5. files and process state
         taskmod.restore_fs(r, t, p.fs[pr.pid])
@@ -331,6 +353,8 @@ def _rebuild(stub: pstree.Stub, pr: _Proc, img: _Image, p: _Prepared, progress):
         timers.restore(r, timers.read(img.reader, pr.pid))     # after the threads: a timer may name one
         for info in t.shared_pending:
             taskmod.queue_signal(r, info, None)
+        if later:
+            server.add(r, pid, pr.pid, later)
         taskmod.restore_creds(r, t)
         r.syscall("munmap", r.scratch, PAGE_SIZE)
         r.set_final_state(core.final_regs(threads[0]), threads[0].sigmask)

@@ -291,12 +291,13 @@ class ImageReader:
 
 
 class PagesReader:
-    """A page data file, read in order (readinto) or by block (block), every block checked.
+    """A page data file, read in order (readinto) or anywhere (read_at), every block checked.
 
     Page data is verified as it streams into the restored process (reading 1 GiB
     twice would halve restore speed); a mismatch is raised before that process
-    ever runs, and restore then kills it.  Lazy restore reads single blocks
-    (block()) in whatever order the restored process touches them.
+    ever runs, and restore then kills it.  Lazy restore reads at the offsets the
+    restored processes touch, in any order; a block only partly wanted is read
+    whole (to check it) and kept, as the next read usually wants the rest.
     """
 
     def __init__(self, path: str, size: int, sums: bytes):
@@ -304,56 +305,63 @@ class PagesReader:
         self.size = size
         self.sums = sums
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        self.pos = 0                      # readinto's position
-        self._partial = xxhash.xxh3_64()  # readinto's hash of the current block so far
+        self.pos = 0                        # readinto's position
+        self._blk = bytearray(BLOCK)        # the last block read for a partial request...
+        self._blk_index = -1                # ...and its number
 
-    def _check(self, index: int, digest: bytes) -> None:
-        if digest != self.sums[8 * index:8 * index + 8]:
+    def _check(self, index: int, data) -> None:
+        if xxhash.xxh3_64_digest(data) != self.sums[8 * index:8 * index + 8]:
             raise ImageError(f"image file {self.path} is corrupted (checksum mismatch in bytes "
                              f"{index * BLOCK}-{min(self.size, (index + 1) * BLOCK)})")
 
-    def readinto(self, buf) -> int:
-        """Fill buf with the next len(buf) bytes, checking each block as it completes."""
-        view = memoryview(buf)
-        if self.pos + len(view) > self.size:
-            raise ImageError(f"image file {self.path} ends early: truncated")
+    def _pread(self, view, off: int) -> None:
         got = 0
         while got < len(view):
-            n = os.preadv(self.fd, [view[got:]], self.pos + got)
+            n = os.preadv(self.fd, [view[got:]], off + got)
             if n == 0:
                 raise ImageError(f"image file {self.path} ends early: truncated")
             got += n
-        while view:
-            n = min(len(view), BLOCK - self.pos % BLOCK)
-            self._partial.update(view[:n])
-            self.pos += n
+
+    def read_at(self, off: int, buf) -> None:
+        """Fill buf with the bytes at `off`, every block they touch checked."""
+        view = memoryview(buf)
+        if off + len(view) > self.size:
+            raise ImageError(f"image file {self.path}: {len(view)} bytes at {off} lie beyond its end "
+                             f"({self.size} bytes): truncated, or the pagemap does not match")
+        end = off + len(view)
+        while off < end:
+            b = off // BLOCK
+            if off == b * BLOCK and min(end, self.size) - off >= min(BLOCK, self.size - off):
+                # whole blocks: read them straight into place, then check each
+                n = min(end, self.size) - off
+                n = n - n % BLOCK if n >= BLOCK else n
+                part = view[:n]
+                self._pread(part, off)
+                for i in range(0, n, BLOCK):
+                    self._check(b + i // BLOCK, part[i:i + BLOCK])
+            else:
+                if self._blk_index != b:
+                    blk = memoryview(self._blk)[:min(BLOCK, self.size - b * BLOCK)]
+                    self._blk_index = -1
+                    self._pread(blk, b * BLOCK)
+                    self._check(b, blk)
+                    self._blk_index = b
+                n = min(end, (b + 1) * BLOCK) - off
+                view[:n] = self._blk[off - b * BLOCK:off - b * BLOCK + n]
             view = view[n:]
-            if self.pos % BLOCK == 0 or self.pos == self.size:
-                self._check((self.pos - 1) // BLOCK, self._partial.digest())
-                self._partial.reset()
-        return got
+            off += n
 
-    def block(self, index: int, buf) -> memoryview:
-        """Block `index` read into buf (BLOCK bytes at least) and checked; returns its bytes."""
-        off = index * BLOCK
-        n = min(BLOCK, self.size - off)
-        if n <= 0:
-            raise ImageError(f"image file {self.path}: no block {index} (the pagemap and the data disagree)")
-        view = memoryview(buf)[:n]
-        got = 0
-        while got < n:
-            r = os.preadv(self.fd, [view[got:]], off + got)
-            if r == 0:
-                raise ImageError(f"image file {self.path} ends early: truncated")
-            got += r
-        self._check(index, xxhash.xxh3_64_digest(view))
-        return view
+    def readinto(self, buf) -> int:
+        """The next len(buf) bytes (sequential restore)."""
+        self.read_at(self.pos, buf)
+        self.pos += len(buf)
+        return len(buf)
 
-    def verify(self) -> None:
+    def verify(self, chunk: int = 16 << 20) -> None:
         """Check every block (restore.verify)."""
-        buf = bytearray(BLOCK)
-        for i in range((self.size + BLOCK - 1) // BLOCK):
-            self.block(i, buf)
+        buf = bytearray(chunk)
+        for off in range(0, self.size, chunk):
+            self.read_at(off, memoryview(buf)[:min(chunk, self.size - off)])
         self.close()
 
     def finish(self) -> None:

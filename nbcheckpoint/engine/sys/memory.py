@@ -164,7 +164,13 @@ class PagemapScanner:
         With anon_only, page-cache pages are skipped too: in a private file
         mapping only the copied-on-write pages differ from the file.
         """
-        excl = PAGE_IS_PFNZERO | (PAGE_IS_FILE if anon_only else 0)
+        return self._scan(start, end, PAGE_IS_PFNZERO | (PAGE_IS_FILE if anon_only else 0))
+
+    def present_runs(self, start: int, end: int) -> list[tuple[int, int]]:
+        """[(addr, length)] of every page with a page table entry (the zero page too)."""
+        return self._scan(start, end, 0)
+
+    def _scan(self, start: int, end: int, excl: int) -> list[tuple[int, int]]:
         runs: list[tuple[int, int]] = []
         pos = start
         while pos < end:

@@ -23,7 +23,7 @@ NR = dict(
     getcpu=309, setpgid=109, setsid=112, getsid=124, process_vm_readv=310, process_vm_writev=311, kcmp=312,
     memfd_create=319, userfaultfd=323, rseq=334, pidfd_open=434, clone3=435,
     close_range=436, pidfd_getfd=438, restart_syscall=219, rt_sigtimedwait=128, mount=165, wait4=61,
-    fork=57, execve=59,             # pstree.spawn_init
+    fork=57, execve=59, ppoll=271,  # pstree.spawn_init, the init on a lifeline
     # anon-inode files (files/anon.py) and timers (timers.py)
     ioctl=16, getitimer=36, setitimer=38, timer_create=222, timer_settime=223, timer_gettime=224,
     timer_getoverrun=225, timer_delete=226, epoll_wait=232, epoll_ctl=233, inotify_add_watch=254, inotify_rm_watch=255,
