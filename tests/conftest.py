@@ -267,6 +267,11 @@ class Target:
         """Teardown: SIGKILL and reap whatever incarnation is still ours and alive."""
         if self.pid is None:
             return
+        if getattr(self, "init_pid", None):         # restore_lazy: the namespace goes with its init
+            force_reap(self.init_pid)
+            if self.lazy_thread is not None:
+                self.lazy_thread.join(10)
+            return
         if not self.restored:
             if self.popen.poll() is None:
                 if not force_reap(self.pid):
@@ -372,6 +377,27 @@ class Target:
             assert status in (-signal.SIGKILL, 0, None), \
                 f"dumped {self.name} exited with {status}\n{self.log()}"
         return stats
+
+    def restore_lazy(self, images: Path, stream_after: float = 0.0):
+        """engine.restore() with --pidns --lazy-pages; the page server runs in a thread of
+        ours (self.lazy_error: what it raised).  The process lives in a new PID namespace:
+        self.pid becomes its pid as we see it; its init (self.init_pid) is our child."""
+        import threading
+        from nbcheckpoint.engine import Options, restore
+        res = restore(str(images), options=Options(pidns=True, lazy_pages=True))
+        self.pid, self.init_pid = res.pid, res.init_pid
+        self.restored, self.is_child, self.status = True, False, None
+        self.pids_seen.add(res.pid)
+        self.lazy, self.lazy_error, self.lazy_thread = res.lazy, None, None
+        if res.lazy is not None:
+            def serve():
+                try:
+                    res.lazy.serve(stream_after=stream_after)
+                except BaseException as e:     # noqa: BLE001 - handed to the test
+                    self.lazy_error = e
+            self.lazy_thread = threading.Thread(target=serve, name="page-server", daemon=True)
+            self.lazy_thread.start()
+        return res
 
     def restore(self, images: Path):
         """engine.restore() (pid must be free): the restored process is our child."""

@@ -14,9 +14,15 @@ leave-running dump could not be forked: it is copied while frozen),
 and ``sync``.
 The restored process is a child of the calling process (reap it, or let the
 CLI's ``--detach`` hand it to init).
+
+With ``Options(pidns=True, lazy_pages=True)`` restore returns as soon as the tree
+runs, and ``RestoreResult.lazy`` (a lazy.PageServer, or None when nothing was left
+lazy) must then be served at once: ``res.lazy.serve(progress, stream_after=0)``
+returns when every page is in (progress phase ``lazy pages``), raises LazyError
+(tree killed) if it cannot go on.
 """
 from .options import Options
-from .errors import DumpError, EngineError, ImageError, RestoreError, SysError, UnsupportedError
+from .errors import DumpError, EngineError, ImageError, LazyError, RestoreError, SysError, UnsupportedError
 from .dump import DumpStats, dump
 from .restore import RestoreResult, restore, verify
 from .show import show
@@ -24,4 +30,5 @@ from .show import show
 __all__ = [
     "dump", "restore", "verify", "show", "DumpStats", "RestoreResult", "Options",
     "EngineError", "DumpError", "RestoreError", "ImageError", "UnsupportedError", "SysError",
+    "LazyError",
 ]

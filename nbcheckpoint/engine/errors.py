@@ -59,6 +59,15 @@ class RestoreError(EngineError):
     """
 
 
+class LazyError(EngineError):
+    """A lazy restore's page server could not go on (a damaged block of page data, an
+    unexpected kernel error).
+
+    Raised by ``lazy.PageServer.serve``; the restored tree has been killed by then, before
+    any of its processes could read a wrong page.
+    """
+
+
 class DumpError(EngineError):
     """The dump failed for a reason other than an unsupported object.
 

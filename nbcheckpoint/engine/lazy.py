@@ -45,7 +45,7 @@ import os
 import select
 import time
 
-from .errors import EngineError, ImageError, SysError
+from .errors import ImageError, LazyError, SysError
 from .images import mm_pb2
 from .images.imagedir import BLOCK
 from .mm import PROT_WRITE
@@ -131,6 +131,10 @@ class _Pending:
             self.starts.insert(k, s - frm + to)
 
 
+_EVENT_NAMES = {uffd.EVENT_FORK: "fork", uffd.EVENT_REMAP: "remap", uffd.EVENT_REMOVE: "remove",
+                uffd.EVENT_UNMAP: "unmap"}
+
+
 class _Space:
     """One address space being filled: its userfaultfd (ours), pages to come, image file."""
 
@@ -140,12 +144,6 @@ class _Space:
         self.label = label
         self.src = src
         self.pending = pending
-
-
-class LazyError(EngineError):
-    """The page server could not go on (a damaged block, an unexpected kernel error).
-
-    Raised by PageServer.serve; the restored tree has been killed by then."""
 
 
 class PageServer:
@@ -161,7 +159,7 @@ class PageServer:
         self.total = 0
         self.done = 0
         self.faults = 0
-        self.first_fault_at = None
+        self.events = {"fork": 0, "remap": 0, "remove": 0, "unmap": 0}
         self.waiting: list[tuple[_Space, int]] = []   # faults read but not served yet
         self._buf = mmap.mmap(-1, STREAM + 2 * BLOCK)
         self._view = memoryview(self._buf)
@@ -212,15 +210,28 @@ class PageServer:
         self.total += pending.bytes()
 
     # --- after the tree runs ------------------------------------------------------------
-    def serve(self, progress=None) -> None:
+    def serve(self, progress=None, stream_after: float = 0.0) -> None:
         """Fill every lazy page, serving faults first; returns when none is left.
 
+        stream_after: seconds during which only faults are served, before the rest
+        streams in (the restored tree has the machine to itself for its first steps).
         Raises LazyError (the tree is killed) if a page cannot be served."""
+        stream_at = time.monotonic() + stream_after
         try:
             again = False
-            while True:
+            while any(sp.pending.runs for sp in self.spaces):
                 # after an EAGAIN, give the layout change a moment to post its message
-                again = not self._messages(1 if again else 0)
+                hold = stream_at - time.monotonic()
+                wait = 1 if again else (min(100, int(hold * 1000) + 1) if hold > 0 else 0)
+                again = not self._messages(wait)
+                if hold > 0:
+                    # A process that exits says nothing to its userfaultfd: only a copy
+                    # finds it gone (ESRCH).  So one page per space now and then.
+                    for sp in list(self.spaces):
+                        if sp.pending.runs and not again:
+                            s, _, o = sp.pending.runs[0]
+                            again = not self._fill(sp, s, s + PAGE_SIZE, o)
+                    continue
                 sp = next((s for s in self.spaces if s.pending.runs), None)
                 if sp is None:
                     break
@@ -285,6 +296,7 @@ class PageServer:
         return not self.waiting
 
     def _layout(self, sp: _Space, event: int, arg: bytes, poll) -> None:
+        self.events[_EVENT_NAMES[event]] += 1
         if event == uffd.EVENT_FORK:
             fd = uffd.fork_arg(arg)
             child = _Space(fd, None, f"a child of {sp.label}", sp.src, sp.pending.copy())
@@ -302,8 +314,6 @@ class PageServer:
         """Serve a fault: the pending part of the image block that holds addr, or a zero
         page.  False if the layout is changing (EAGAIN): retry after reading messages."""
         self.faults += 1
-        if self.first_fault_at is None:
-            self.first_fault_at = time.monotonic()
         page = addr & ~(PAGE_SIZE - 1)
         run = sp.pending.find(page)
         try:
