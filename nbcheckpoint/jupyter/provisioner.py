@@ -41,6 +41,12 @@ class CheckpointableProvisioner(LocalProvisioner):
         help="Run each kernel in a PID namespace of its own, so a checkpoint can be restored "
              "anywhere without PID collisions (needs root; ignored otherwise).")
 
+    lazy_restore = Bool(
+        True, config=True,
+        help="Restore kernels lazily: the kernel answers as soon as it runs, and its big arrays "
+             "come in from the checkpoint behind it (first the pages it touches). Needs the "
+             "PID namespace (pidns). False: restore returns once all memory is in place.")
+
     _restore_name: str | None = None
     _listener_fds: list[int]
     _admin_path: str | None = None
@@ -80,6 +86,8 @@ class CheckpointableProvisioner(LocalProvisioner):
                 "--kernel-name", getattr(km, "kernel_name", "") or ""]
         if not self.pidns:
             shim.append("--no-pidns")
+        if not self.lazy_restore:
+            shim.append("--no-lazy-pages")
         if self._restore_name:
             shim += ["--restore", self._restore_name]
             for ch, s in listeners.items():

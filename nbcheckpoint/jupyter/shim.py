@@ -84,6 +84,8 @@ class Shim:
         self.exit_deadline = 0.0
         self.preparing: dict[str, threading.Event] = {}   # prepare requests awaiting the kernel
         self.writing: str | None = None          # a checkpoint whose kernel runs again, being written
+        self.lazy = None                          # the page server of a lazy restore, until it is served
+        self.filling: str | None = None           # a restored kernel whose memory is coming in
         # the pty: the shim keeps the slave open, so the master never sees EIO and a
         # restored kernel can be handed the same terminal (--shell-job / inherit-fd)
         self.pty_master, self.pty_slave = os.openpty()
@@ -213,6 +215,9 @@ class Shim:
                 self.post(lambda: setattr(self, "exit_deadline", time.monotonic() + 5))
             finally:
                 self.starting = False
+            try:
+                self._fill_memory()
+            finally:
                 self.busy.release()
         self.jobs.put(first)
         try:
@@ -332,7 +337,7 @@ class Shim:
             return
         queued = False
         if not self.busy.acquire(blocking=False):
-            if not self.writing:
+            if not (self.writing or self.filling):
                 self._reply(ch, {"event": "error", "id": rid,
                                  "message": "a checkpoint or restore of this kernel is already running; "
                                             "wait for it to finish and try again"})
@@ -340,8 +345,10 @@ class Shim:
             # the kernel already runs on; only the image is being written: take the next
             # turn of the engine thread (which holds `busy` until then) instead of refusing
             queued = True
-            self._reply(ch, {"event": "progress", "id": rid, "phase": f"waiting for checkpoint "
-                             f"'{self.writing}' to be written", "done": 0, "total": 0})
+            what = (f"checkpoint '{self.writing}' to be written" if self.writing else
+                    f"the memory of the kernel restored from '{self.filling}' to come in")
+            self._reply(ch, {"event": "progress", "id": rid, "phase": f"waiting for {what}",
+                             "done": 0, "total": 0})
         fn = self._checkpoint if op == "checkpoint" else self._restore_in_place
 
         def job():
@@ -349,6 +356,7 @@ class Shim:
                 self.busy.acquire()
             try:
                 fn(msg, rid, ch)
+                self._fill_memory()
             except Exception as e:              # noqa: BLE001 -- every failure goes to the requester
                 if not isinstance(e, (engine.EngineError, StoreError, control.ControlError)):
                     log(traceback.format_exc())
@@ -544,7 +552,27 @@ class Shim:
             restored["origin"] = origin          # the %restore cell, for the restored kernel to end
         self._reply(chan, restored)
         self._install(chan)
-        log(f"kernel restored from {ck.name!r}: pid {self.kernel_pid}, {res.seconds:.2f} s")
+        self.lazy = res.lazy
+        log(f"kernel restored from {ck.name!r}: pid {self.kernel_pid}, {res.seconds:.2f} s"
+            + (f", {format_size(res.lazy.total)} of memory to come lazily" if res.lazy else ""))
+
+    def _fill_memory(self) -> None:
+        """After a lazy restore (engine thread, `busy` held): serve the kernel's memory
+        until all of it is in.  The kernel runs and answers meanwhile; checkpoint and
+        restore requests wait for their turn."""
+        server, self.lazy = self.lazy, None
+        if server is None:
+            return
+        self.filling = self.restored_from
+        t0 = time.monotonic()
+        try:
+            server.serve()
+            log(f"memory of the restored kernel in: {format_size(server.done)} in "
+                f"{time.monotonic() - t0:.2f} s ({server.faults} faults served first)")
+        except engine.EngineError as e:
+            log(f"the restored kernel was stopped: {e}")
+        finally:
+            self.filling = None
 
 
 class _Plan:
@@ -568,8 +596,9 @@ class _Plan:
         except BaseException:
             self.close()
             raise
+        pidns = bool(meta.get("pidns"))
         self.opts = Options(tcp_close=True, shell_job=True, file_locks=True, ext_unix_sk=True,
-                            pidns=bool(meta.get("pidns")), inherit_fd=inherit)
+                            pidns=pidns, lazy_pages=pidns and shim.args.lazy_pages, inherit_fd=inherit)
 
     def close(self) -> None:
         self.ours.close()
@@ -600,6 +629,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kernel-name", default=None)
     ap.add_argument("--no-pidns", dest="pidns", action="store_false",
                     help="run the kernel without a PID namespace of its own")
+    ap.add_argument("--no-lazy-pages", dest="lazy_pages", action="store_false",
+                    help="restore with all memory in place before the kernel runs (default: lazily)")
     ap.add_argument("--restore", metavar="NAME", help="restore the kernel from this checkpoint")
     ap.add_argument("--listener", action="append", default=[], metavar="CHANNEL=FD",
                     help="with --restore: an inherited listening socket for a channel")
