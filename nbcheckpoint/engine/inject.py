@@ -141,12 +141,17 @@ class Remote:
         return res
 
     def _run_syscall(self) -> None:
-        """Resume to the syscall-entry stop, then to the syscall-exit stop.
+        """Run the syscall instruction: in a live process (per_call), resume to the
+        syscall-entry stop, then to the syscall-exit stop; in a restore's stub, single-step.
 
-        PTRACE_SYSCALL, not single-stepping: a syscall stop is not a
-        signal-delivery stop, so were the engine to die while the thread sits
-        in one, the thread would simply go on -- no stray SIGTRAP kills it.
+        PTRACE_SYSCALL in a live process: a syscall stop is not a signal-delivery
+        stop, so were the engine to die while the thread sits in one, the thread
+        would simply go on -- no stray SIGTRAP kills it.  A stub dies with the engine
+        anyway (PTRACE_O_EXITKILL), and one single-step is half the round trips
+        (restore injects hundreds of calls per process).
         """
+        if not self.per_call:
+            return self._step_syscall()
         stops = 0
         ptrace.syscall(self.tid)
         while True:
@@ -164,6 +169,20 @@ class Remote:
             # else: a signal-delivery stop (an unblockable SIGSTOP) or a group
             # stop: resuming with no signal drops it.
             ptrace.syscall(self.tid)
+
+    def _step_syscall(self) -> None:
+        ptrace.singlestep(self.tid)
+        while True:
+            _, status = ptrace.wait(self.tid)
+            if not _is_stopped(status):
+                raise SysError(3, "injected syscall", self.pid, f"thread {self.tid} died (status {status:#x})")
+            event = ptrace.stop_event(status)
+            if event in (1, 2, ptrace.PTRACE_EVENT_CLONE):     # FORK, VFORK, CLONE: then the step ends
+                self.clone_tids.append(ptrace.geteventmsg(self.tid))
+            elif event == 0 and (status >> 8) & 0xFF == signal.SIGTRAP:
+                return                                         # the step over the syscall is done
+            # else: a signal-delivery or group stop: resuming with no signal drops it
+            ptrace.singlestep(self.tid)
 
     # --- scratch memory helpers ---
     def write(self, addr: int, data: bytes) -> None:

@@ -54,7 +54,7 @@ from .sys.libc import PAGE_SIZE
 from .sys.memory import PagemapScanner, ProcMem, pidfd_getfd, pidfd_open
 
 LAZY_MIN = 1 << 20          # VMAs with less saved data are written at restore
-STREAM = 4 << 20            # bytes per UFFDIO_COPY while streaming
+STREAM = 1 << 20            # bytes per UFFDIO_COPY while streaming
 _NOT_LAZY = {"gd", "lo", "dc", "wf"}    # growsdown, mlocked, DONTFORK, WIPEONFORK
 
 
