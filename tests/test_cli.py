@@ -87,7 +87,7 @@ def test_verbose_error_shows_traceback(monkeypatch, capsys):
 def _fake_restore(code: str):
     """engine.restore stand-in whose 'restored process' is a child running `code`."""
     proc = subprocess.Popen([sys.executable, "-c", code])
-    return proc, lambda *a, **k: SimpleNamespace(pid=proc.pid, seconds=0.0)
+    return proc, lambda *a, **k: SimpleNamespace(pid=proc.pid, seconds=0.0, lazy=None, init_pid=None)
 
 
 @pytest.mark.parametrize("code,rc", [("import sys; sys.exit(3)", 3),

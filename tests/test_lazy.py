@@ -42,6 +42,20 @@ def test_events_meet_pages_still_to_come(engine, launch, images):
     assert res.lazy.faults > 0
 
 
+def test_dump_refused_while_memory_is_coming_in(engine, launch, images):
+    """PAGEMAP_SCAN cannot see pages that have not come in: a dump of a process whose VMAs
+    are still registered with the page server is refused by name, and the process goes on."""
+    t = launch("lazy_mem")
+    img = images()
+    t.checkpoint(img)
+    t.restore_lazy(img, stream_after=120)
+    with pytest.raises(engine.UnsupportedError, match="userfaultfd"):
+        engine.dump(t.pid, str(images("while-lazy")), leave_running=True)
+    t.expect_pass()
+    _wait_server(t)
+    assert t.lazy_error is None, t.lazy_error
+
+
 def test_streamed_while_running(engine, launch, images):
     t = launch("lazy_mem")
     img = images()

@@ -66,20 +66,20 @@ def restore_sched(t: core_pb2.ThreadCore, tid: int) -> None:
 
 def restore_thread_state(remote: Remote, t: core_pb2.ThreadCore, signal_pending) -> None:
     """Everything but registers, injected into the restored thread itself."""
-    remote.syscall("set_tid_address", t.clear_child_tid)
-    if t.robust_head:
-        remote.syscall("set_robust_list", t.robust_head, t.robust_len)
-    if t.rseq_addr:
-        remote.syscall("rseq", t.rseq_addr, t.rseq_len, 0, t.rseq_sig)
-    # Always set: the main thread's stub inherited the engine's alternate stack.
-    # SS_ONSTACK is a status, not a request; the stub is not on that stack.
-    remote.write(remote.scratch, _STACK_T.pack(t.altstack_sp, t.altstack_flags & ~SS_ONSTACK, 0, t.altstack_size))
-    remote.syscall("sigaltstack", remote.scratch, 0)
+    with remote.batch() as b:
+        b.syscall("set_tid_address", t.clear_child_tid)
+        if t.robust_head:
+            b.syscall("set_robust_list", t.robust_head, t.robust_len)
+        if t.rseq_addr:
+            b.syscall("rseq", t.rseq_addr, t.rseq_len, 0, t.rseq_sig)
+        # Always set: the main thread's stub inherited the engine's alternate stack.
+        # SS_ONSTACK is a status, not a request; the stub is not on that stack.
+        ss = b.put(_STACK_T.pack(t.altstack_sp, t.altstack_flags & ~SS_ONSTACK, 0, t.altstack_size))
+        b.syscall("sigaltstack", ss, 0)
+        # /proc/PID/task/TID/comm is writable only from the thread's own group.
+        b.syscall("prctl", PR_SET_NAME, b.put(t.comm.encode()[:15] + b"\0"))
     for info in t.pending:
         signal_pending(remote, info, t.tid)
-    # /proc/PID/task/TID/comm is writable only from the thread's own group.
-    remote.write(remote.scratch, t.comm.encode()[:15] + b"\0")
-    remote.syscall("prctl", PR_SET_NAME, remote.scratch)
 
 
 def final_regs(t: core_pb2.ThreadCore) -> x86_64.Regs:

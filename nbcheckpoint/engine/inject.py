@@ -5,11 +5,18 @@ arguments, run it to its syscall-exit stop (PTRACE_SYSCALL) and read rax.  While
 the thread's registers and signal mask are saved and every signal is blocked
 (else a pending signal would be delivered instead of our syscall); closing it
 puts both back, so a thread stopped inside a syscall still restarts it.
+
+Restore makes hundreds of calls per process (an mmap per VMA, a sigaction per
+signal ...), each a round trip through ptrace.  A :class:`Batch` runs a table of
+them in one trip instead: a few bytes of code, written into the stub's scratch
+area, loop over the table and stop on int3 (after the last call, or the first
+that fails).
 """
 from __future__ import annotations
 
 import ctypes
 import signal
+import struct
 
 from .errors import SysError
 from . import sigframe
@@ -18,6 +25,17 @@ from .sys.memory import ProcMem, vm_read, vm_write
 
 ALL_SIGNALS = (1 << 64) - 1
 _ARG_REGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
+
+# The batch loop.  rbx: the table (64-byte entries: nr, six arguments, result), r12: the
+# number of entries.
+#   loop: mov rax,[rbx]; mov rdi,[rbx+8]; mov rsi,[rbx+16]; mov rdx,[rbx+24]
+#         mov r10,[rbx+32]; mov r8,[rbx+40]; mov r9,[rbx+48]; syscall; mov [rbx+56],rax
+#         cmp rax,-4095; jae done; add rbx,64; dec r12; jnz loop
+#   done: int3
+_BATCH_CODE = bytes.fromhex("488b03488b7b08488b7310488b53184c8b53204c8b43284c8b4b300f0548"
+                            "894338483d01f0ffff73094883c34049ffcc75cecc")
+_ENTRY = struct.Struct("<8q")
+BATCH_AREA = 64 << 10       # code, then the table, and argument data from the end down
 
 
 def find_syscall_insn(pid: int, vdso_start: int, vdso_end: int) -> int:
@@ -73,6 +91,8 @@ class Remote:
         self.saved_regs = None
         self.saved_mask = 0
         self.clone_tids: list[int] = []  # threads created by an injected clone
+        self.batch_area = 0             # an RWX area of BATCH_AREA bytes for Batch, if any
+        self._batch_code = False
         # guard: a sigframe.Guard, see sigframe.py.  Guarded calls leave the thread's own registers and
         # mask in place between calls, so at most one call is ever exposed;
         # the frame is written before each call (threads share the slot).
@@ -184,6 +204,37 @@ class Remote:
             # else: a signal-delivery or group stop: resuming with no signal drops it
             ptrace.singlestep(self.tid)
 
+    def batch(self) -> "Batch":
+        """Collect calls, run them in one trip when the block ends (needs batch_area)."""
+        return Batch(self)
+
+    def _run_batch(self, calls: list, data: list) -> None:
+        area = self.batch_area
+        if not self._batch_code:
+            self.write(area, _BATCH_CODE)
+            self._batch_code = True
+        table = b"".join(_ENTRY.pack(x86_64.NR[name], *[_s64(a) for a in args], *[0] * (6 - len(args)), 0)
+                         for name, args in calls)
+        self.write(area + 64, table)
+        for addr, blob in data:
+            self.write(addr, blob)
+        regs = x86_64.Regs.from_buffer_copy(self.saved_regs)
+        regs.rip, regs.rbx, regs.r12 = area, area + 64, len(calls)
+        regs.orig_rax = (1 << 64) - 1
+        ptrace.setregs(self.tid, regs)
+        ptrace.cont(self.tid)
+        while True:
+            _, status = ptrace.wait(self.tid)
+            if not _is_stopped(status):
+                raise SysError(3, "injected syscall batch", self.pid, f"thread {self.tid} died (status {status:#x})")
+            if ptrace.stop_event(status) == 0 and (status >> 8) & 0xFF == signal.SIGTRAP:
+                break                                          # the int3 at the end
+            ptrace.cont(self.tid)                              # a stop of another kind: drop it
+        results = struct.unpack_from("<" + "56xq" * len(calls), self.read(area + 64, len(table)))
+        for (name, args), res in zip(calls, results):
+            if -4096 < res < 0:
+                raise SysError(-res, f"injected {name}({', '.join(hex(a) for a in args)})", self.pid)
+
     # --- scratch memory helpers ---
     def write(self, addr: int, data: bytes) -> None:
         buf = ctypes.create_string_buffer(bytes(data), len(data))
@@ -199,6 +250,61 @@ class Remote:
         flags = MAP_PRIVATE | MAP_ANON | (MAP_FIXED_NOREPLACE if addr else 0)
         self.scratch = self.syscall("mmap", addr, size, prot, flags, -1, 0)
         return self.scratch
+
+
+class Batch:
+    """Syscalls collected and run in one trip (Remote.batch()); on a failure, SysError names
+    the first call that failed, and none after it ran.  Without a batch area in the
+    process, calls run one by one."""
+
+    def __init__(self, remote: Remote):
+        self.r = remote
+        self.calls: list = []
+        self.data: list = []
+        self.top = remote.batch_area + BATCH_AREA      # argument data grows down from here
+
+    def __enter__(self) -> "Batch":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.flush()
+
+    def _room(self, entries: int, nbytes: int) -> bool:
+        table_end = self.r.batch_area + 64 + 64 * (len(self.calls) + entries)
+        return table_end <= self.top - nbytes
+
+    def put(self, blob: bytes) -> int:
+        """Argument data (a struct the call points to): its address in the process."""
+        if not self.r.batch_area:
+            addr = self.r.scratch + 2048
+            self.r.write(addr, blob)
+            return addr
+        size = (len(blob) + 15) & ~15
+        if not self._room(1, size):
+            self.flush()
+        self.top -= size
+        self.data.append((self.top, bytes(blob)))
+        return self.top
+
+    def syscall(self, name: str, *args: int) -> None:
+        if not self.r.batch_area:
+            self.r.syscall(name, *args)
+            return
+        if not self._room(1, 0):
+            self.flush()
+        self.calls.append((name, args))
+
+    def flush(self) -> None:
+        if self.calls:
+            self.r._run_batch(self.calls, self.data)
+        self.calls, self.data = [], []
+        self.top = self.r.batch_area + BATCH_AREA
+
+
+def _s64(v: int) -> int:
+    v &= (1 << 64) - 1
+    return v - (1 << 64) if v >= 1 << 63 else v
 
 
 def _is_stopped(status: int) -> bool:

@@ -69,6 +69,11 @@ def _dump_vma(pid: int, m: proc.MapLine) -> mm_pb2.Vma:
     where = f"process {pid}: mapping {m.start:#x}-{m.end:#x} {m.perms} {m.path or '(anonymous)'}"
     if "ht" in m.vmflags:
         raise UnsupportedError(f"{where}: hugetlbfs mappings are not supported")
+    if "um" in m.vmflags or "ui" in m.vmflags:
+        # its missing pages are someone's to fill: PAGEMAP_SCAN would not see them
+        raise UnsupportedError(f"{where}: the mapping is registered with a userfaultfd (missing/minor "
+                               "mode): its memory is still coming in (a lazy restore in progress?); "
+                               "dump it once that is done")
     if m.path in SPECIAL:
         v.kind = SPECIAL[m.path]
         return v
@@ -222,32 +227,34 @@ def set_mm_map(remote, mm: mm_pb2.Mm, exe_fd: int) -> None:
 
 def map_vmas(remote, mm: mm_pb2.Mm, file_fds: dict[str, int], shmem_fds: dict[int, int]) -> None:
     """mmap every VMA at its dumped address.  Pages are written afterwards."""
-    for v in mm.vmas:
-        if v.kind in VDSO_KINDS or v.kind == mm_pb2.VSYSCALL:
-            continue
-        length = v.end - v.start
-        flags = MAP_FIXED | (MAP_GROWSDOWN if "gd" in v.vmflags else 0) | (MAP_NORESERVE if "nr" in v.vmflags else 0)
-        if is_shmem(v):
-            fd = shmem_fds[v.shmem_id]
-            flags |= MAP_SHARED if v.kind == mm_pb2.ANON_SHARED else MAP_PRIVATE
-            remote.syscall("mmap", v.start, length, v.prot, flags, fd, v.pgoff)
-        elif v.kind == mm_pb2.ANON_PRIVATE:
-            remote.syscall("mmap", v.start, length, v.prot, flags | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-        else:
-            fd = file_fds[v.file.path]
-            flags |= MAP_SHARED if v.kind == mm_pb2.FILE_SHARED else MAP_PRIVATE
-            remote.syscall("mmap", v.start, length, v.prot, flags, fd, v.pgoff)
+    with remote.batch() as b:
+        for v in mm.vmas:
+            if v.kind in VDSO_KINDS or v.kind == mm_pb2.VSYSCALL:
+                continue
+            length = v.end - v.start
+            flags = MAP_FIXED | (MAP_GROWSDOWN if "gd" in v.vmflags else 0) | (MAP_NORESERVE if "nr" in v.vmflags else 0)
+            if is_shmem(v):
+                fd = shmem_fds[v.shmem_id]
+                flags |= MAP_SHARED if v.kind == mm_pb2.ANON_SHARED else MAP_PRIVATE
+                b.syscall("mmap", v.start, length, v.prot, flags, fd, v.pgoff)
+            elif v.kind == mm_pb2.ANON_PRIVATE:
+                b.syscall("mmap", v.start, length, v.prot, flags | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+            else:
+                fd = file_fds[v.file.path]
+                flags |= MAP_SHARED if v.kind == mm_pb2.FILE_SHARED else MAP_PRIVATE
+                b.syscall("mmap", v.start, length, v.prot, flags, fd, v.pgoff)
 
 
 def apply_advice(remote, mm: mm_pb2.Mm) -> None:
-    for v in mm.vmas:
-        if v.kind in VDSO_KINDS or v.kind == mm_pb2.VSYSCALL:
-            continue
-        for flag in v.vmflags:
-            if flag in MADVISE:
-                remote.syscall("madvise", v.start, v.end - v.start, MADVISE[flag])
-        if "lo" in v.vmflags:
-            remote.syscall("mlock", v.start, v.end - v.start)
+    with remote.batch() as b:
+        for v in mm.vmas:
+            if v.kind in VDSO_KINDS or v.kind == mm_pb2.VSYSCALL:
+                continue
+            for flag in v.vmflags:
+                if flag in MADVISE:
+                    b.syscall("madvise", v.start, v.end - v.start, MADVISE[flag])
+            if "lo" in v.vmflags:
+                b.syscall("mlock", v.start, v.end - v.start)
 
 
 def mapped_files(mm: mm_pb2.Mm) -> dict[str, int]:

@@ -43,7 +43,7 @@ from . import core, files, lazy, mm as mmmod, pages, pstree, task as taskmod, ti
 from .errors import ImageError, RestoreError
 from .files import locks, tty
 from .images import core_pb2, files_pb2, imagedir, mm_pb2, pstree_pb2
-from .inject import Remote
+from .inject import BATCH_AREA, Remote
 from .options import Options
 from .sys import proc, ptrace, x86_64
 from .sys.libc import PAGE_SIZE
@@ -324,7 +324,9 @@ def _rebuild(stub: pstree.Stub, pr: _Proc, img: _Image, p: _Prepared, progress, 
         core.unregister_rseq(r, pid)
         mmmod.teardown(r, list(current.values()))
         mmmod.move_vdso(r, mm, current)
-        r.map_scratch(addr=mmmod.free_hole(mm, PAGE_SIZE))
+        # scratch page + the batch area (inject.Batch), executable: the batch code runs there
+        r.map_scratch(PAGE_SIZE + BATCH_AREA, addr=mmmod.free_hole(mm, PAGE_SIZE + BATCH_AREA), prot=7)
+        r.batch_area = r.scratch + PAGE_SIZE
         mmmod.set_mm_map(r, mm, p.exe[mm.exe.path])
         mmmod.map_vmas(r, mm, p.maps, p.shmem)
         npages, later = pages.restore_private(pid, img.reader, str(pr.pid), mmmod.VmaIndex(mm.vmas), progress,
@@ -346,6 +348,7 @@ def _rebuild(stub: pstree.Stub, pr: _Proc, img: _Image, p: _Prepared, progress, 
             tids[th.tid] = _clone_thread(r, th.tid)
         for th in threads[1:]:
             with Remote(pid, tids[th.tid], r.syscall_addr, scratch=r.scratch, vpid=pr.pid, vtid=th.tid) as tr:
+                tr.batch_area = r.batch_area
                 core.restore_thread_state(tr, th, taskmod.queue_signal)
                 taskmod.restore_creds(tr, t)
                 tr.set_final_state(core.final_regs(th), th.sigmask)
@@ -356,21 +359,22 @@ def _rebuild(stub: pstree.Stub, pr: _Proc, img: _Image, p: _Prepared, progress, 
         if later:
             server.add(r, pid, pr.pid, later)
         taskmod.restore_creds(r, t)
-        r.syscall("munmap", r.scratch, PAGE_SIZE)
+        r.syscall("munmap", r.scratch, PAGE_SIZE + BATCH_AREA)
         r.set_final_state(core.final_regs(threads[0]), threads[0].sigmask)
     return npages, tids
 
 
 def _place_fds(r: Remote, entries, ofd: dict[int, int]) -> None:
     wanted = sorted(e.fd for e in entries)
-    for e in entries:
-        r.syscall("dup3", ofd[e.id], e.fd, O_CLOEXEC if e.cloexec else 0)
-    # Close everything else the stub inherited from the engine.
-    lo = 0
-    for fd in wanted + [1 << 31]:
-        if fd > lo:
-            r.syscall("close_range", lo, min(fd - 1, 0x7FFFFFFF), 0)
-        lo = fd + 1
+    with r.batch() as b:
+        for e in entries:
+            b.syscall("dup3", ofd[e.id], e.fd, O_CLOEXEC if e.cloexec else 0)
+        # Close everything else the stub inherited from the engine.
+        lo = 0
+        for fd in wanted + [1 << 31]:
+            if fd > lo:
+                b.syscall("close_range", lo, min(fd - 1, 0x7FFFFFFF), 0)
+            lo = fd + 1
 
 
 def _clone_thread(r: Remote, vtid: int) -> int:

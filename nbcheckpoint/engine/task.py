@@ -93,13 +93,13 @@ def restore_fs(remote: Remote, t: core_pb2.TaskCore, fds: dict[str, int]) -> Non
 
 def restore_sigactions(remote: Remote, t: core_pb2.TaskCore) -> None:
     by_sig = {a.sig: a for a in t.sigactions}
-    s = remote.scratch
-    for sig in range(1, NSIG + 1):
-        if sig in (9, 19):
-            continue
-        a = by_sig.get(sig)
-        remote.write(s, _SIGACTION.pack(a.handler, a.flags, a.restorer, a.mask) if a else bytes(_SIGACTION.size))
-        remote.syscall("rt_sigaction", sig, s, 0, 8)
+    with remote.batch() as b:
+        for sig in range(1, NSIG + 1):
+            if sig in (9, 19):
+                continue
+            a = by_sig.get(sig)
+            act = b.put(_SIGACTION.pack(a.handler, a.flags, a.restorer, a.mask) if a else bytes(_SIGACTION.size))
+            b.syscall("rt_sigaction", sig, act, 0, 8)
 
 
 def restore_misc(remote: Remote, t: core_pb2.TaskCore) -> None:
