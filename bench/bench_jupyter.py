@@ -203,6 +203,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--store", default=None, help="checkpoint store (default: on the disk, /var/tmp)")
+    ap.add_argument("--keep", action="store_true", help="keep the work dir (server.log: the shims' timings)")
     args = ap.parse_args(argv)
     # the shim and the kernel import nbcheckpoint at every start: time them as a user's
     # install would run them, with bytecode compiled (this machine sets PYTHONDONTWRITEBYTECODE)
@@ -227,7 +228,10 @@ def main(argv=None) -> int:
             runs.append(r)
     finally:
         srv.stop()
-        shutil.rmtree(base, ignore_errors=True)
+        if args.keep:
+            print(f"kept {base}", flush=True)
+        else:
+            shutil.rmtree(base, ignore_errors=True)
     keys = [k for k in runs[0] if isinstance(runs[0][k], float)]
     summary = {k: stat([r[k] for r in runs]) for k in keys}
     print(f"\nJupyter layer, {args.size_mib} MiB kernel, {args.runs} runs (median [min, max], seconds)")

@@ -127,13 +127,14 @@ class KernelSide:
     def _checkpoint_shim(self, name, quiet, progress_cb, wait=True) -> dict:
         title = f"checkpoint '{name}'" if name else "checkpoint"
         prog = Progress(title, quiet=quiet, callback=progress_cb)
+        prog.show("asking the kernel's shim", force=True)
+        frontend.drain_iopub(self.kernel)       # nothing of ours in flight when it freezes
         try:
             frontend.watch.mark()
             p = self.listener.request({"op": "checkpoint", "name": name, "notebook": self._notebook(),
                                        "execution_count": self._execution_count()})
         except control.ControlError as e:
             raise CheckpointError(str(e)) from None
-        prog.show("asking the kernel's shim", force=True)
         try:
             for ev, msg in _answers(p, prog, "the checkpoint failed"):
                 if ev == "taken" and not wait:

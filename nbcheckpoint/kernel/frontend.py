@@ -5,8 +5,11 @@ themselves (ZeroMQ), but IOPub drops what is published before a client has subsc
 again.  So a restored kernel that has something to say for a cell (the pending
 ``%checkpoint``'s "restored from ..." line, the reply to an in-place ``%restore``) first
 waits, for a bounded time, until a client subscribes to IOPub.  Subscriptions are seen
-through the kernel's IOPub XPUB socket (ipykernel >= 7), which passes the first
-subscription of each topic up to the kernel.
+through the kernel's IOPub XPUB socket (ipykernel >= 7).  Such a socket passes up only
+the *first* subscription to a topic: a client that subscribes to "" while another one is
+(or a restored kernel's closed one still seems) subscribed would go unseen, and the kernel
+would wait out CLIENT_WAIT.  So the watch sets ZMQ_XPUB_VERBOSE: every subscription comes
+up (ipykernel then welcomes each, as JEP 65 has it).
 """
 from __future__ import annotations
 
@@ -19,8 +22,7 @@ import time
 from . import hooks
 
 # How long a restored kernel waits for a client to subscribe before it speaks anyway.
-# A frontend resubscribes within a second.  Not every resubscription is seen (a restored
-# kernel's XPUB does not always pass it up: see docs/jupyter.md), so the wait is short.
+# A frontend resubscribes within a second.
 CLIENT_WAIT = float(os.environ.get("NBCHECKPOINT_CLIENT_WAIT", "2"))
 
 
@@ -63,6 +65,11 @@ class SubscriptionWatch:
         on_subscription._nbcheckpoint_watch = True
         # ZMQStream.on_recv would re-arm the poller from the wrong thread: swap the callback
         stream._recv_callback = on_subscription
+
+        def verbose():
+            import zmq
+            stream.socket.setsockopt(zmq.XPUB_VERBOSE, 1)
+        iopub.io_loop.add_callback(verbose)          # the socket belongs to the IOPub thread
         self.installed = True
         return True
 
@@ -155,6 +162,21 @@ def flush_std() -> None:
             pass
 
 
+def drain_iopub(kernel, timeout: float = 2.0) -> None:
+    """Just before a checkpoint: wait until the IOPub thread has sent what this thread
+    published.  A message still queued inside the process when it is frozen is sent twice:
+    by this process after the thaw, and again by every kernel restored from the image; a
+    client that sees both (an in-place restore) rejects the second ("Duplicate
+    Signature")."""
+    flush_std()
+    iopub = getattr(kernel, "iopub_thread", None)
+    if iopub is None or not hasattr(iopub, "schedule"):
+        return
+    sent = threading.Event()
+    iopub.schedule(sent.set)        # runs after everything this thread scheduled before
+    sent.wait(timeout)
+
+
 def finish_origin(kernel, msg: dict, run_hooks: bool) -> None:
     """In a kernel restored in place: end the `%restore` cell of the kernel it replaced.
 
@@ -176,6 +198,7 @@ def finish_origin(kernel, msg: dict, run_hooks: bool) -> None:
     # way (a cell's execution yields to the loop): put its parent back afterwards, or that
     # cell's output would be published under the %restore cell and its client drop it.
     prev, prev_idents = kernel.get_parent("shell"), _idents(kernel)
+    flush_std()             # what that cell printed so far goes out under its own parent
     try:
         _finish(kernel, msg, run_hooks, meta, header, idents, parent)
     finally:

@@ -156,6 +156,7 @@ class Listener:
                 try:
                     hooks.run("checkpoint", {"name": msg.get("name")})
                 finally:
+                    frontend.drain_iopub(self.kernel)   # what the hooks printed, out before the freeze
                     done.set()
         try:
             if self.kernel is not None and getattr(self.kernel, "io_loop", None) is not None:
