@@ -209,6 +209,47 @@ def test_restore_into_new_kernel(tmp_path, store):
     arun(main())
 
 
+def _state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][:1]
+    except OSError:
+        return None
+
+
+def test_restored_kernel_dies_with_its_shim(tmp_path, store):
+    """A shim SIGKILLed alone (no killpg by a manager) takes its restored kernel along:
+    the namespace's init is on a lifeline to the shim.  The restore is lazy, and the shim
+    dies once all memory is in."""
+    async def main():
+        k = await K(tmp_path).start()
+        try:
+            await k.ok(STATE)
+            await k.km.provisioner.checkpoint(name="ck")
+        finally:
+            await k.stop()
+        k2 = K(tmp_path, restore="ck")
+        try:
+            await k2.start()
+            assert (await k2.ok("print(x)")).strip() == "41"
+            st = await k2.km.provisioner.status()
+            kernel, init = st["kernel_pid"], st["init_pid"]
+            assert not st["busy"] or "lazily" in k2.shim_log()
+            for _ in range(200):                        # the memory is in: the shim is idle
+                if not (await k2.km.provisioner.status())["busy"]:
+                    break
+                await asyncio.sleep(0.05)
+            assert "memory of the restored kernel in" in k2.shim_log(), k2.shim_log()
+            os.kill(k2.km.provisioner.process.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while _state(kernel) not in (None, "Z") or _state(init) not in (None, "Z"):
+                assert time.monotonic() < deadline, "the restored kernel outlived its shim"
+                await asyncio.sleep(0.05)
+        finally:
+            await k2.stop()
+    arun(main())
+
+
 def test_errors_leave_the_kernel_untouched(tmp_path, store):
     async def main():
         k = await K(tmp_path).start()

@@ -153,8 +153,9 @@ class PageServer:
     in RestoreResult.lazy; the caller must call serve() at once: until it returns, the
     restored processes wait for it whenever they touch a page still to come."""
 
-    def __init__(self, init):
+    def __init__(self, init, release: bool = True):
         self.init = init                    # pstree.Stub of the namespace's init (the lifeline)
+        self.release = release              # cut the lifeline once every page is in
         self.spaces: list[_Space] = []
         self.total = 0
         self.done = 0
@@ -249,8 +250,9 @@ class PageServer:
                 raise LazyError(f"lazy restore stopped: {e}; the restored tree was killed") from None
             raise
         self.close()
-        from . import pstree
-        pstree.init_release(self.init)
+        if self.release:
+            from . import pstree
+            pstree.init_release(self.init)
 
     def _kill_tree(self) -> None:
         from . import pstree

@@ -19,6 +19,10 @@ class Options:
     # --lazy-pages: the tree runs before its big anonymous memory is in; the caller must
     # then call RestoreResult.lazy.serve() (lazy.py).  Needs a PID namespace.
     lazy_pages: bool = False
+    # with --pidns: the namespace dies with the calling process (its init watches a pipe
+    # to us) until RestoreResult.release() -- for a caller that owns the tree, like the
+    # Jupyter shim
+    lifeline: bool = False
     # leave-running dumps: copy private memory from a copy-on-write snapshot after the
     # thaw (snapshot.py); False copies it all while the tree is frozen (--no-snapshot)
     snapshot: bool = True

@@ -61,6 +61,18 @@ class RestoreResult:
     init_pid: int | None = None  # --pidns: the namespace's init, the caller's child
     # --lazy-pages: the page server; call lazy.serve() at once (None: nothing was left lazy)
     lazy: "lazy.PageServer | None" = None
+    init: "pstree.Stub | None" = None   # --pidns: the init, holder of the lifeline (Options.lifeline)
+
+    def release(self) -> None:
+        """Options.lifeline: let the namespace outlive us from now on."""
+        if self.init is not None:
+            pstree.init_release(self.init)
+
+    def end(self) -> None:
+        """Options.lifeline: end the lifeline now -- the init exits and the namespace dies."""
+        if self.init is not None and self.init.release_fd >= 0:
+            os.close(self.init.release_fd)
+            self.init.release_fd = -1
 
 
 class _Proc:
@@ -169,7 +181,7 @@ def restore(images_dir, progress=None, options: Options | None = None) -> Restor
         if options.pidns:
             init = pstree.create_init(img.procs[0].pid)
         if options.lazy_pages:
-            server = lazy.PageServer(init)
+            server = lazy.PageServer(init, release=not options.lifeline)
         stubs = _create_tree(img, init)
         npages = 0
         host_tids: dict[int, int] = {}     # image tid -> tid as we see it
@@ -193,7 +205,7 @@ def restore(images_dir, progress=None, options: Options | None = None) -> Restor
         if init is not None:
             ptrace.detach(init.pid)
             # the init may start reaping; while pages are to come, on a lifeline to us
-            pstree.init_go(init, lifeline=server is not None)
+            pstree.init_go(init, lifeline=server is not None or options.lifeline)
         done = True
         for p in img.live:                  # return once stopped ones are stopped again
             deadline = time.monotonic() + 2
@@ -216,7 +228,7 @@ def restore(images_dir, progress=None, options: Options | None = None) -> Restor
     root = stubs[img.procs[0].pid]
     return RestoreResult(pid=root.pid, seconds=time.monotonic() - t0, pages_bytes=npages,
                          pids=[stubs[p.pid].pid for p in img.live], vpid=root.vpid,
-                         init_pid=init.pid if init else None, lazy=server)
+                         init_pid=init.pid if init else None, lazy=server, init=init)
 
 
 def _wait_pid_free(pid: int, timeout: float = 5.0) -> None:

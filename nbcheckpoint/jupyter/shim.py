@@ -85,6 +85,7 @@ class Shim:
         self.preparing: dict[str, threading.Event] = {}   # prepare requests awaiting the kernel
         self.writing: str | None = None          # a checkpoint whose kernel runs again, being written
         self.lazy = None                          # the page server of a lazy restore, until it is served
+        self.restored = None                      # engine.RestoreResult of the running kernel, if restored
         self.filling: str | None = None           # a restored kernel whose memory is coming in
         # the pty: the shim keeps the slave open, so the master never sees EIO and a
         # restored kernel can be handed the same terminal (--shell-job / inherit-fd)
@@ -477,6 +478,9 @@ class Shim:
             engine.verify(ck.image, plan.opts)
             self._reply(ch, {"event": "progress", "id": rid, "phase": "stopping", "done": 0, "total": 0})
             seize.kill_for_restore(self.kernel_pid, via=self.init_pid)   # the namespace goes with its init
+            if self.restored is not None:
+                self.restored.end()                  # its lifeline (the init is gone already)
+                self.restored = None
         except BaseException:
             if plan is not None:
                 plan.close()
@@ -542,6 +546,7 @@ class Shim:
         ours = plan.ours
         self.init_pid = res.init_pid or res.pid
         self.kernel_pid = res.pid
+        self.restored = res
         self.restored_from = self.parent = ck.name
         self.lineage = meta.get("lineage") or self.lineage
         chan = control.Channel(ours)
@@ -597,8 +602,10 @@ class _Plan:
             self.close()
             raise
         pidns = bool(meta.get("pidns"))
+        # lifeline: a restored kernel dies with its shim, as a launched one does
         self.opts = Options(tcp_close=True, shell_job=True, file_locks=True, ext_unix_sk=True,
-                            pidns=pidns, lazy_pages=pidns and shim.args.lazy_pages, inherit_fd=inherit)
+                            pidns=pidns, lazy_pages=pidns and shim.args.lazy_pages, lifeline=pidns,
+                            inherit_fd=inherit)
 
     def close(self) -> None:
         self.ours.close()
