@@ -133,14 +133,16 @@ def checkpoint_with_helper(side, name: str | None, quiet: bool, progress_cb) -> 
     cpu0 = time.thread_time()
     guard = _guard_parent_poller(kernel_app, cpu0)
     try:
-        with open(work / "helper.log", "ab") as log:
-            try:
+        try:
+            # the log is the helper's: our copy is closed before it can dump us (an fd to a
+            # file deleted afterwards would make the image unrestorable)
+            with open(work / "helper.log", "ab") as log:
                 p = subprocess.Popen([sys.executable, "-m", "nbcheckpoint.kernel.helper", str(work)],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
                                      close_fds=True, start_new_session=True)
-                out, _ = p.communicate(timeout=SPAWN_TIMEOUT)
-            except (OSError, subprocess.TimeoutExpired) as e:
-                raise CheckpointError(f"could not start the checkpoint helper: {e}") from None
+            out, _ = p.communicate(timeout=SPAWN_TIMEOUT)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise CheckpointError(f"could not start the checkpoint helper: {e}") from None
         try:
             helper_pid = int(out.split()[0])
         except (ValueError, IndexError):
