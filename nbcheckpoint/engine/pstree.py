@@ -212,7 +212,10 @@ def init_go(init: "Stub", lifeline: bool) -> None:
 def init_release(init: "Stub") -> None:
     """Cut the lifeline: the namespace outlives the engine from now on."""
     if init.release_fd >= 0:
-        os.write(init.release_fd, b"r")
+        try:
+            os.write(init.release_fd, b"r")
+        except BrokenPipeError:
+            pass                    # the init is gone already (its root exited): nothing to release
         os.close(init.release_fd)
         init.release_fd = -1
 
