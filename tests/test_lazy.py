@@ -82,6 +82,20 @@ def test_every_target(engine, launch, images, name):
         assert t.lazy_error is None, t.lazy_error
 
 
+def test_tree_exits_while_pages_are_to_come(engine, launch, images):
+    """The restored process dies with most of its memory still to come: the server finds
+    it gone (a probe copy fails with ESRCH) and ends cleanly, though the init is gone too."""
+    t = launch("pybig", args=(64,))
+    img = images()
+    t.checkpoint(img)
+    res = t.restore_lazy(img, stream_after=120)
+    assert res.lazy.total >= 64 << 20
+    os.kill(res.pid, signal.SIGKILL)
+    _wait_server(t, timeout=10)
+    assert t.lazy_error is None, t.lazy_error
+    assert res.lazy.done < 64 << 20, "the pages were streamed although held back"
+
+
 def test_needs_pidns(engine, launch, images):
     t = launch("counter")
     img = images()

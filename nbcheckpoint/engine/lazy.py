@@ -278,8 +278,12 @@ class PageServer:
         for sp in self.spaces:
             p.register(sp.fd, select.POLLIN)
         while True:
-            ready = {fd for fd, _ in p.poll(timeout_ms)}
+            events = p.poll(timeout_ms)
             timeout_ms = 0
+            live = {sp.fd for sp in self.spaces}
+            for fd in {fd for fd, _ in events} - live:
+                p.unregister(fd)            # a space dropped meanwhile (closed: POLLNVAL)
+            ready = {fd for fd, ev in events if ev & select.POLLIN and fd in live}
             if not ready:
                 break
             for sp in list(self.spaces):
