@@ -70,7 +70,10 @@ def _guard_parent_poller(kernel_app, cpu0: float):
     A kernel launched by a manager (JPY_PARENT_PID) exits when its parent changes, as it
     does on every restore.  While the helper runs, the poller compares the parent pid
     with an int that compares equal to any pid once this process knows it is a restored
-    copy; the original gets its plain parent pid back when the checkpoint is done.
+    copy (its start time differs, or its CPU time went back); the original gets its plain
+    parent pid back when the checkpoint is done.  A restored copy keeps that int: it was
+    started by `nbcheckpoint restore -d`, whose process exits at once, so it has no parent
+    worth watching (taking os.getppid() there raced with that exit: the kernel shut down).
     """
     poller = getattr(kernel_app, "poller", None)
     if poller is None or not hasattr(poller, "parent_pid") or not poller.parent_pid:
@@ -78,12 +81,13 @@ def _guard_parent_poller(kernel_app, cpu0: float):
     real = int(poller.parent_pid)
     restored = [False]
     proc0 = time.process_time()       # all threads' CPU time: a restored process starts again
+    start0 = _start_time()            # a restored process is a new task: it starts later
 
     class ParentPid(int):
         def _same(self, other):
             if int(self) == other or restored[0]:
                 return True
-            if time.process_time() < proc0:
+            if time.process_time() < proc0 or _start_time() != start0:
                 restored[0] = True
             return restored[0]
 
@@ -97,6 +101,15 @@ def _guard_parent_poller(kernel_app, cpu0: float):
 
     poller.parent_pid = ParentPid(real)
     return poller, real, restored
+
+
+def _start_time() -> int | None:
+    """This process's start time (proc(5): /proc/self/stat field 22, clock ticks after boot)."""
+    try:
+        with open("/proc/self/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def checkpoint_with_helper(side, name: str | None, quiet: bool, progress_cb) -> dict:
@@ -180,8 +193,7 @@ def checkpoint_with_helper(side, name: str | None, quiet: bool, progress_cb) -> 
             time.sleep(0.05)
         # ---- a kernel restored from the image this loop was frozen in
         if guard:
-            guard[2][0] = True
-            guard[0].parent_pid = os.getppid()
+            guard[2][0] = True      # the poller's ParentPid equals any parent from now on
         try:
             meta = store.get(name).meta
         except StoreError:
@@ -192,9 +204,8 @@ def checkpoint_with_helper(side, name: str | None, quiet: bool, progress_cb) -> 
         meta["connection"] = conn
         return side._restored({"event": "restored", "checkpoint": meta}, prog, quiet)
     finally:
-        if guard:
-            # the original watches its parent again; a restored copy watches its new one
-            guard[0].parent_pid = os.getppid() if guard[2][0] else guard[1]
+        if guard and not guard[2][0]:
+            guard[0].parent_pid = guard[1]      # the original watches its parent again
 
 
 def _kernel_id(cf: str) -> str | None:
