@@ -13,9 +13,11 @@ __all__ = ["load_ipython_extension", "unload_ipython_extension", "on_checkpoint"
 
 def load_ipython_extension(ip) -> None:
     from . import core
+    from .frontend import gate
     from .magics import CheckpointMagics
     core.get(ip)                 # the listener starts now: a checkpoint taken while idle needs it
     ip.register_magics(CheckpointMagics)
+    ip.events.register("pre_run_cell", gate.pre_run_cell)
 
 
 def unload_ipython_extension(ip) -> None:

@@ -4,12 +4,15 @@ A restored kernel's old client connections come back closed; clients reconnect b
 themselves (ZeroMQ), but IOPub drops what is published before a client has subscribed
 again.  So a restored kernel that has something to say for a cell (the pending
 ``%checkpoint``'s "restored from ..." line, the reply to an in-place ``%restore``) first
-waits, for a bounded time, until a client subscribes to IOPub.  Subscriptions are seen
-through the kernel's IOPub XPUB socket (ipykernel >= 7).  Such a socket passes up only
-the *first* subscription to a topic: a client that subscribes to "" while another one is
-(or a restored kernel's closed one still seems) subscribed would go unseen, and the kernel
-would wait out CLIENT_WAIT.  So the watch sets ZMQ_XPUB_VERBOSE: every subscription comes
-up (ipykernel then welcomes each, as JEP 65 has it).
+waits, for a bounded time, until as many clients as were subscribed to IOPub when the
+image was taken have subscribed again; so does the first cell after any restore (the
+server's or the toolbar's has no magic waiting).  Subscriptions are seen through the
+kernel's IOPub XPUB socket (ipykernel >= 7).  Such a socket passes up only the *first*
+subscription to a topic: a client that subscribes to "" while another one is (or a
+restored kernel's closed one still seems) subscribed would go unseen, and the kernel would
+wait out CLIENT_WAIT.  So the watch sets ZMQ_XPUB_VERBOSER: every subscription and every
+unsubscription comes up (ipykernel then welcomes each subscriber, as JEP 65 has it), which
+also tells how many clients are subscribed.
 """
 from __future__ import annotations
 
@@ -27,22 +30,26 @@ CLIENT_WAIT = float(os.environ.get("NBCHECKPOINT_CLIENT_WAIT", "2"))
 
 
 class SubscriptionWatch:
-    """Counts IOPub subscriptions seen by the kernel's XPUB socket."""
+    """Counts IOPub subscriptions seen by the kernel's XPUB socket, and how many clients are
+    subscribed now (subscriptions less unsubscriptions: ZMQ_XPUB_VERBOSER passes both up,
+    and a client whose connection ends is unsubscribed by libzmq)."""
 
     def __init__(self):
         self.count = 0
+        self.live = 0
         self.cond = threading.Condition()
         self.installed = False
-        self._mark: int | None = None
+        self._mark: tuple[int, int] | None = None
 
     def mark(self) -> None:
-        """Just before a checkpoint: the count as the image will hold it.  A restored
-        kernel waits for a subscription newer than that, so one made before the
-        `restored` event was even read still counts."""
-        self._mark = self.count
+        """Just before a checkpoint: (subscriptions so far, clients subscribed) as the image
+        will hold them.  A restored kernel waits for as many subscriptions newer than that
+        as there were clients, so one made before the `restored` event was even read
+        still counts."""
+        self._mark = (self.count, self.live)
 
-    def marked(self) -> int:
-        return self._mark if self._mark is not None else self.count
+    def marked(self) -> tuple[int, int]:
+        return self._mark if self._mark is not None else (self.count, self.live)
 
     def install(self, kernel) -> bool:
         iopub = getattr(kernel, "iopub_thread", None)
@@ -58,9 +65,12 @@ class SubscriptionWatch:
             try:
                 _orig(frames)
             finally:
-                if any(bytes(f)[:1] == b"\x01" for f in frames):
+                events = [bytes(f)[:1] for f in frames]
+                subs, unsubs = events.count(b"\x01"), events.count(b"\x00")
+                if subs or unsubs:
                     with self.cond:
-                        self.count += 1
+                        self.count += subs
+                        self.live = max(0, self.live + subs - unsubs)
                         self.cond.notify_all()
         on_subscription._nbcheckpoint_watch = True
         # ZMQStream.on_recv would re-arm the poller from the wrong thread: swap the callback
@@ -68,19 +78,29 @@ class SubscriptionWatch:
 
         def verbose():
             import zmq
-            stream.socket.setsockopt(zmq.XPUB_VERBOSE, 1)
+            # VERBOSER: every subscription and unsubscription (libzmq >= 4.3)
+            opt = getattr(zmq, "XPUB_VERBOSER", None)
+            try:
+                stream.socket.setsockopt(opt if opt is not None else zmq.XPUB_VERBOSE, 1)
+            except zmq.ZMQError:
+                stream.socket.setsockopt(zmq.XPUB_VERBOSE, 1)
         iopub.io_loop.add_callback(verbose)          # the socket belongs to the IOPub thread
         self.installed = True
         return True
 
-    def wait_new(self, since: int, timeout: float) -> bool:
-        """Wait until a subscription newer than count `since` is seen; False on timeout."""
+    def wait_new(self, since, timeout: float) -> bool:
+        """Wait until the clients subscribed at `since` (a mark, or a bare count: one client)
+        have subscribed again; False on timeout."""
+        count0, clients = since if isinstance(since, (tuple, list)) else (since, 1)
+        need = count0 + max(1, clients)
         if not self.installed:
             time.sleep(min(timeout, 1.0))
             return False
         deadline = time.monotonic() + timeout
         with self.cond:
-            while self.count <= since:
+            if self.count >= need:
+                return True
+            while self.count < need:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -92,11 +112,32 @@ class SubscriptionWatch:
 watch = SubscriptionWatch()
 
 
-
-def wait_for_client(since: int | None) -> bool:
+def wait_for_client(since) -> bool:
     if since is None:
         since = watch.count
     return watch.wait_new(since, CLIENT_WAIT)
+
+
+class _FirstCellGate:
+    """After a restore, the next cell waits (at most CLIENT_WAIT) until the clients have
+    subscribed to IOPub again before it runs, so that its output is not published into the
+    void: each client socket reconnects on its own, and a restore nobody asked for in a
+    cell (the server's, the toolbar's) has no magic that waits.  Returns at once when the
+    clients are back already."""
+
+    def __init__(self):
+        self.since = None
+
+    def arm(self, since) -> None:
+        self.since = since
+
+    def pre_run_cell(self, *_args) -> None:
+        since, self.since = self.since, None
+        if since is not None:
+            wait_for_client(since)
+
+
+gate = _FirstCellGate()
 
 
 # ---------------------------------------------------------------------------- origin

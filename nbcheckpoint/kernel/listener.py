@@ -119,6 +119,7 @@ class Listener:
             self.last_restored = msg
             self._adopt_key(msg.get("key"))
             msg["_subs"] = frontend.watch.marked()  # IOPub subscriptions when the image was taken
+            frontend.gate.arm(msg["_subs"])
         if event == "prepare":
             threading.Thread(target=self._prepare, args=(msg,), name="nbcheckpoint-prepare",
                              daemon=True).start()
