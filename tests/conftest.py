@@ -33,7 +33,7 @@ C_TARGETS = sorted(p.stem for p in TARGETS_DIR.glob("*.c"))
 PY_TARGETS = sorted(p.stem for p in TARGETS_DIR.glob("*.py"))
 ALL_TARGETS = C_TARGETS + PY_TARGETS
 # targets that take a scratch directory as argv[1]
-NEEDS_DIR = {"deleted_file", "mappings", "pipes", "inotify", "unix_sockets", "locks", "leave_running"}
+NEEDS_DIR = {"deleted_file", "mappings", "pipes", "inotify", "unix_sockets", "scm_rights", "locks", "leave_running"}
 
 READY_TIMEOUT = 20.0
 RESULT_TIMEOUT = 60.0

@@ -350,3 +350,80 @@ def test_cli_ext_unix_sk_and_inherit_fd(engine, launch_peer, images, tmp_path):
         stop.set()
         th.join(2)
         mine.close()
+
+
+# ----------------------------------------------------------------------------- files in flight
+# (tests/targets/scm_rights.c goes through every engine path with fds in flight; these are
+# the refusals and the checks before restore)
+
+IN_FLIGHT = r"""
+import os, select, socket, sys, time
+a, b = socket.socketpair()
+kind, path = sys.argv[1], sys.argv[2]
+if kind == "epoll":
+    held = select.epoll()
+    fd = held.fileno()
+elif kind == "tcp":
+    held = socket.socket()
+    fd = held.fileno()
+else:
+    fd = os.open(path, os.O_RDONLY)
+socket.send_fds(a, [b"x"], [fd])
+if kind == "file":
+    os.close(fd)                      # only in flight now
+print("READY", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+@pytest.fixture
+def in_flight(tmp_path):
+    started = []
+
+    def _start(kind: str) -> subprocess.Popen:
+        data = tmp_path / "in-flight.txt"
+        data.write_text("in flight")
+        p = subprocess.Popen([sys.executable, "-c", IN_FLIGHT, kind, str(data)], stdout=subprocess.PIPE,
+                             stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+        started.append(p)
+        assert p.stdout.readline().strip() == "READY"
+        return p
+
+    yield _start
+    for p in started:
+        p.kill()
+        p.wait()
+
+
+@pytest.mark.parametrize("kind,named", [("epoll", "eventpoll"), ("tcp", "socket")])
+def test_in_flight_unsupported_kind_refused(engine, in_flight, images, kind, named):
+    """A file in flight of a kind the engine cannot save there fails the dump by name, the
+    socket named, and the process runs on untouched."""
+    p = in_flight(kind)
+    img = images()
+    with pytest.raises(engine.UnsupportedError) as ei:
+        engine.dump(p.pid, str(img))
+    msg = str(ei.value)
+    assert f"process {p.pid}: fd " in msg and "in flight (SCM_RIGHTS)" in msg and named in msg, msg
+    assert not img.exists()
+    time.sleep(0.1)
+    assert p.poll() is None and not _traced(p.pid)
+
+
+def test_in_flight_file_deleted_before_restore(engine, in_flight, images, tmp_path):
+    """A regular file that only a queued message holds is checked before restore like any
+    other: deleted after a leave-running dump, the restore fails before any process exists
+    and names the file and where it was in flight."""
+    p = in_flight("file")
+    img = images()
+    engine.dump(p.pid, str(img), leave_running=True)
+    p.kill()
+    p.wait()
+    wait_pid_free(p.pid)
+    (tmp_path / "in-flight.txt").unlink()
+    with pytest.raises(engine.RestoreError) as ei:
+        engine.restore(str(img))
+    msg = str(ei.value)
+    assert "in-flight.txt" in msg and "in flight on unix socket:[" in msg, msg
+    assert not os.path.exists(f"/proc/{p.pid}"), "a failed restore left a process"

@@ -94,6 +94,7 @@ def dump(pid: int, images_dir, leave_running: bool = False, progress=None, optio
             nthreads, nvmas, pages_bytes = nthreads + d.nthreads, nvmas + len(d.mm.vmas), pages_bytes + d.nbytes
         for z, status in frozen.zombies.items():
             tree.add(ns.process(z, zombie=True, exit_status=status, comm=proc.stat(z)[2]))
+        files.dump_done()
         fw = img.messages("files.img", "nbcheckpoint.images.FileEntry")
         for f in files.files:
             fw.add(f)

@@ -15,6 +15,12 @@ A kind module provides::
                                                   process's own fd numbers (epoll)
     external_key(entry) -> str | None             optional: "socket:[INO]", "pipe:[INO]" ...
                                                   for --inherit-fd
+    dump_done(ctx)                                optional: after every process's fds (and
+                                                  the files in flight) are dumped
+
+Files in flight (SCM_RIGHTS messages queued on a unix socket) are descriptions too: the
+unix module peeks them into the engine and :meth:`DumpContext.dump_in_flight` gives them
+their ids, shared with any process that holds the same description.
 
 Restore opens each description once in the engine; the stubs inherit the fds
 and injected dup3() calls put them at their numbers (restore.py).
@@ -24,7 +30,7 @@ from __future__ import annotations
 import os
 import stat
 
-from ..errors import UnsupportedError
+from ..errors import DumpError, EngineError, SysError, UnsupportedError
 from ..images import files_pb2
 from ..sys import proc
 from ..sys.libc import syscall
@@ -57,8 +63,24 @@ _ANON_KINDS = {"[eventfd]": files_pb2.EVENTFD, "[eventpoll]": files_pb2.EPOLL, "
                "[signalfd]": files_pb2.SIGNALFD, "inotify": files_pb2.INOTIFY}
 
 
+# What the engine can save when it is only in flight (held by no process, just queued on a
+# unix socket): kinds whose dump needs nothing of a holder.  An epoll's registrations name
+# fds of its holder; ttys and inet sockets are classified against the tree's processes.
+IN_FLIGHT_KINDS = {files_pb2.REG, files_pb2.CHR, files_pb2.PIPE, files_pb2.FIFO, files_pb2.EVENTFD,
+                   files_pb2.TIMERFD, files_pb2.SIGNALFD, files_pb2.UNIX}
+
+
 def classify(pid: int, fd: int) -> tuple[int, os.stat_result, str]:
     """(FdKind, stat, link) of one fd; a kind we cannot save raises, naming it."""
+    kind, s, link, what = _kind_of(pid, fd)
+    if kind is None or kind not in KINDS:
+        raise UnsupportedError(f"process {pid}: fd {fd} is a {what}, which this version cannot "
+                               "checkpoint; close it before checkpointing")
+    return kind, s, link
+
+
+def _kind_of(pid: int, fd: int) -> tuple[int | None, os.stat_result, str, str]:
+    """(FdKind or None, stat, link, what it is in words) of one fd."""
     link = proc.fdlink(pid, fd)
     s = os.stat(f"/proc/{pid}/fd/{fd}")
     mode = s.st_mode
@@ -86,10 +108,7 @@ def classify(pid: int, fd: int) -> tuple[int, os.stat_result, str]:
         name = link[len("anon_inode:"):]
         kind = _ANON_KINDS.get(name)
         what = f"{name.strip('[]')} ({link})"
-    if kind is None or kind not in KINDS:
-        raise UnsupportedError(f"process {pid}: fd {fd} is a {what}, which this version cannot "
-                               "checkpoint; close it before checkpointing")
-    return kind, s, link
+    return kind, s, link, what
 
 
 def _socket_family(pid: int, fd: int) -> int:
@@ -160,13 +179,47 @@ class DumpContext:
             flags = int(info["flags"], 8)
             fid = self._identify(pid, fd, s)
             if fid is None:
-                fid = len(self.files) + 1
-                entry = files_pb2.FileEntry(id=fid, kind=kind, flags=flags & ~O_CLOEXEC)
-                KINDS[kind].dump(self, pid, fd, s, link, info, entry)
-                self.files.append(entry)
-                self._seen.setdefault((s.st_dev, s.st_ino), []).append((pid, fd, fid))
+                fid = self._dump_new(pid, fd, kind, s, link, info)
             out.append(files_pb2.FdEntry(fd=fd, cloexec=bool(flags & O_CLOEXEC), id=fid))
         return out
+
+    def _dump_new(self, pid: int, fd: int, kind: int, s: os.stat_result, link: str, info: dict) -> int:
+        fid = len(self.files) + 1
+        entry = files_pb2.FileEntry(id=fid, kind=kind, flags=int(info["flags"], 8) & ~O_CLOEXEC)
+        # known before its payload is dumped: a unix socket may hold itself in flight
+        self._seen.setdefault((s.st_dev, s.st_ino), []).append((pid, fd, fid))
+        self.files.append(entry)
+        KINDS[kind].dump(self, pid, fd, s, link, info, entry)
+        return fid
+
+    def dump_in_flight(self, where: str, fd: int) -> int:
+        """The id of a file in flight: `fd` is the engine's copy, which peeking an SCM_RIGHTS
+        message of the socket `where` ("process P: fd N (unix socket:[I])") installed.
+
+        The engine keeps `fd` open until the dump ends, so that kcmp() can match it with
+        the same description held by a process dumped later."""
+        me = os.getpid()
+        self.at_close(os.close, fd)
+        kind, s, link, what = _kind_of(me, fd)
+        if kind not in IN_FLIGHT_KINDS:
+            raise UnsupportedError(f"{where} has a file in flight (SCM_RIGHTS) in its receive queue that "
+                                   f"this version cannot checkpoint while in flight: {what}; let the "
+                                   "process receive it first")
+        fid = self._identify(me, fd, s)
+        if fid is not None:
+            return fid
+        try:
+            return self._dump_new(me, fd, kind, s, link, proc.fdinfo(me, fd))
+        except EngineError as e:
+            # the kind's message names the engine's copy; say where the file really is
+            msg = str(e).replace(f"process {me}: fd {fd}", f"a file in flight on {where}")
+            raise (DumpError(msg) if isinstance(e, SysError) else type(e)(msg)) from None
+
+    def dump_done(self) -> None:
+        for mod in dict.fromkeys(KINDS.values()):
+            done = getattr(mod, "dump_done", None)
+            if done:
+                done(self)
 
     def close(self) -> None:
         # explicitly, not when collected: a long-lived caller (the Jupyter shim) must not

@@ -16,8 +16,20 @@ shutdown state.  Each socket's peer is classified:
 
 The receive queue is read without consuming it: MSG_PEEK on a pidfd_getfd duplicate (the same
 socket), with SO_PEEK_OFF moving over the queue message by message (dgram, seqpacket) or byte
-by byte (stream); the socket's own SO_PEEK_OFF is put back afterwards.  Queued SCM_RIGHTS fds
-and data sent on a not yet accepted connection cannot be read this way: the dump refuses them.
+by byte (stream); the socket's own SO_PEEK_OFF is put back afterwards.  Data sent on a not yet
+accepted connection cannot be read this way: the dump refuses it.
+
+Files in flight (SCM_RIGHTS).  Peeking a message that carries fds installs copies of them in
+the engine (af_unix clones the fd list on MSG_PEEK); each is dumped as a description of its
+own, or matched by kcmp with one a process holds (``DumpContext.dump_in_flight``), and its id
+recorded with the message.  A socket in flight is a socket of the tree: a peer that looked
+external until then is classified again once every fd is dumped (``dump_done``), which is also
+where "external socket is used" is raised.  On a stream socket peeking glues the bytes before
+a piece with fds to it (unix_stream_read_generic stops only *after* an skb with fds, and the
+skb boundaries are not visible otherwise), so the queue is saved as pieces that each end with
+the bytes that carried fds; restore sends each piece with one sendmsg, so its fds come with
+its first bytes.  A reader that reads exactly up to a message with fds, when bytes without
+fds preceded it in the queue, gets those fds one read early after a restore.
 
 Restore builds every unix socket of the image at the first open() (connections need both
 ends, and the order matters), in the engine, and remembers each description:
@@ -33,12 +45,13 @@ ends, and the order matters), in the engine, and remembers each description:
 4. one-way datagram connects (ordered so that each socket is connected to before it
    connects elsewhere: a connected datagram socket accepts only its peer) and the external
    peers' reconnects by name;
-5. queues written back from the peer end (datagrams one by one), then the dead peers' ends
-   closed, shutdown() replayed, options and O_NONBLOCK set last (SO_PASSCRED earlier would
+5. queues written back from the peer end (datagrams one by one, files in flight sent with
+   their messages), then the dead peers' ends closed, shutdown() replayed, options and O_NONBLOCK set last (SO_PASSCRED earlier would
    autobind sockets as they connect).
 
-Limits: sockets in another network namespace than the engine's; SCM_RIGHTS in flight; the
-sender address of queued datagrams (kept in the image, not restored); data queued on an
+Limits: sockets in another network namespace than the engine's; epolls, ttys and inet sockets
+in flight (``files.IN_FLIGHT_KINDS``); SCM_CREDENTIALS of queued messages (a restored message
+carries the engine's credentials); the sender address of queued datagrams (kept in the image, not restored); data queued on an
 external stream socket (the peer is a new connection); the name a connected client socket
 had bound itself is kept only when it is restored through its listener.
 """
@@ -69,7 +82,7 @@ SO_PASSSEC = 34
 SO_PEEK_OFF = 42
 MSG_CMSG_CLOEXEC = 0x40000000
 _TIMEVAL = 16
-_ANC = socket.CMSG_SPACE(253 * 4)   # SCM_MAX_FD fds
+_ANC = socket.CMSG_SPACE(253 * 4) + socket.CMSG_SPACE(12) + 64   # SCM_MAX_FD fds + ucred + secdata
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT | MSG_CMSG_CLOEXEC
 _MAX_PACKETS = 1 << 20
 _MAX_DGRAM = 1 << 26
@@ -120,6 +133,7 @@ class _DumpState:
                     self.listening_names[_norm(d.name)] = d.ino
         self.pids: set[int] = set()
         self.inodes: set[int] = set()
+        self.unresolved: list[tuple] = []   # (entry, peer inode, kind if found, error): see dump_done
         self.add_tree(pid)
 
     def add_tree(self, pid: int) -> None:
@@ -136,7 +150,7 @@ def _state(ctx, pid: int) -> _DumpState:
     st = ctx.__dict__.get("_unix")
     if st is None:
         st = ctx._unix = _DumpState(pid)
-    elif pid not in st.pids:
+    elif pid not in st.pids and pid != os.getpid():     # the engine holds only files in flight
         st.add_tree(pid)
     return st
 
@@ -154,6 +168,8 @@ def dump(ctx, pid: int, fd: int, s: os.stat_result, link: str, info: dict, entry
                                "version cannot checkpoint")
     u = entry.unix
     u.ino, u.type, u.state, u.shutdown = ino, d.type, d.state, d.shutdown
+    if pid == os.getpid():
+        st.inodes.add(ino)          # in flight: a socket of the tree from now on
     if d.name:
         u.name = _norm(d.name)
         if u.name[:1] != b"\0":
@@ -174,7 +190,7 @@ def dump(ctx, pid: int, fd: int, s: os.stat_result, link: str, info: dict, entry
             lst = st.listening_names.get(u.name)
             u.accepted = lst is not None and lst != ino
         _classify_peer(ctx, st, pid, fd, d, u, sk)
-        _peek_queue(pid, fd, sk, d, u)
+        _peek_queue(ctx, f"process {pid}: fd {fd} (unix socket:[{ino}])", sk, d, u)
     except OSError as e:
         if isinstance(e, EngineError):
             raise
@@ -249,7 +265,7 @@ def _classify_peer(ctx, st: _DumpState, pid: int, fd: int, d: sockdiag.UnixDiag,
                     f"socket:[{d.peer}], which has no name and is connected elsewhere; this version "
                     "cannot recreate that connection")
             return
-        _external(ctx, pid, fd, d, u, d.peer, _peer_name(pid, sk, pd))
+        _external(ctx, st, pid, fd, d, u, d.peer, _peer_name(pid, sk, pd), unix_pb2.IN_IMAGE)
     elif d.has_peer:
         # (a datagram socket someone connect()ed to is "established" too, with no peer)
         lst = st.listener_of.get(d.ino)
@@ -266,46 +282,82 @@ def _classify_peer(ctx, st: _DumpState, pid: int, fd: int, d: sockdiag.UnixDiag,
                     "before checkpointing")
         else:
             u.listener_ino = lst.ino
-            _external(ctx, pid, fd, d, u, lst.ino, _norm(lst.name))
+            _external(ctx, st, pid, fd, d, u, lst.ino, _norm(lst.name), unix_pb2.PENDING)
 
 
-def _external(ctx, pid: int, fd: int, d: sockdiag.UnixDiag, u, peer: int, peer_name: bytes) -> None:
+def _external(ctx, st: _DumpState, pid: int, fd: int, d: sockdiag.UnixDiag, u, peer: int, peer_name: bytes,
+              if_found: int) -> None:
+    """The peer is outside the tree -- unless it turns up in flight later (dump_done decides)."""
     u.peer_kind = unix_pb2.EXTERNAL
     u.external = True
     u.peer_ino = peer
     u.peer_name = peer_name
-    if getattr(ctx.options, "ext_unix_sk", False):
-        return
     own = f", {_show(u.name)}" if u.name else ""
     who = f"socket:[{peer}] ({_show(peer_name)})" if peer_name else f"socket:[{peer}] (no name)"
-    raise UnsupportedError(
-        f"process {pid}: fd {fd} is a unix {_TYPES[d.type]} socket (socket:[{d.ino}]{own}) connected to "
+    where = f"process {pid}: fd {fd}" if pid != os.getpid() else "a socket in flight"
+    err = UnsupportedError(
+        f"{where} is a unix {_TYPES[d.type]} socket (socket:[{d.ino}]{own}) connected to "
         f"{who}, which is outside the checkpointed tree: external socket is used. "
         "Dump (and restore) with --ext-unix-sk to reconnect it to its peer's name on restore"
         + ("" if peer_name else " (this peer has no name, so only --inherit-fd can replace it)")
         + f", or dump with --ext-unix-sk and restore with --inherit-fd fd[N]:socket:[{d.ino}] "
         "to hand in a replacement socket")
+    st.unresolved.append((u, peer, if_found, err))
 
 
-def _check_anc(pid: int, fd: int, ino: int, anc) -> None:
+def dump_done(ctx) -> None:
+    """Peers that looked external: in the tree after all if they were found in flight."""
+    st = ctx.__dict__.get("_unix")
+    if st is None:
+        return
+    for u, peer, if_found, err in st.unresolved:
+        if peer in st.inodes:
+            u.peer_kind, u.external = if_found, False
+            if if_found == unix_pb2.PENDING:
+                u.peer_ino = 0
+        elif not getattr(ctx.options, "ext_unix_sk", False):
+            raise err
+    st.unresolved.clear()
+
+
+def _received_fds(anc) -> list[int]:
+    """The fds a peek installed in the engine (SCM_RIGHTS), in their order."""
     fds = []
     for level, typ, data in anc:
         if level == SOL_SOCKET and typ == socket.SCM_RIGHTS:
             a = array.array("i")
             a.frombytes(data[: len(data) - len(data) % a.itemsize])
             fds.extend(a)
+    return fds
+
+
+def _close_all(fds: list[int]) -> None:
     for f in fds:
         try:
             os.close(f)
         except OSError:
             pass
-    if fds:
-        raise UnsupportedError(f"process {pid}: fd {fd} (unix socket:[{ino}]) has file descriptors in "
-                               "flight (SCM_RIGHTS) in its receive queue, which this version cannot "
-                               "checkpoint; let the process receive them first")
 
 
-def _peek_queue(pid: int, fd: int, sk: socket.socket, d: sockdiag.UnixDiag, u) -> None:
+def _peek(ctx, where: str, sk: socket.socket, bufsize: int):
+    """One peek: (data, ids of the files in flight with it, flags, sender).  Peeking the same
+    message again gives the same ids (dump_in_flight matches the new copies by kcmp)."""
+    data, anc, flags, addr = sk.recvmsg(bufsize, _ANC, _PEEK)
+    fds = _received_fds(anc)
+    if flags & socket.MSG_CTRUNC:
+        _close_all(fds)
+        raise DumpError(f"{where}: the control data of a queued message did not fit the engine's buffer")
+    ids = []
+    for i, f in enumerate(fds):
+        try:
+            ids.append(ctx.dump_in_flight(where, f))    # owns f from now on
+        except BaseException:
+            _close_all(fds[i + 1:])
+            raise
+    return data, ids, flags, addr
+
+
+def _peek_queue(ctx, where: str, sk: socket.socket, d: sockdiag.UnixDiag, u) -> None:
     """The receive queue, peeked through our duplicate; the socket's SO_PEEK_OFF is put back."""
     stream = d.type == socket.SOCK_STREAM
     if stream and d.rqueue == 0:
@@ -313,44 +365,44 @@ def _peek_queue(pid: int, fd: int, sk: socket.socket, d: sockdiag.UnixDiag, u) -
     sk.setsockopt(SOL_SOCKET, SO_PEEK_OFF, 0)
     try:
         if stream:
-            chunks, total = [], 0
+            # each peek ends after a piece with fds, or at the end of the queue
+            pieces, total = [], 0
             while total < d.rqueue:
                 try:
-                    data, anc, _fl, _addr = sk.recvmsg(d.rqueue - total, _ANC, _PEEK)
+                    data, ids, _fl, _addr = _peek(ctx, where, sk, d.rqueue - total)
                 except BlockingIOError:
                     break
-                _check_anc(pid, fd, d.ino, anc)
                 if not data:
                     break
-                chunks.append(data)
+                pieces.append((data, ids))
                 total += len(data)
             if total != d.rqueue:
-                raise UnsupportedError(f"process {pid}: fd {fd} (unix socket:[{d.ino}]): could read only "
-                                       f"{total} of its {d.rqueue} queued bytes (out-of-band data?)")
-            u.queue.add(data=b"".join(chunks))
+                raise UnsupportedError(f"{where}: could read only {total} of its {d.rqueue} queued bytes "
+                                       "(out-of-band data?)")
+            if not any(ids for _data, ids in pieces):
+                pieces = [(b"".join(p for p, _ids in pieces), [])]
+            for data, ids in pieces:
+                u.queue.add(data=data, fds=ids)
             return
         bufsize, off, total = 1 << 16, 0, 0
         while True:
             try:
-                data, anc, flags, addr = sk.recvmsg(bufsize, _ANC, _PEEK)
+                data, ids, flags, addr = _peek(ctx, where, sk, bufsize)
             except BlockingIOError:
                 break
-            _check_anc(pid, fd, d.ino, anc)
             if flags & socket.MSG_TRUNC:
                 if bufsize >= _MAX_DGRAM:
-                    raise UnsupportedError(f"process {pid}: fd {fd} (unix socket:[{d.ino}]) has a queued "
-                                           f"message larger than {_MAX_DGRAM} bytes")
+                    raise UnsupportedError(f"{where} has a queued message larger than {_MAX_DGRAM} bytes")
                 bufsize *= 4
                 sk.setsockopt(SOL_SOCKET, SO_PEEK_OFF, off)
                 continue
             if not data and d.type == socket.SOCK_SEQPACKET and d.shutdown & 1 and total >= d.rqueue:
                 break       # end of file, not an empty message
-            u.queue.add(data=data, sender=_norm(addr))
+            u.queue.add(data=data, sender=_norm(addr), fds=ids)
             off += len(data)
             total += len(data)
             if len(u.queue) > _MAX_PACKETS:
-                raise UnsupportedError(f"process {pid}: fd {fd} (unix socket:[{d.ino}]): more than "
-                                       f"{_MAX_PACKETS} queued messages")
+                raise UnsupportedError(f"{where}: more than {_MAX_PACKETS} queued messages")
     finally:
         sk.setsockopt(SOL_SOCKET, SO_PEEK_OFF, u.peek_off)
 
@@ -368,8 +420,34 @@ def _peer_desc(u) -> str:
     return _show(u.peer_name) if u.peer_name else f"socket:[{u.peer_ino}]"
 
 
-def check(ctx, pid: int, fde, f: files_pb2.FileEntry) -> None:
+class _InFlight:
+    """Stands for the fd in check() messages of a file in flight, which has no fd number."""
+
+    def __init__(self, fid: int, ino: int):
+        self.id = fid
+        self.fd = f"(in flight on unix socket:[{ino}])"
+
+
+def check(ctx, pid: int, fde, f: files_pb2.FileEntry, _seen: set | None = None) -> None:
     u = f.unix
+    seen = _seen if _seen is not None else set()
+    seen.add(f.id)
+    for p in u.queue:           # the files in flight on it, and theirs (each once)
+        for fid in p.fds:
+            g = ctx.files.get(fid)
+            if g is None:
+                raise ImageError(f"process {pid}: fd {fde.fd} (unix socket:[{u.ino}]) has file {fid} in "
+                                 "flight, which the image lacks")
+            if fid in seen:
+                continue
+            seen.add(fid)
+            if g.kind == files_pb2.UNIX:
+                check(ctx, pid, _InFlight(fid, u.ino), g, seen)
+            else:
+                from . import KINDS
+                kind_check = getattr(KINDS.get(g.kind), "check", None)
+                if kind_check:
+                    kind_check(ctx, pid, _InFlight(fid, u.ino), g)
     ents = {e.unix.ino for e in ctx.files.values() if e.kind == files_pb2.UNIX}
     if u.peer_kind == unix_pb2.IN_IMAGE and u.peer_ino not in ents:
         raise ImageError(f"process {pid}: fd {fde.fd} (unix socket:[{u.ino}]) is connected to "
@@ -510,7 +588,7 @@ class _Restorer:
                 addr = _addr(u)
                 for p in u.queue:
                     try:
-                        tmp.sendto(p.data, socket.MSG_DONTWAIT, addr)
+                        tmp.sendmsg([p.data], self._in_flight(p), socket.MSG_DONTWAIT, addr)
                     except OSError as e:
                         raise self._error(ino, f"write back {len(u.queue)} queued datagrams to", e) from None
 
@@ -597,13 +675,14 @@ class _Restorer:
                     if ws is w:
                         self.bumped.add(wino)
                 if u.type == socket.SOCK_STREAM:
-                    view = memoryview(b"".join(p.data for p in u.queue))
-                    while view:
-                        n = w.send(view, socket.MSG_DONTWAIT)
-                        view = view[n:]
+                    for p in u.queue:       # a piece's fds go with its first bytes
+                        view, anc = memoryview(p.data), self._in_flight(p)
+                        while view:
+                            n = w.sendmsg([view], anc, socket.MSG_DONTWAIT)
+                            view, anc = view[n:], []
                 else:
                     for p in u.queue:
-                        w.send(p.data, socket.MSG_DONTWAIT)
+                        w.sendmsg([p.data], self._in_flight(p), socket.MSG_DONTWAIT)
             except OSError as e:
                 raise self._error(ino, f"write back {sum(len(p.data) for p in u.queue)} queued bytes of", e) \
                     from None
@@ -630,6 +709,21 @@ class _Restorer:
                 pass
 
     # -- helpers ---------------------------------------------------------------------
+    def _in_flight(self, p) -> list:
+        """The SCM_RIGHTS control message that sends a packet's files in flight again."""
+        if not p.fds:
+            return []
+        fds = array.array("i")
+        for fid in p.fds:
+            f = self.ctx.files.get(fid)
+            if f is None:
+                raise ImageError(f"a queued message carries file {fid}, which the image lacks")
+            if f.kind == files_pb2.UNIX and f.unix.ino in self.socks:
+                fds.append(self.socks[f.unix.ino].fileno())     # made here, not remembered yet
+            else:
+                fds.append(self.ctx.open(fid))
+        return [(SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())]
+
     def _listener_for(self, u) -> int | None:
         """The listener of the image an accepted socket came from."""
         if not u.accepted or u.state == TCP_LISTEN:
