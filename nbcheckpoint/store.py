@@ -3,7 +3,8 @@
 Layout (docs/jupyter.md)::
 
     ROOT/NAME/image/         the engine image (atomic and checksummed by the engine)
-    ROOT/NAME/meta.json      metadata, 0600: it holds the kernel's HMAC key
+    ROOT/NAME/meta.json      metadata, 0600: it holds the kernel's HMAC key (and its CurveZMQ
+                             secret key when the kernel encrypts its transport)
     ROOT/.NAME.partial-PID   a checkpoint being written, renamed to NAME when complete
 
 A checkpoint is listed only once it is complete: a crash leaves at most a hidden
@@ -27,6 +28,20 @@ _PARTIAL = re.compile(r"\.(.+)\.partial-(\d+)")
 
 class StoreError(Exception):
     """Raised by Store: a bad name, a missing or damaged checkpoint, a name already taken."""
+
+
+# connection-file fields that never leave meta.json (events, listings, the REST API)
+SECRETS = ("key", "curve_secretkey")
+
+
+def public_meta(meta: dict) -> dict:
+    """META as shown to anyone: everything but the kernel's secrets."""
+    out = json.loads(json.dumps(meta))
+    conn = out.get("connection")
+    if isinstance(conn, dict):
+        for k in SECRETS:
+            conn.pop(k, None)
+    return out
 
 
 def default_root() -> Path:

@@ -34,12 +34,14 @@ def store(tmp_path, monkeypatch):
 class K:
     """One kernel: manager, client, and the shim's log."""
 
-    def __init__(self, tmp: Path, restore: str | None = None):
+    def __init__(self, tmp: Path, restore: str | None = None, curve: tuple[bytes, bytes] | None = None):
         self.tmp = tmp
         self.log_path = tmp / f"shim-{time.monotonic_ns()}.log"
         self.log = open(self.log_path, "wb")
         self.km = AsyncKernelManager(kernel_name=SPEC)
         self.km.cache_ports = False
+        if curve:                           # CurveZMQ transport encryption (jupyter_client >= 8.10)
+            self.km.curve_publickey, self.km.curve_secretkey = curve
         self.restore = restore
         self.kc: AsyncKernelClient | None = None
 
@@ -378,3 +380,44 @@ def test_jupyter_console(tmp_path, store):
     assert "pid-in-ns 2 42" in r.stdout, r.stdout + r.stderr
     assert "saved 'from-console'" in r.stdout, r.stdout + r.stderr
     assert store.get("from-console").meta["kernel_name"] == SPEC
+
+
+def test_curve_encrypted_kernel(tmp_path, store):
+    """A kernel whose manager gave it CurveZMQ keys: its checkpoint keeps the keypair in
+    meta.json only, a restore into a new kernel writes it into the connection file (the
+    restored sockets hold it), and an in-place restore into a kernel without the same keys
+    is refused before anything is stopped."""
+    import zmq
+    keys = zmq.curve_keypair()
+
+    async def main():
+        k = await K(tmp_path, curve=keys).start()
+        try:
+            await k.ok(STATE)
+            # ipykernel warns of a TCP transport without encryption; not here
+            assert json.loads(Path(k.km.connection_file).read_text())["curve_secretkey"] == keys[1].decode()
+            assert "without encryption" not in k.shim_log(), k.shim_log()[-2000:]
+            meta = await k.km.provisioner.checkpoint(name="enc")
+            assert "curve_secretkey" not in meta["connection"] and "key" not in meta["connection"]
+            assert meta["connection"]["curve_publickey"] == keys[0].decode()
+            assert store.get("enc").meta["connection"]["curve_secretkey"] == keys[1].decode()
+        finally:
+            await k.stop()
+        plain = await K(tmp_path).start()
+        try:
+            with pytest.raises(Exception) as ei:
+                await plain.km.provisioner.restore_in_place("enc")
+            assert "CurveZMQ" in str(ei.value) and "new kernel" in str(ei.value), str(ei.value)
+            assert (await plain.ok("print('still', 1)")).strip() == "still 1"
+        finally:
+            await plain.stop()
+        k2 = K(tmp_path, restore="enc")
+        try:
+            await k2.start()
+            info = json.loads(Path(k2.km.connection_file).read_text())
+            assert (info["curve_publickey"], info["curve_secretkey"]) == (keys[0].decode(), keys[1].decode())
+            out = await k2.ok(CHECK)
+            assert out.strip() == "41 2 before,after", out
+        finally:
+            await k2.stop()
+    arun(main())

@@ -72,6 +72,15 @@ class CheckpointableProvisioner(LocalProvisioner):
                 km.session.key = conn["key"].encode()
             if conn.get("signature_scheme"):
                 km.session.signature_scheme = conn["signature_scheme"]
+            # a kernel that encrypted its transport (jupyter_client >= 8.10) keeps its CurveZMQ
+            # keypair in memory: its clients need the same keys in the connection file
+            for k in ("curve_publickey", "curve_secretkey"):
+                if conn.get(k):
+                    if not hasattr(km, k):
+                        raise StoreError(f"checkpoint {self._restore_name!r} is of a kernel with CurveZMQ "
+                                         "transport encryption, which this jupyter_client cannot set up "
+                                         "(it needs jupyter_client >= 8.10)")
+                    setattr(km, k, conn[k].encode())
             km.cache_ports = False
         kwargs = await super().pre_launch(**kwargs)
         kid = getattr(km, "kernel_id", None) or kwargs.get("kernel_id") or uuid.uuid4().hex

@@ -18,7 +18,6 @@ kernel's HMAC key.
 from __future__ import annotations
 
 import asyncio
-import copy
 import functools
 import json
 import posixpath
@@ -30,7 +29,7 @@ from jupyter_server.base.handlers import APIHandler
 from jupyter_server.utils import url_path_join
 from tornado import web
 
-from ..store import Store, StoreError
+from ..store import Store, StoreError, public_meta
 
 AUTH_RESOURCE = "nbcheckpoint"
 API_PREFIX = "nbcheckpoint/api"
@@ -50,15 +49,6 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-def public_meta(meta: dict) -> dict:
-    """META as sent to clients: everything but the kernel's HMAC key."""
-    out = copy.deepcopy(meta)
-    conn = out.get("connection")
-    if isinstance(conn, dict):
-        conn.pop("key", None)
-    return out
 
 
 def check_kernel_id(kernel_id: str) -> str:

@@ -37,7 +37,7 @@ from ..engine import Options, pstree, seize
 from ..engine.show import objects
 from ..engine.sys import libc, memory, proc
 from ..engine.sys.x86_64 import NR
-from ..store import Store, StoreError, format_size
+from ..store import Store, StoreError, format_size, public_meta
 
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
@@ -457,7 +457,7 @@ class Shim:
         self.parent = name
         log(f"checkpoint {name!r}: {format_size(ck.meta['size_bytes'])}, kernel frozen "
             f"{stats.frozen_seconds:.2f} s, {stats.total_seconds:.2f} s in all")
-        self._reply(ch, {"event": "saved", "id": rid, "checkpoint": public(ck.meta)})
+        self._reply(ch, {"event": "saved", "id": rid, "checkpoint": public_meta(ck.meta)})
 
     def _restore_in_place(self, msg: dict, rid: str, ch: control.Channel) -> None:
         name = msg.get("name")
@@ -468,6 +468,15 @@ class Shim:
         if missing:
             raise StoreError(f"checkpoint {name!r} does not record the kernel's {', '.join(missing)} "
                              "listening sockets; it was not taken by nbcheckpoint's shim")
+        curve = [(ck.meta.get("connection") or {}).get("curve_publickey"), self.conn.get("curve_publickey")]
+        if curve[0] != curve[1]:
+            # the image's ZeroMQ sockets hold its own keypair (or none): this kernel's clients
+            # could not connect to them
+            what = ("other CurveZMQ keys than this kernel" if all(curve) else
+                    "CurveZMQ transport encryption, which this kernel does not use" if curve[0] else
+                    "no CurveZMQ transport encryption, which this kernel uses")
+            raise StoreError(f"checkpoint {name!r} was taken by a kernel with {what}: this kernel's "
+                             "clients could not reach the restored one; restore it into a new kernel instead")
         listeners = self._grab_listeners()
         plan = None
         try:
@@ -497,7 +506,7 @@ class Shim:
         finally:
             for fd in listeners.values():
                 os.close(fd)
-        self._reply(ch, {"event": "replaced", "id": rid, "checkpoint": public(ck.meta),
+        self._reply(ch, {"event": "replaced", "id": rid, "checkpoint": public_meta(ck.meta),
                          "kernel_pid": self.kernel_pid})
 
     def _grab_listeners(self) -> dict[str, int]:
@@ -551,7 +560,7 @@ class Shim:
         self.lineage = meta.get("lineage") or self.lineage
         chan = control.Channel(ours)
         # the thread that was waiting on the control socket in the image wakes up with this
-        restored = {"event": "restored", "id": meta.get("request_id"), "checkpoint": public(meta),
+        restored = {"event": "restored", "id": meta.get("request_id"), "checkpoint": public_meta(meta),
                     "key": self.conn.get("key", "")}
         if origin:
             restored["origin"] = origin          # the %restore cell, for the restored kernel to end
@@ -610,15 +619,6 @@ class _Plan:
     def close(self) -> None:
         self.ours.close()
         self.theirs.close()
-
-
-def public(meta: dict) -> dict:
-    """META without the secrets, for events and listings."""
-    m = dict(meta)
-    conn = dict(m.get("connection") or {})
-    conn.pop("key", None)
-    m["connection"] = conn
-    return m
 
 
 def engine_version() -> str:

@@ -26,7 +26,7 @@ import time
 import traceback
 from pathlib import Path
 
-from ..store import Store, StoreError
+from ..store import Store, StoreError, public_meta
 from . import frontend
 from .progress import Progress
 
@@ -198,11 +198,7 @@ def checkpoint_with_helper(side, name: str | None, quiet: bool, progress_cb) -> 
             meta = store.get(name).meta
         except StoreError:
             meta = {"name": name}
-        meta = dict(meta)
-        conn = dict(meta.get("connection") or {})
-        conn.pop("key", None)
-        meta["connection"] = conn
-        return side._restored({"event": "restored", "checkpoint": meta}, prog, quiet)
+        return side._restored({"event": "restored", "checkpoint": public_meta(meta)}, prog, quiet)
     finally:
         if guard and not guard[2][0]:
             guard[0].parent_pid = guard[1]      # the original watches its parent again
@@ -281,9 +277,7 @@ def run_helper(work: Path) -> int:
         }
         ck = pending.commit(meta)
         pending = None
-        public = dict(ck.meta)
-        public["connection"] = {k: v for k, v in conn.items() if k != "key"}
-        _write_done(work, {"ok": True, "checkpoint": public})
+        _write_done(work, {"ok": True, "checkpoint": public_meta(ck.meta)})
         return 0
     except Exception as e:
         if pending is not None:
