@@ -56,8 +56,10 @@ def _dump_summary(stats) -> str:
 def _options(args) -> engine.Options:
     o = engine.Options(leave_running=getattr(args, "leave_running", False),
                        snapshot=not getattr(args, "no_snapshot", False))
-    for name in ("ext_unix_sk", "tcp_established", "tcp_close", "file_locks", "shell_job", "pidns", "lazy_pages"):
+    for name in ("tcp_established", "tcp_close", "file_locks", "shell_job", "pidns", "lazy_pages"):
         setattr(o, name, getattr(args, name, False))
+    for spec in getattr(args, "ext_unix_sk", None) or []:
+        o.add_ext_unix_sk(spec)
     for spec in getattr(args, "inherit_fd", None) or []:
         key, fd = engine.Options.parse_inherit_fd(spec)
         o.inherit_fd[key] = fd
@@ -66,8 +68,10 @@ def _options(args) -> engine.Options:
 
 def _add_criu_options(p, restore: bool) -> None:
     """Options that CRIU spells the same way, meaning the same thing."""
-    p.add_argument("--ext-unix-sk", action="store_true",
-                   help="allow unix sockets whose peer is outside the tree (reconnected by path on restore)")
+    p.add_argument("--ext-unix-sk", nargs="?", const="", action="append", metavar="INO[=PATH]",
+                   help="allow unix sockets whose peer is outside the tree (reconnected by path on restore); "
+                        "=INO[,INO...] only those sockets (inodes as dumped), =INO=PATH on restore: "
+                        "reconnect that one to PATH")
     p.add_argument("--tcp-established", action="store_true", help="checkpoint/restore established TCP connections")
     p.add_argument("--file-locks", action="store_true", help="checkpoint/restore file locks")
     p.add_argument("--shell-job", "-j", action="store_true",

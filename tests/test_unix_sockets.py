@@ -352,6 +352,38 @@ def test_cli_ext_unix_sk_and_inherit_fd(engine, launch_peer, images, tmp_path):
         mine.close()
 
 
+def test_cli_ext_unix_sk_per_socket(engine, launch_peer, server, images, tmp_path):
+    """--ext-unix-sk=INO (seed 004): only that socket may have its peer outside; on restore
+    --ext-unix-sk=INO=PATH reconnects it to a new path (the old one is gone)."""
+    srv = server("path")
+    t = launch_peer(["connect", srv.addr, PEER_FD])
+    srv.wait(lambda: len(srv.conns) == 1)
+    ino = t.fd_inode()
+    img = images()
+    r = _cli("dump", "-t", t.pid, "-D", img, f"--ext-unix-sk={ino + 1000000}")
+    out = r.stderr + r.stdout
+    assert r.returncode != 0 and "external socket is used" in out and f"--ext-unix-sk={ino}" in out, out
+    assert t.alive(), t.log()
+    r = _cli("dump", "-t", t.pid, "-D", img, f"--ext-unix-sk={ino}")
+    assert r.returncode == 0, f"dump failed\n{r.stdout}\n{r.stderr}"
+    t.reap()
+    srv.close()
+    moved = PingServer(str(tmp_path / "moved.sock"))
+    try:
+        wait_pid_free(t.pid)
+        r = _cli("restore", "-D", img, "-d", "--ext-unix-sk")
+        assert r.returncode != 0 and srv.addr in r.stderr and "gone" in r.stderr, r.stderr
+        assert not os.path.exists(f"/proc/{t.pid}"), "a failed restore left a process"
+        pidfile = tmp_path / "restored.pid"
+        r = _cli("restore", "-D", img, "-d", "--pidfile", pidfile, f"--ext-unix-sk={ino}={moved.addr}")
+        assert r.returncode == 0, f"restore failed\n{r.stdout}\n{r.stderr}"
+        t.adopt_restored(int(pidfile.read_text().strip()), is_child=False)
+        moved.wait(lambda: len(moved.conns) == 1)
+        t.expect_pass()                         # it talks to the server at the new path
+    finally:
+        moved.close()
+
+
 # ----------------------------------------------------------------------------- files in flight
 # (tests/targets/scm_rights.c goes through every engine path with fds in flight; these are
 # the refusals and the checks before restore)

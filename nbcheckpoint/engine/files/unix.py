@@ -10,9 +10,10 @@ shutdown state.  Each socket's peer is classified:
   kernel peer is an "embryo" with no inode: the listener's icons name the client instead);
 * ``DEAD``      the peer was closed (its inode is 0 or no longer exists);
 * ``EXTERNAL``  the peer belongs to a process outside the tree.  That fails the dump with
-  CRIU's "external socket is used" unless ``--ext-unix-sk`` is given; then restore
-  reconnects to the peer's name, or takes a replacement from ``--inherit-fd
-  fd[N]:socket:[INO]`` (``external_key``).
+  CRIU's "external socket is used" unless ``--ext-unix-sk`` is given (or
+  ``--ext-unix-sk=INO`` naming this socket, seed 004); then restore reconnects to the peer's
+  name (or to PATH with ``--ext-unix-sk=INO=PATH``), or takes a replacement from
+  ``--inherit-fd fd[N]:socket:[INO]`` (``external_key``).
 
 The receive queue is read without consuming it: MSG_PEEK on a pidfd_getfd duplicate (the same
 socket), with SO_PEEK_OFF moving over the queue message by message (dgram, seqpacket) or byte
@@ -298,7 +299,8 @@ def _external(ctx, st: _DumpState, pid: int, fd: int, d: sockdiag.UnixDiag, u, p
     err = UnsupportedError(
         f"{where} is a unix {_TYPES[d.type]} socket (socket:[{d.ino}]{own}) connected to "
         f"{who}, which is outside the checkpointed tree: external socket is used. "
-        "Dump (and restore) with --ext-unix-sk to reconnect it to its peer's name on restore"
+        f"Dump (and restore) with --ext-unix-sk (or --ext-unix-sk={d.ino}: this socket only) to reconnect "
+        "it to its peer's name on restore"
         + ("" if peer_name else " (this peer has no name, so only --inherit-fd can replace it)")
         + f", or dump with --ext-unix-sk and restore with --inherit-fd fd[N]:socket:[{d.ino}] "
         "to hand in a replacement socket")
@@ -315,7 +317,7 @@ def dump_done(ctx) -> None:
             u.peer_kind, u.external = if_found, False
             if if_found == unix_pb2.PENDING:
                 u.peer_ino = 0
-        elif not getattr(ctx.options, "ext_unix_sk", False):
+        elif not ctx.options.ext_unix_allowed(u.ino):
             raise err
     st.unresolved.clear()
 
@@ -459,25 +461,26 @@ def check(ctx, pid: int, fde, f: files_pb2.FileEntry, _seen: set | None = None) 
         return
     what = (f"process {pid}: fd {fde.fd} is a unix {_TYPES.get(u.type, u.type)} socket (socket:[{u.ino}]) "
             f"whose peer {_peer_desc(u)} was outside the image")
-    if not getattr(ctx.options, "ext_unix_sk", False):
+    if not ctx.options.ext_unix_allowed(u.ino):
         raise RestoreError(f"{what} (external socket); restore with --ext-unix-sk to reconnect it"
                            + (f" to {_show(u.peer_name)}" if u.peer_name else "")
                            + f", or hand in a replacement with --inherit-fd fd[N]:socket:[{u.ino}]")
-    if not u.peer_name:
+    name = _reconnect_name(ctx, u)
+    if not name:
         raise RestoreError(f"{what} and had no name to reconnect to; hand in a replacement with "
-                           f"--inherit-fd fd[N]:socket:[{u.ino}]")
-    if u.peer_name[:1] == b"\0":
+                           f"--inherit-fd fd[N]:socket:[{u.ino}], or give one with --ext-unix-sk={u.ino}=PATH")
+    if name[:1] == b"\0":
         table = ctx.__dict__.get("_unix_diag")
         if table is None:
             table = ctx._unix_diag = sockdiag.unix_sockets()
         need_listen = u.type != socket.SOCK_DGRAM
-        if not any(_norm(d.name) == bytes(u.peer_name) and (d.listening or not need_listen)
+        if not any(_norm(d.name) == name and (d.listening or not need_listen)
                    for d in table.values() if d.name):
             raise RestoreError(f"{what}: nothing is {'listening' if need_listen else 'bound'} on "
-                               f"{_show(u.peer_name)} any more, so --ext-unix-sk cannot reconnect it; "
+                               f"{_show(name)} any more, so --ext-unix-sk cannot reconnect it; "
                                "start the peer first")
         return
-    path = os.fsdecode(u.peer_name)
+    path = os.fsdecode(name)
     try:
         ok = stat.S_ISSOCK(os.stat(path).st_mode)
     except OSError:
@@ -485,6 +488,14 @@ def check(ctx, pid: int, fde, f: files_pb2.FileEntry, _seen: set | None = None) 
     if not ok:
         raise RestoreError(f"{what}: {path} is gone (or is no longer a socket), so --ext-unix-sk "
                            "cannot reconnect it; start the peer first")
+
+
+def _reconnect_name(ctx, u) -> bytes:
+    """Where an external socket is reconnected: --ext-unix-sk=INO=PATH, else its peer's name."""
+    path = ctx.options.ext_unix_path(u.ino)
+    if path:
+        return b"\0" + os.fsencode(path[1:]) if path.startswith("@") else os.fsencode(path)
+    return bytes(u.peer_name)
 
 
 def open(ctx, f: files_pb2.FileEntry) -> int:  # noqa: A001 - the kind interface's name
@@ -649,11 +660,12 @@ class _Restorer:
                 todo.remove((src, dst))
                 u = self.u(src)
                 if dst is None:
-                    if not u.peer_name:
+                    addr = _reconnect_name(self.ctx, u)
+                    if not addr:
                         raise RestoreError(f"unix socket:[{u.ino}] was connected to {_peer_desc(u)} outside "
                                            f"the image, which has no name: hand in a replacement with "
                                            f"--inherit-fd fd[N]:socket:[{u.ino}]")
-                    addr, what = bytes(u.peer_name), f"reconnect to its external peer {_show(u.peer_name)}"
+                    what = f"reconnect to its external peer {_show(addr)}"
                 else:
                     addr, what = _addr(self.u(dst)), f"connect to {_show(self.u(dst).name)}"
                     incoming[dst] -= 1
