@@ -147,6 +147,24 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_unlock(args) -> int:
+    """Let an image's outside TCP peers through again without restoring it (netlock.py)."""
+    from .engine import netlock
+    from .engine.images import imagedir
+    path = args.dir or args.images_dir
+    if not path:
+        args.parser.error("give the image directory (DIR or -D DIR)")
+    name = imagedir.ImageReader(path).inventory.network_lock
+    if not name:
+        print(f"{path} holds no network lock")
+    elif netlock.unlock(name):
+        print(f"removed the network lock {name}: the peers' packets pass again, the image's connections "
+              "will be stale if it is restored")
+    else:
+        print(f"no network lock {name} on this machine (restored already, or taken elsewhere)")
+    return 0
+
+
 def cmd_check(args) -> int:
     from .engine.check import check
     missing = 0
@@ -229,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir", nargs="?", metavar="DIR", help="image directory")
     s.add_argument("-D", "--images-dir", "--images", **images)
     s.set_defaults(func=cmd_show, parser=s)
+
+    u = sub.add_parser("unlock", parents=[common],
+                       help="drop an image's network lock (its outside TCP peers were locked out by a "
+                            "--tcp-established dump) without restoring it")
+    u.add_argument("dir", nargs="?", metavar="DIR", help="image directory")
+    u.add_argument("-D", "--images-dir", "--images", **images)
+    u.set_defaults(func=cmd_unlock, parser=u)
 
     store = dict(metavar="DIR", default=None,
                  help="checkpoint store (default: $NBCHECKPOINT_DIR, else <jupyter data dir>/nbcheckpoint)")

@@ -22,6 +22,8 @@ from __future__ import annotations
 import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -220,7 +222,8 @@ def test_tcp_established(engine, launch_peer, server, images, addr):
     _restore(engine, t, img, engine.Options(tcp_established=True))
     t.expect_pass()                   # the queued bytes, then ping/pong on the same connection
     assert len(srv.conns) == 1, "the restored process made a new connection"
-    assert srv.eofs == 1 and srv.resets == 0     # it exited after PASS: a clean close
+    srv.wait(lambda: srv.eofs + srv.resets >= 1)  # it exited after PASS...
+    assert srv.eofs == 1 and srv.resets == 0      # ...with a clean close
 
 
 def test_tcp_close_at_dump_and_restore(engine, launch_peer, server, images):
@@ -270,3 +273,78 @@ def test_leave_running_outside_peer(engine, launch_peer, server, images):
     assert not os.path.exists(f"/proc/{t.pid}"), "a failed restore left a process"
     _restore(engine, t, img, engine.Options(tcp_close=True))
     t.expect_pass()
+
+
+def _lock_tables() -> set[str]:
+    out = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[-1] for line in out.splitlines() if line.startswith("table inet nbck_")}
+
+
+def test_network_lock(engine, launch_peer, server, images):
+    """A kill-mode dump with --tcp-established locks the outside connection (nftables, as CRIU's
+    network lock): what the server sends while the process is gone is neither acknowledged and
+    lost nor answered with a reset; the server's TCP retransmits it, and once the restore has
+    removed the lock the restored process reads it on the same connection."""
+    srv = server()
+    t = launch_peer(srv.addr, srv.port, "queued")
+    srv.wait(lambda: len(srv.conns) == 1)
+    before = _lock_tables()
+    img = images()
+    engine.dump(t.pid, str(img), options=engine.Options(tcp_established=True))
+    t.reap()
+    held = _lock_tables() - before
+    assert len(held) == 1 and not any(n.startswith("nbck_dump_") for n in held), held
+    srv.conns[0].sendall(b"queued\n")   # sent while the process is dead: the lock drops it
+    time.sleep(0.5)
+    assert srv.resets == 0 and srv.eofs == 0, "the server's connection ended while it was locked"
+    _restore(engine, t, img, engine.Options(tcp_established=True))
+    assert _lock_tables() == before, "the restore left the lock in place"
+    t.expect_pass()                     # "queued\n" arrives (retransmitted), then ping/pong
+    assert len(srv.conns) == 1 and srv.resets == 0
+
+
+def test_no_lock_left_by_leave_running_or_failed_dump(engine, launch_peer, server, images):
+    """A leave-running dump takes no lock (the original keeps its connection); a dump that fails
+    after locking leaves none behind (the table is owned by the engine's netlink socket)."""
+    srv = server()
+    t = launch_peer(srv.addr, srv.port, "live")
+    srv.wait(lambda: len(srv.conns) == 1)
+    before = _lock_tables()
+    engine.dump(t.pid, str(images("lr")), leave_running=True, options=engine.Options(tcp_established=True))
+    assert _lock_tables() == before
+    locked = []
+
+    def fail_after_files(phase, done, total):
+        if phase == "pages":             # the connection is read (and locked) by now
+            locked.append(_lock_tables() - before)
+            raise engine.DumpError("stopped by the test after the files were dumped")
+    with pytest.raises(engine.DumpError):
+        engine.dump(t.pid, str(images("bad")), options=engine.Options(tcp_established=True),
+                    progress=fail_after_files)
+    assert locked and len(locked[0]) == 1 and locked[0].pop().startswith("nbck_dump_"), locked
+    assert _lock_tables() == before, "a failed dump left its lock"
+    time.sleep(0.1)
+    t.expect_pass()                     # the connection still works
+
+
+def test_unlock_without_restore(engine, launch_peer, server, images):
+    """`nbcheckpoint show` names an image's network lock and `nbcheckpoint unlock` removes it
+    (the peer then meets the dead socket: a reset)."""
+    srv = server()
+    t = launch_peer(srv.addr, srv.port, "live")
+    srv.wait(lambda: len(srv.conns) == 1)
+    before = _lock_tables()
+    img = images()
+    engine.dump(t.pid, str(img), options=engine.Options(tcp_established=True))
+    t.reap()
+    (name,) = _lock_tables() - before
+    cli = [sys.executable, "-m", "nbcheckpoint"]
+    shown = subprocess.run(cli + ["show", str(img)], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and f"table inet {name}" in shown.stdout, shown.stdout + shown.stderr
+    r = subprocess.run(cli + ["unlock", str(img)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and f"removed the network lock {name}" in r.stdout, r.stdout + r.stderr
+    assert _lock_tables() == before
+    r = subprocess.run(cli + ["unlock", "-D", str(img)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "no network lock" in r.stdout, r.stdout + r.stderr
+    srv.conns[0].sendall(b"anyone?\n")
+    srv.wait(lambda: srv.resets == 1)

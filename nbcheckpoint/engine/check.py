@@ -310,6 +310,17 @@ def _cap_sys_resource() -> str:
     return "in the effective set"
 
 
+def _nftables() -> str:
+    from . import netlock
+    from .sys import nftables
+    why = nftables.available()
+    if why:
+        raise RuntimeError(why)
+    with nftables.Nft() as nft:     # an owned table: gone with the context
+        nft.run(f"add table inet {netlock.PREFIX}check_{os.getpid()} {{ flags owner; }}\n")
+    return "libnftables made an owned table"
+
+
 def _run(name: str, required: bool, purpose: str, fn, *args) -> Feature:
     try:
         return Feature(name, True, required, fn(*args), purpose)
@@ -335,7 +346,8 @@ def check() -> list[Feature]:
         _run("PAGEMAP_SCAN ioctl", True, "skipping never-touched and zero pages", _pagemap_scan),
         _run("PR_SET_MM_MAP", True, "restoring mm fields and /proc/PID/exe", _mm_map),
         _run("kcmp", True, "finding fds that share an open file", _kcmp),
-        _run("userfaultfd", False, "dirty-page tracking for incremental dumps (later)", _userfaultfd),
+        _run("userfaultfd", False, "lazy restore (--lazy-pages)", _userfaultfd),
+        _run("nftables", False, "the network lock of --tcp-established dumps", _nftables),
         _run("soft-dirty pages", False, "CRIU-style incremental dumps", _soft_dirty),
         _run("CAP_SYS_RESOURCE", False, "single-field PR_SET_MM options", _cap_sys_resource),
     ]

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 
 from .core import dump_thread
-from .errors import DumpError
+from .errors import DumpError, EngineError
 from .files import DumpContext, locks
 from .options import Options
 from .images import imagedir, inventory_pb2, pstree_pb2
@@ -126,12 +126,18 @@ def dump(pid: int, images_dir, leave_running: bool = False, progress=None, optio
             engine_version=_version(), root_pid=ns.v(pid), in_pidns=ns.separate, kernel_release=platform.release(),
             arch=platform.machine(), page_size=PAGE_SIZE, xstate_size=x86_64.xstate_size(),
             xfeatures=x86_64.xfeatures(), created=time.time(), leave_running=leave_running,
-            hostname=platform.node(), frozen_seconds=frozen_s)
+            hostname=platform.node(), frozen_seconds=frozen_s,
+            network_lock=(files.netlock.new_name() or "") if not leave_running else "")
         final = img.commit(inv)
         if frozen is not None:
             frozen.kill()
             frozen = None
             frozen_s = time.monotonic() - t0
+            try:
+                files.netlock.persist()         # before the dump's own (owned) lock goes
+            except EngineError as e:
+                log.warning("the network lock could not be kept after the dump (%s): outside peers of %s "
+                            "may reset their connections before the restore", e, final)
         return DumpStats(pid=pid, images_dir=final, threads=nthreads, vmas=nvmas,
                          pages_bytes=pages_bytes, image_bytes=image_bytes, copy_seconds=copy_s,
                          frozen_seconds=frozen_s, total_seconds=time.monotonic() - t0,

@@ -30,6 +30,7 @@ Any failure kills every stub: no half-restored process is ever left running.
 from __future__ import annotations
 
 import ctypes
+import logging
 import dataclasses
 import fcntl
 import os
@@ -39,14 +40,16 @@ import signal
 import time
 from dataclasses import dataclass
 
-from . import core, files, lazy, mm as mmmod, pages, pstree, task as taskmod, timers
-from .errors import ImageError, RestoreError
+from . import core, files, lazy, mm as mmmod, netlock, pages, pstree, task as taskmod, timers
+from .errors import EngineError, ImageError, RestoreError
 from .files import locks, tty
 from .images import core_pb2, files_pb2, imagedir, mm_pb2, pstree_pb2
 from .inject import BATCH_AREA, Remote
 from .options import Options
 from .sys import proc, ptrace, x86_64
 from .sys.libc import PAGE_SIZE
+
+log = logging.getLogger(__name__)
 
 O_CLOEXEC = 0o2000000
 
@@ -176,6 +179,11 @@ def restore(images_dir, progress=None, options: Options | None = None) -> Restor
     init = None
     server = None
     done = False
+    lock = img.reader.inventory.network_lock
+    if options.tcp_close:
+        # outside connections come back reset: their RSTs must reach the peers
+        _unlock(lock)
+        lock = ""
     try:
         prepared = _open_everything(img, engine_fds)
         if options.pidns:
@@ -207,6 +215,7 @@ def restore(images_dir, progress=None, options: Options | None = None) -> Restor
             # the init may start reaping; while pages are to come, on a lifeline to us
             pstree.init_go(init, lifeline=server is not None or options.lifeline)
         done = True
+        _unlock(lock)               # the connections are back: the peers' next retransmission lands
         for p in img.live:                  # return once stopped ones are stopped again
             deadline = time.monotonic() + 2
             while p.p.stopped and proc.pid_state(stubs[p.pid].pid) not in ("T", "") \
@@ -229,6 +238,16 @@ def restore(images_dir, progress=None, options: Options | None = None) -> Restor
     return RestoreResult(pid=root.pid, seconds=time.monotonic() - t0, pages_bytes=npages,
                          pids=[stubs[p.pid].pid for p in img.live], vpid=root.vpid,
                          init_pid=init.pid if init else None, lazy=server, init=init)
+
+
+def _unlock(name: str) -> None:
+    """The tree runs with its connections rebuilt: let their peers through again (netlock.py)."""
+    if not name:
+        return
+    try:
+        netlock.unlock(name)
+    except (EngineError, ValueError) as e:
+        log.warning("could not remove the network lock %s: %s (nbcheckpoint unlock DIR does)", name, e)
 
 
 def _wait_pid_free(pid: int, timeout: float = 5.0) -> None:

@@ -28,6 +28,9 @@ def show(images_dir) -> str:
            f"(Linux {inv.kernel_release} {inv.arch})",
            f"  {len(inv.files)} files, {_size(total)}; frozen {inv.frozen_seconds:.3f} s"
            + ("; the process was left running" if inv.leave_running else "")]
+    if inv.network_lock:
+        out.append(f"  its outside TCP peers are locked out (nftables table inet {inv.network_lock}) until "
+                   "it is restored, or `nbcheckpoint unlock` is run")
     files = {f.id: f for f in rd.messages("files.img", files_pb2.FileEntry)}
     for p in rd.messages("pstree.img", pstree_pb2.Process):
         task = rd.messages(f"task-{p.pid}.img", core_pb2.TaskCore)[0]

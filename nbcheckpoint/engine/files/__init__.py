@@ -154,6 +154,8 @@ class DumpContext:
         self._seen: dict[tuple[int, int], list[tuple[int, int, int]]] = {}   # (dev, ino) -> [(pid, fd, id)]
         self._pidfds: dict[int, int] = {}
         self._at_close: list = []
+        from ..netlock import DumpLock
+        self.netlock = DumpLock()       # connections to outside peers (files/inet.py)
 
     def at_close(self, fn, *args) -> None:
         """Call fn(*args) when the dump is over (DumpContext.close, in dump()'s finally)."""
@@ -227,6 +229,7 @@ class DumpContext:
         while self._at_close:
             fn, args = self._at_close.pop(0)
             fn(*args)
+        self.netlock.close()            # after the sockets: they close while still locked
         for fd in self._pidfds.values():
             os.close(fd)
         self._pidfds.clear()

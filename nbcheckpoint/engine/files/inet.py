@@ -386,6 +386,9 @@ def _dump_tcp(ctx, st: _DumpState, pid: int, fd: int, sk: socket.socket, n, reus
             "Dump with --tcp-established to checkpoint it with TCP repair (the peer keeps its end and the "
             "restored process goes on with it), or with --tcp-close to restore it closed (the process "
             "sees the connection reset)")
+    if n.peer_kind == inet_pb2.INET_EXTERNAL and not ctx.options.leave_running:
+        # the peer must not reach this socket from now until restore (netlock.py)
+        ctx.netlock.add(n.family, n.src_addr, n.src_port, n.dst_addr, n.dst_port, _desc(n))
     _repair_dump(pid, fd, sk, n, reuse)
     if n.peer_kind == inet_pb2.INET_PENDING and n.tcp.recv_queue:
         raise UnsupportedError(f"process {pid}: fd {fd} ({_desc(n)}) holds received data on a connection its "
