@@ -348,3 +348,37 @@ def test_unlock_without_restore(engine, launch_peer, server, images):
     assert r.returncode == 0 and "no network lock" in r.stdout, r.stdout + r.stderr
     srv.conns[0].sendall(b"anyone?\n")
     srv.wait(lambda: srv.resets == 1)
+
+
+KILLED_DUMP = r"""
+import sys, time
+import nbcheckpoint.engine as engine
+def stall(phase, done, total):
+    if phase == "pages":                 # the connection is read and locked by now
+        print("LOCKED", flush=True)
+        time.sleep(60)
+engine.dump(int(sys.argv[1]), sys.argv[2], options=engine.Options(tcp_established=True), progress=stall)
+"""
+
+
+def test_engine_killed_while_locked(engine, launch_peer, server, images):
+    """SIGKILL the engine while it holds the lock: the kernel drops the engine's owned table
+    with its netlink socket, and the thawed process talks to its server again."""
+    srv = server()
+    t = launch_peer(srv.addr, srv.port, "live")
+    srv.wait(lambda: len(srv.conns) == 1)
+    before = _lock_tables()
+    p = subprocess.Popen([sys.executable, "-c", KILLED_DUMP, str(t.pid), str(images())],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "LOCKED"
+        assert any(n.startswith("nbck_dump_") for n in _lock_tables() - before)
+    finally:
+        p.kill()
+        p.wait()
+    deadline = time.monotonic() + 5
+    while _lock_tables() != before:
+        assert time.monotonic() < deadline, "the killed engine's lock stayed"
+        time.sleep(0.05)
+    t.expect_pass()
+    assert srv.resets == 0
