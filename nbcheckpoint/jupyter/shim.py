@@ -486,6 +486,7 @@ class Shim:
             plan = _Plan(self, ck, listeners)
             engine.verify(ck.image, plan.opts)
             self._reply(ch, {"event": "progress", "id": rid, "phase": "stopping", "done": 0, "total": 0})
+            clients = proc.tcp_connections_to(int(self.conn.get("iopub_port") or 0))   # they come back to the restored one
             seize.kill_for_restore(self.kernel_pid, via=self.init_pid)   # the namespace goes with its init
             if self.restored is not None:
                 self.restored.end()                  # its lifeline (the init is gone already)
@@ -497,7 +498,7 @@ class Shim:
                 os.close(fd)
             raise
         try:
-            self._restore(ck, listeners, rid, ch, origin=msg.get("origin"), plan=plan)
+            self._restore(ck, listeners, rid, ch, origin=msg.get("origin"), plan=plan, clients=clients)
         except BaseException as e:
             # the old kernel is gone: let the manager's restarter start a fresh one
             log(f"in-place restore of {name!r} failed after the old kernel was stopped: {e}")
@@ -542,7 +543,8 @@ class Shim:
                                      f"({', '.join(sorted(set(CHANNELS) - set(got)))} missing); cannot restore in place")
         return got
 
-    def _restore(self, ck, listeners: dict[str, int], req_id, ch=None, origin=None, plan=None) -> None:
+    def _restore(self, ck, listeners: dict[str, int], req_id, ch=None, origin=None, plan=None,
+                 clients: int = 1) -> None:
         meta = ck.meta
         plan = plan or _Plan(self, ck, listeners)
         try:
@@ -561,7 +563,10 @@ class Shim:
         chan = control.Channel(ours)
         # the thread that was waiting on the control socket in the image wakes up with this
         restored = {"event": "restored", "id": meta.get("request_id"), "checkpoint": public_meta(meta),
-                    "key": self.conn.get("key", "")}
+                    "key": self.conn.get("key", ""),
+                    # IOPub clients to wait for before speaking: the replaced kernel's (in place),
+                    # or the first one of a new kernel (kernel/frontend.py)
+                    "clients": clients}
         if origin:
             restored["origin"] = origin          # the %restore cell, for the restored kernel to end
         self._reply(chan, restored)

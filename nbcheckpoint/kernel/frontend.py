@@ -23,6 +23,7 @@ import threading
 import time
 
 from . import hooks
+from .life import Life
 
 # How long a restored kernel waits for a client to subscribe before it speaks anyway.
 # A frontend resubscribes within a second.
@@ -45,8 +46,10 @@ class SubscriptionWatch:
         """Just before a checkpoint: (subscriptions so far, clients subscribed) as the image
         will hold them.  A restored kernel waits for as many subscriptions newer than that
         as there were clients, so one made before the `restored` event was even read
-        still counts."""
+        still counts.  (How many clients to wait for comes with the `restored` event: the
+        shim counts those of the kernel an in-place restore replaces.)"""
         self._mark = (self.count, self.live)
+        gate.for_image(self._mark)
 
     def marked(self) -> tuple[int, int]:
         return self._mark if self._mark is not None else (self.count, self.live)
@@ -84,6 +87,7 @@ class SubscriptionWatch:
                 stream.socket.setsockopt(opt if opt is not None else zmq.XPUB_VERBOSE, 1)
             except zmq.ZMQError:
                 stream.socket.setsockopt(zmq.XPUB_VERBOSE, 1)
+
         iopub.io_loop.add_callback(verbose)          # the socket belongs to the IOPub thread
         self.installed = True
         return True
@@ -123,15 +127,33 @@ class _FirstCellGate:
     subscribed to IOPub again before it runs, so that its output is not published into the
     void: each client socket reconnects on its own, and a restore nobody asked for in a
     cell (the server's, the toolbar's) has no magic that waits.  Returns at once when the
-    clients are back already."""
+    clients are back already.
+
+    Armed by the `restored` event; and in the image itself (``for_image``, when the
+    subscriptions are marked just before a checkpoint), because a cell sent right after an
+    in-place restore can start before the listener thread has read that event: such a
+    cell waits for the event first, which says how many clients to wait for.
+    """
 
     def __init__(self):
         self.since = None
+        self.armed = threading.Event()
+        self._image = None          # (mark, Life) when the last checkpoint was taken
 
     def arm(self, since) -> None:
         self.since = since
+        self.armed.set()
+
+    def for_image(self, since) -> None:
+        self._image = (since, Life())
+        self.armed.clear()
 
     def pre_run_cell(self, *_args) -> None:
+        image, self._image = self._image, None
+        if self.since is None and image is not None and image[1].restored():
+            self.armed.wait(CLIENT_WAIT)        # the listener reads the `restored` event
+            if self.since is None:
+                self.since = image[0]
         since, self.since = self.since, None
         if since is not None:
             wait_for_client(since)

@@ -10,8 +10,7 @@ to WORKDIR/done.json.
 While the helper works the kernel only stat()s WORKDIR/done.json and sleeps: it holds
 no file open, so the image never captures a file that will have changed by the time it
 is restored.  A kernel restored from that image wakes up in the same wait; it tells
-itself from the original by its main thread's CPU time, which starts again from zero
-in a restored thread.
+itself from the original by its CPU clock, which started again (kernel/life.py).
 """
 from __future__ import annotations
 
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from ..store import Store, StoreError, public_meta
 from . import frontend
+from .life import Life
 from .progress import Progress
 
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
@@ -60,11 +60,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _restored(cpu0: float) -> bool:
-    return time.thread_time() < cpu0
-
-
-def _guard_parent_poller(kernel_app, cpu0: float):
+def _guard_parent_poller(kernel_app, life: Life):
     """Neutralise ipykernel's parent poller in kernels restored from this checkpoint.
 
     A kernel launched by a manager (JPY_PARENT_PID) exits when its parent changes, as it
@@ -80,14 +76,13 @@ def _guard_parent_poller(kernel_app, cpu0: float):
         return None
     real = int(poller.parent_pid)
     restored = [False]
-    proc0 = time.process_time()       # all threads' CPU time: a restored process starts again
-    start0 = _start_time()            # a restored process is a new task: it starts later
 
     class ParentPid(int):
         def _same(self, other):
             if int(self) == other or restored[0]:
                 return True
-            if time.process_time() < proc0 or _start_time() != start0:
+            # only when the parent differs: in the original that means it died
+            if life.restored(read_start=True):
                 restored[0] = True
             return restored[0]
 
@@ -101,15 +96,6 @@ def _guard_parent_poller(kernel_app, cpu0: float):
 
     poller.parent_pid = ParentPid(real)
     return poller, real, restored
-
-
-def _start_time() -> int | None:
-    """This process's start time (proc(5): /proc/self/stat field 22, clock ticks after boot)."""
-    try:
-        with open("/proc/self/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def checkpoint_with_helper(side, name: str | None, quiet: bool, progress_cb) -> dict:
@@ -143,8 +129,8 @@ def checkpoint_with_helper(side, name: str | None, quiet: bool, progress_cb) -> 
     prog.show("starting a helper outside the kernel (the kernel pauses while its memory is copied)",
               force=True)
     frontend.flush_std()
-    cpu0 = time.thread_time()
-    guard = _guard_parent_poller(kernel_app, cpu0)
+    life = Life()
+    guard = _guard_parent_poller(kernel_app, life)
     try:
         try:
             # the log is the helper's: our copy is closed before it can dump us (an fd to a
@@ -163,10 +149,10 @@ def checkpoint_with_helper(side, name: str | None, quiet: bool, progress_cb) -> 
                                   f"its log: {work / 'helper.log'}") from None
         done = work / "done.json"
         while True:
-            if _restored(cpu0):
+            if life.restored():
                 break
             if os.path.exists(done):
-                if _restored(cpu0):
+                if life.restored():
                     break
                 res = json.loads(done.read_text())
                 if not res.get("ok"):

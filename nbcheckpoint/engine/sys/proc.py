@@ -321,3 +321,20 @@ def locks() -> list[FileLock]:
         if line.strip():
             out.append(_lock_line(line))
     return out
+
+
+def tcp_connections_to(port: int, pid: str = "self") -> int:
+    """Established TCP connections whose local port is `port`, in the network namespace of
+    `pid` (proc(5): /proc/PID/net/tcp and tcp6; state 01 is TCP_ESTABLISHED)."""
+    n = 0
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{name}") as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 3 and fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        n += 1
+        except (OSError, ValueError, IndexError):
+            pass
+    return n
