@@ -168,6 +168,10 @@ def checkpoint_with_helper(side, name: str | None, quiet: bool, progress_cb) -> 
                 shutil.rmtree(work, ignore_errors=True)
                 return side._record({"event": "saved", "checkpoint": meta, "mode": "helper"})
             if not _alive(helper_pid) and not os.path.exists(done):
+                # a copy restored from an image frozen after the check above, in this
+                # iteration, finds the helper gone and its workdir removed: not a failure
+                if life.restored():
+                    break
                 prog.finish("failed")
                 log_text = ""
                 try:
