@@ -280,13 +280,11 @@ def _lock_tables() -> set[str]:
     return {line.split()[-1] for line in out.splitlines() if line.startswith("table inet nbck_")}
 
 
-def test_network_lock(engine, launch_peer, server, images):
-    """A kill-mode dump with --tcp-established locks the outside connection (nftables, as CRIU's
-    network lock): what the server sends while the process is gone is neither acknowledged and
-    lost nor answered with a reset; the server's TCP retransmits it, and once the restore has
-    removed the lock the restored process reads it on the same connection."""
+def _locked_dump(engine, launch_peer, server, images, mode: str):
+    """A peer talking to a server, dumped (killed) with --tcp-established: (server, target,
+    image, the lock tables before the dump, the name of the one it left)."""
     srv = server()
-    t = launch_peer(srv.addr, srv.port, "queued")
+    t = launch_peer(srv.addr, srv.port, mode)
     srv.wait(lambda: len(srv.conns) == 1)
     before = _lock_tables()
     img = images()
@@ -294,6 +292,15 @@ def test_network_lock(engine, launch_peer, server, images):
     t.reap()
     held = _lock_tables() - before
     assert len(held) == 1 and not any(n.startswith("nbck_dump_") for n in held), held
+    return srv, t, img, before, held.pop()
+
+
+def test_network_lock(engine, launch_peer, server, images):
+    """A kill-mode dump with --tcp-established locks the outside connection (nftables, as CRIU's
+    network lock): what the server sends while the process is gone is neither acknowledged and
+    lost nor answered with a reset; the server's TCP retransmits it, and once the restore has
+    removed the lock the restored process reads it on the same connection."""
+    srv, t, img, before, _name = _locked_dump(engine, launch_peer, server, images, "queued")
     srv.conns[0].sendall(b"queued\n")   # sent while the process is dead: the lock drops it
     time.sleep(0.5)
     assert srv.resets == 0 and srv.eofs == 0, "the server's connection ended while it was locked"
@@ -330,14 +337,7 @@ def test_no_lock_left_by_leave_running_or_failed_dump(engine, launch_peer, serve
 def test_unlock_without_restore(engine, launch_peer, server, images):
     """`nbcheckpoint show` names an image's network lock and `nbcheckpoint unlock` removes it
     (the peer then meets the dead socket: a reset)."""
-    srv = server()
-    t = launch_peer(srv.addr, srv.port, "live")
-    srv.wait(lambda: len(srv.conns) == 1)
-    before = _lock_tables()
-    img = images()
-    engine.dump(t.pid, str(img), options=engine.Options(tcp_established=True))
-    t.reap()
-    (name,) = _lock_tables() - before
+    srv, t, img, before, name = _locked_dump(engine, launch_peer, server, images, "live")
     cli = [sys.executable, "-m", "nbcheckpoint"]
     shown = subprocess.run(cli + ["show", str(img)], capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0 and f"table inet {name}" in shown.stdout, shown.stdout + shown.stderr

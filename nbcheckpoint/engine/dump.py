@@ -127,7 +127,7 @@ def dump(pid: int, images_dir, leave_running: bool = False, progress=None, optio
             arch=platform.machine(), page_size=PAGE_SIZE, xstate_size=x86_64.xstate_size(),
             xfeatures=x86_64.xfeatures(), created=time.time(), leave_running=leave_running,
             hostname=platform.node(), frozen_seconds=frozen_s,
-            network_lock=(files.netlock.new_name() or "") if not leave_running else "")
+            network_lock=files.netlock.new_name() or "")     # kill mode only (files/inet.py)
         final = img.commit(inv)
         if frozen is not None:
             frozen.kill()

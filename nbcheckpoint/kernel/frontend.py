@@ -4,15 +4,14 @@ A restored kernel's old client connections come back closed; clients reconnect b
 themselves (ZeroMQ), but IOPub drops what is published before a client has subscribed
 again.  So a restored kernel that has something to say for a cell (the pending
 ``%checkpoint``'s "restored from ..." line, the reply to an in-place ``%restore``) first
-waits, for a bounded time, until as many clients as were subscribed to IOPub when the
-image was taken have subscribed again; so does the first cell after any restore (the
-server's or the toolbar's has no magic waiting).  Subscriptions are seen through the
-kernel's IOPub XPUB socket (ipykernel >= 7).  Such a socket passes up only the *first*
-subscription to a topic: a client that subscribes to "" while another one is (or a
-restored kernel's closed one still seems) subscribed would go unseen, and the kernel would
-wait out CLIENT_WAIT.  So the watch sets ZMQ_XPUB_VERBOSER: every subscription and every
-unsubscription comes up (ipykernel then welcomes each subscriber, as JEP 65 has it), which
-also tells how many clients are subscribed.
+waits, for a bounded time, until its clients have subscribed to IOPub again -- as many as
+the shim's `restored` event says (the replaced kernel's, for an in-place restore); so does
+the first cell after any restore (the server's or the toolbar's has no magic waiting).
+Subscriptions are seen through the kernel's IOPub XPUB socket (ipykernel >= 7).  Such a
+socket passes up only the *first* subscription to a topic: a client that subscribes to ""
+while another one is (or a restored kernel's closed one still seems) subscribed would go
+unseen, and the kernel would wait out CLIENT_WAIT.  So the watch sets ZMQ_XPUB_VERBOSE:
+every subscription comes up (ipykernel then welcomes each, as JEP 65 has it).
 """
 from __future__ import annotations
 
@@ -31,28 +30,23 @@ CLIENT_WAIT = float(os.environ.get("NBCHECKPOINT_CLIENT_WAIT", "2"))
 
 
 class SubscriptionWatch:
-    """Counts IOPub subscriptions seen by the kernel's XPUB socket, and how many clients are
-    subscribed now (subscriptions less unsubscriptions: ZMQ_XPUB_VERBOSER passes both up,
-    and a client whose connection ends is unsubscribed by libzmq)."""
+    """Counts IOPub subscriptions seen by the kernel's XPUB socket."""
 
     def __init__(self):
         self.count = 0
-        self.live = 0
         self.cond = threading.Condition()
         self.installed = False
-        self._mark: tuple[int, int] | None = None
+        self._mark: int | None = None
 
     def mark(self) -> None:
-        """Just before a checkpoint: (subscriptions so far, clients subscribed) as the image
-        will hold them.  A restored kernel waits for as many subscriptions newer than that
-        as there were clients, so one made before the `restored` event was even read
-        still counts.  (How many clients to wait for comes with the `restored` event: the
-        shim counts those of the kernel an in-place restore replaces.)"""
-        self._mark = (self.count, self.live)
+        """Just before a checkpoint: the count as the image will hold it.  A restored
+        kernel waits for subscriptions newer than that, so one made before the `restored`
+        event was even read still counts."""
+        self._mark = self.count
         gate.for_image(self._mark)
 
-    def marked(self) -> tuple[int, int]:
-        return self._mark if self._mark is not None else (self.count, self.live)
+    def marked(self) -> int:
+        return self._mark if self._mark is not None else self.count
 
     def install(self, kernel) -> bool:
         iopub = getattr(kernel, "iopub_thread", None)
@@ -68,12 +62,10 @@ class SubscriptionWatch:
             try:
                 _orig(frames)
             finally:
-                events = [bytes(f)[:1] for f in frames]
-                subs, unsubs = events.count(b"\x01"), events.count(b"\x00")
-                if subs or unsubs:
+                subs = sum(bytes(f)[:1] == b"\x01" for f in frames)
+                if subs:
                     with self.cond:
                         self.count += subs
-                        self.live = max(0, self.live + subs - unsubs)
                         self.cond.notify_all()
         on_subscription._nbcheckpoint_watch = True
         # ZMQStream.on_recv would re-arm the poller from the wrong thread: swap the callback
@@ -81,20 +73,14 @@ class SubscriptionWatch:
 
         def verbose():
             import zmq
-            # VERBOSER: every subscription and unsubscription (libzmq >= 4.3)
-            opt = getattr(zmq, "XPUB_VERBOSER", None)
-            try:
-                stream.socket.setsockopt(opt if opt is not None else zmq.XPUB_VERBOSE, 1)
-            except zmq.ZMQError:
-                stream.socket.setsockopt(zmq.XPUB_VERBOSE, 1)
-
+            stream.socket.setsockopt(zmq.XPUB_VERBOSE, 1)
         iopub.io_loop.add_callback(verbose)          # the socket belongs to the IOPub thread
         self.installed = True
         return True
 
     def wait_new(self, since, timeout: float) -> bool:
-        """Wait until the clients subscribed at `since` (a mark, or a bare count: one client)
-        have subscribed again; False on timeout."""
+        """Wait until `since` = (count, clients) -- or a bare count: one client -- has that
+        many subscriptions newer than count; False on timeout."""
         count0, clients = since if isinstance(since, (tuple, list)) else (since, 1)
         need = count0 + max(1, clients)
         if not self.installed:

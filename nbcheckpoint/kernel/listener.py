@@ -118,8 +118,8 @@ class Listener:
             self.restores += 1
             self.last_restored = msg
             self._adopt_key(msg.get("key"))
-            count, clients = frontend.watch.marked()     # IOPub subscriptions when the image was taken
-            msg["_subs"] = (count, msg.get("clients", clients))   # and how many clients come back
+            # IOPub subscriptions when the image was taken, and how many clients come back
+            msg["_subs"] = (frontend.watch.marked(), msg.get("clients", 1))
             frontend.gate.arm(msg["_subs"])
         if event == "prepare":
             threading.Thread(target=self._prepare, args=(msg,), name="nbcheckpoint-prepare",

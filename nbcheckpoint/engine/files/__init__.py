@@ -32,6 +32,7 @@ import stat
 
 from ..errors import DumpError, EngineError, SysError, UnsupportedError
 from ..images import files_pb2
+from ..netlock import DumpLock
 from ..sys import proc
 from ..sys.libc import syscall
 from ..sys.memory import pidfd_getfd, pidfd_open
@@ -154,7 +155,6 @@ class DumpContext:
         self._seen: dict[tuple[int, int], list[tuple[int, int, int]]] = {}   # (dev, ino) -> [(pid, fd, id)]
         self._pidfds: dict[int, int] = {}
         self._at_close: list = []
-        from ..netlock import DumpLock
         self.netlock = DumpLock()       # connections to outside peers (files/inet.py)
 
     def at_close(self, fn, *args) -> None:
@@ -252,9 +252,13 @@ class RestoreContext:
             if f is None:
                 from ..errors import ImageError
                 raise ImageError(f"process {pid}: fd {e.fd} refers to file {e.id}, which the image lacks")
-            check = getattr(KINDS.get(f.kind), "check", None)
-            if check:
-                check(self, pid, e, f)
+            self.check_one(pid, e, f)
+
+    def check_one(self, pid: int, fde, f: files_pb2.FileEntry) -> None:
+        """The kind's own check of one description (fde.fd names it in messages)."""
+        check = getattr(KINDS.get(f.kind), "check", None)
+        if check:
+            check(self, pid, fde, f)
 
     def open(self, fid: int) -> int:
         if fid not in self.opened:

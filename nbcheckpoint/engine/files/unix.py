@@ -430,26 +430,19 @@ class _InFlight:
         self.fd = f"(in flight on unix socket:[{ino}])"
 
 
-def check(ctx, pid: int, fde, f: files_pb2.FileEntry, _seen: set | None = None) -> None:
+def check(ctx, pid: int, fde, f: files_pb2.FileEntry) -> None:
     u = f.unix
-    seen = _seen if _seen is not None else set()
-    seen.add(f.id)
-    for p in u.queue:           # the files in flight on it, and theirs (each once)
+    # the files in flight on it, each checked once (a socket in flight may hold itself)
+    checked = ctx.__dict__.setdefault("_in_flight_checked", set())
+    for p in u.queue:
         for fid in p.fds:
             g = ctx.files.get(fid)
             if g is None:
                 raise ImageError(f"process {pid}: fd {fde.fd} (unix socket:[{u.ino}]) has file {fid} in "
                                  "flight, which the image lacks")
-            if fid in seen:
-                continue
-            seen.add(fid)
-            if g.kind == files_pb2.UNIX:
-                check(ctx, pid, _InFlight(fid, u.ino), g, seen)
-            else:
-                from . import KINDS
-                kind_check = getattr(KINDS.get(g.kind), "check", None)
-                if kind_check:
-                    kind_check(ctx, pid, _InFlight(fid, u.ino), g)
+            if fid not in checked:
+                checked.add(fid)
+                ctx.check_one(pid, _InFlight(fid, u.ino), g)
     ents = {e.unix.ino for e in ctx.files.values() if e.kind == files_pb2.UNIX}
     if u.peer_kind == unix_pb2.IN_IMAGE and u.peer_ino not in ents:
         raise ImageError(f"process {pid}: fd {fde.fd} (unix socket:[{u.ino}]) is connected to "
