@@ -34,6 +34,7 @@ class SubscriptionWatch:
 
     def __init__(self):
         self.count = 0
+        self.last = 0.0                     # time.monotonic() of the latest subscription
         self.cond = threading.Condition()
         self.installed = False
         self._mark: int | None = None
@@ -66,6 +67,7 @@ class SubscriptionWatch:
                 if subs:
                     with self.cond:
                         self.count += subs
+                        self.last = time.monotonic()
                         self.cond.notify_all()
         on_subscription._nbcheckpoint_watch = True
         # ZMQStream.on_recv would re-arm the poller from the wrong thread: swap the callback
@@ -88,14 +90,15 @@ class SubscriptionWatch:
             return False
         deadline = time.monotonic() + timeout
         with self.cond:
-            if self.count >= need:
-                return True
             while self.count < need:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
                 self.cond.wait(left)
-        time.sleep(0.3)     # the client's shell/stdin sockets reconnect at the same pace
+            last = self.last
+        # the client's shell/stdin sockets reconnect at the same pace as its IOPub one: a
+        # reply sent before its shell is back would be dropped by the ROUTER
+        time.sleep(max(0.0, last + 0.3 - time.monotonic()))
         return True
 
 
