@@ -18,7 +18,14 @@ class SysError(EngineError, OSError):
 
     Raised by ``engine.sys`` (the chokepoint in ``sys/libc.py`` and
     ``sys/ptrace.py``); carries ``errno``, the ``request`` name and ``pid``.
+    As ``OSError`` does, ``SysError(errno, ...)`` builds the typed subclass for that
+    errno (:class:`ProcessGone`, :class:`AccessDenied`), so callers catch what they mean.
     """
+
+    def __new__(cls, err: int = 0, *args, **kwargs):
+        if cls is SysError:
+            cls = _TYPED.get(err, SysError)
+        return OSError.__new__(cls)
 
     def __init__(self, err: int, request: str, pid: int | None = None, detail: str = ""):
         self.errno = err
@@ -34,6 +41,17 @@ class SysError(EngineError, OSError):
 
     def __str__(self) -> str:
         return self.strerror
+
+
+class ProcessGone(SysError, ProcessLookupError):
+    """The process or thread a request was about no longer exists (ESRCH)."""
+
+
+class AccessDenied(SysError, PermissionError):
+    """The kernel refused the request for lack of privilege (EPERM, EACCES)."""
+
+
+_TYPED = {_errno.ESRCH: ProcessGone, _errno.EPERM: AccessDenied, _errno.EACCES: AccessDenied}
 
 
 class UnsupportedError(EngineError):
