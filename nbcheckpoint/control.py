@@ -1,8 +1,10 @@
 """The control protocol between a kernel, its shim and the manager (docs/jupyter.md).
 
-AF_UNIX SOCK_SEQPACKET, one JSON object per message.  Shared by the shim
-(nbcheckpoint/jupyter/shim.py), the provisioner and the code inside the kernel
-(nbcheckpoint/kernel/); imports nothing from Jupyter.
+AF_UNIX SOCK_SEQPACKET, one JSON object per message: a request ``{"op": OP, "id", ...}``
+or an event ``{"event": EVENT, "id", ...}``.  The ops, events and the kernel's channel
+names below are spelled only here.  Shared by the shim (nbcheckpoint/jupyter/), the
+provisioner and the code inside the kernel (nbcheckpoint/kernel/); imports nothing from
+Jupyter.
 """
 from __future__ import annotations
 
@@ -14,6 +16,24 @@ import uuid
 MAX_MESSAGE = 1 << 20            # a message is one datagram; metadata stays far below this
 CONTROL_FD_ENV = "NBCHECKPOINT_CONTROL_FD"
 SHIM_SOCKET_ENV = "NBCHECKPOINT_SHIM_SOCKET"
+
+# the kernel's five ZeroMQ channels, as in its connection file ("<channel>_port")
+CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+
+# ops: requests to the shim
+CHECKPOINT = "checkpoint"
+RESTORE = "restore"              # in place: same kernel, same ports
+STATUS = "status"                # answered by the event of the same name
+
+# events: answers to a request (same id), and the shim's messages to the kernel
+PROGRESS = "progress"            # not final
+TAKEN = "taken"                  # not final: the kernel runs again, its image is being written
+SAVED = "saved"
+REPLACED = "replaced"            # on the admin socket: an in-place restore is done
+RESTORED = "restored"            # to a restored kernel, on its new control socket
+ERROR = "error"
+PREPARE = "prepare"              # shim -> kernel: a checkpoint it did not ask for is coming
+PREPARED = "prepared"            # kernel -> shim: quiesced
 
 
 class ControlError(Exception):
@@ -89,11 +109,18 @@ class Channel:
             ans = self.recv(timeout)
             if ans.get("id") != msg["id"]:
                 continue
-            if ans.get("event") in ("progress", "taken"):      # not final: see docs/jupyter.md
+            if ans.get("event") in (PROGRESS, TAKEN):      # not final: see docs/jupyter.md
                 if on_progress:
                     on_progress(ans)
                 continue
             return ans
+
+    def reply(self, msg: dict) -> None:
+        """send(), for an answer: a requester that left does not stop the operation."""
+        try:
+            self.send(msg)
+        except ControlError:
+            pass
 
     def fileno(self) -> int:
         return self.sock.fileno()
