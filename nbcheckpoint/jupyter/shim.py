@@ -196,8 +196,6 @@ class Shim:
     def _on_pty(self) -> None:
         try:
             data = os.read(self.pty_master, 65536)
-        except (BlockingIOError, InterruptedError):
-            return
         except OSError:
             return
         if data:
