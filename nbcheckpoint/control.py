@@ -20,20 +20,14 @@ SHIM_SOCKET_ENV = "NBCHECKPOINT_SHIM_SOCKET"
 # the kernel's five ZeroMQ channels, as in its connection file ("<channel>_port")
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 
-# ops: requests to the shim
-CHECKPOINT = "checkpoint"
-RESTORE = "restore"              # in place: same kernel, same ports
-STATUS = "status"                # answered by the event of the same name
-
-# events: answers to a request (same id), and the shim's messages to the kernel
-PROGRESS = "progress"            # not final
-TAKEN = "taken"                  # not final: the kernel runs again, its image is being written
-SAVED = "saved"
-REPLACED = "replaced"            # on the admin socket: an in-place restore is done
-RESTORED = "restored"            # to a restored kernel, on its new control socket
-ERROR = "error"
-PREPARE = "prepare"              # shim -> kernel: a checkpoint it did not ask for is coming
-PREPARED = "prepared"            # kernel -> shim: quiesced
+# ops: requests to the shim (RESTORE is in place; STATUS is answered by the event of that name)
+CHECKPOINT, RESTORE, STATUS = "checkpoint", "restore", "status"
+# events: answers to a request, with its id (PROGRESS and TAKEN are not final; REPLACED ends
+# an in-place restore on the admin socket); RESTORED goes to a restored kernel on its new
+# control socket; PREPARE asks the kernel to quiesce before a checkpoint it did not ask for,
+# PREPARED is its answer
+PROGRESS, TAKEN, SAVED, REPLACED, RESTORED, ERROR = "progress", "taken", "saved", "replaced", "restored", "error"
+PREPARE, PREPARED = "prepare", "prepared"
 
 
 class ControlError(Exception):
