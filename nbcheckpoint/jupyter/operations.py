@@ -134,8 +134,8 @@ class Kernel:
         if ch is not self.shim.control:
             self._prepare(name)
         try:
-            stats = engine.dump(self.kernel_pid, pending.image, leave_running=True,
-                                progress=self._taken(ch, rid, name, self._progress(ch, rid)), options=dump_options())
+            stats = engine.dump(self.kernel_pid, pending.image, options=dump_options(),
+                                progress=self._taken(ch, rid, name, self._progress(ch, rid)))
             meta = checkpoint_meta(
                 pending.image, stats, self.conn, t0, kernel_id=self.kernel_id, kernel_name=self.kernel_name,
                 notebook=msg.get("notebook"), execution_count=msg.get("execution_count"), parent=self.parent,

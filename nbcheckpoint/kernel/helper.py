@@ -233,7 +233,7 @@ def run_helper(work: Path) -> int:
             conn = json.load(f)
         pending = store.begin(args["name"])
         t0 = time.time()
-        stats = engine.dump(args["pid"], pending.image, leave_running=True, options=dump_options())
+        stats = engine.dump(args["pid"], pending.image, options=dump_options())
         meta = checkpoint_meta(pending.image, stats, conn, t0, kernel_id=args.get("kernel_id"),
                                notebook=args.get("notebook"), execution_count=args.get("execution_count"),
                                pid=args["pid"], mode="helper", shell_job=bool(outside_terminals(pending.image)))
