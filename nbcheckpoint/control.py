@@ -1,8 +1,10 @@
 """The control protocol between a kernel, its shim and the manager (docs/jupyter.md).
 
-AF_UNIX SOCK_SEQPACKET, one JSON object per message.  Shared by the shim
-(nbcheckpoint/jupyter/shim.py), the provisioner and the code inside the kernel
-(nbcheckpoint/kernel/); imports nothing from Jupyter.
+AF_UNIX SOCK_SEQPACKET, one JSON object per message: a request ``{"op": OP, "id", ...}``
+or an event ``{"event": EVENT, "id", ...}``.  The ops, events and the kernel's channel
+names below are spelled only here.  Shared by the shim (nbcheckpoint/jupyter/), the
+provisioner and the code inside the kernel (nbcheckpoint/kernel/); imports nothing from
+Jupyter.
 """
 from __future__ import annotations
 
@@ -14,6 +16,18 @@ import uuid
 MAX_MESSAGE = 1 << 20            # a message is one datagram; metadata stays far below this
 CONTROL_FD_ENV = "NBCHECKPOINT_CONTROL_FD"
 SHIM_SOCKET_ENV = "NBCHECKPOINT_SHIM_SOCKET"
+
+# the kernel's five ZeroMQ channels, as in its connection file ("<channel>_port")
+CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+
+# ops: requests to the shim (RESTORE is in place; STATUS is answered by the event of that name)
+CHECKPOINT, RESTORE, STATUS = "checkpoint", "restore", "status"
+# events: answers to a request, with its id (PROGRESS and TAKEN are not final; REPLACED ends
+# an in-place restore on the admin socket); RESTORED goes to a restored kernel on its new
+# control socket; PREPARE asks the kernel to quiesce before a checkpoint it did not ask for,
+# PREPARED is its answer
+PROGRESS, TAKEN, SAVED, REPLACED, RESTORED, ERROR = "progress", "taken", "saved", "replaced", "restored", "error"
+PREPARE, PREPARED = "prepare", "prepared"
 
 
 class ControlError(Exception):
@@ -89,11 +103,18 @@ class Channel:
             ans = self.recv(timeout)
             if ans.get("id") != msg["id"]:
                 continue
-            if ans.get("event") in ("progress", "taken"):      # not final: see docs/jupyter.md
+            if ans.get("event") in (PROGRESS, TAKEN):      # not final: see docs/jupyter.md
                 if on_progress:
                     on_progress(ans)
                 continue
             return ans
+
+    def reply(self, msg: dict) -> None:
+        """send(), for an answer: a requester that left does not stop the operation."""
+        try:
+            self.send(msg)
+        except ControlError:
+            pass
 
     def fileno(self) -> int:
         return self.sock.fileno()

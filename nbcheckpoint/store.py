@@ -18,7 +18,7 @@ import re
 import shutil
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 DIR_ENV = "NBCHECKPOINT_DIR"
@@ -56,10 +56,53 @@ def default_root() -> Path:
 
 
 @dataclass
+class CheckpointMeta:
+    """meta.json: what is known of a checkpoint beside its image (fields: docs/jupyter.md).
+    Built by the shim (jupyter/operations.py) and the helper (kernel/helper.py) through
+    kernel_image.checkpoint_meta; name, hostname and size_bytes are set by Pending.commit."""
+    name: str = ""
+    created: float = 0.0                       # epoch seconds
+    hostname: str = ""
+    kernel_id: str | None = None
+    kernel_name: str | None = None
+    notebook: str | None = None
+    execution_count: int | None = None
+    size_bytes: int = 0                        # the image on disk
+    pages_bytes: int = 0
+    frozen_s: float = 0.0                      # the kernel was stopped this long
+    total_s: float = 0.0
+    parent: str | None = None                  # the checkpoint this kernel descends from
+    lineage: str | None = None                 # the first kernel of the line, kept across restores
+    pid: int = 0
+    pidns: bool = False
+    connection: dict = field(default_factory=dict)   # the connection file, with its secrets
+    listeners: dict = field(default_factory=dict)    # {channel: socket inode}
+    control_ino: int | None = None
+    request_id: str | None = None              # the request pending in the image (restored event)
+    engine_version: str = ""
+    mode: str | None = None                    # "helper": taken by kernel/helper.py
+    shell_job: bool | None = None              # helper mode: its terminal is outside the image
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "CheckpointMeta":
+        """Unknown fields are dropped, missing ones get their default."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
 class Checkpoint:
     name: str
     path: Path
-    meta: dict
+    info: CheckpointMeta
+
+    @property
+    def meta(self) -> dict:
+        """meta.json as a dict (secrets included; public_meta() drops them)."""
+        return self.info.to_json()
 
     @property
     def image(self) -> Path:
@@ -94,11 +137,12 @@ class Store:
         if not p.is_dir():
             raise StoreError(f"no checkpoint named {name!r} in {self.root} (`nbcheckpoint ls` lists them)")
         try:
-            meta = json.loads(meta_file.read_text())
+            meta = CheckpointMeta.from_json(json.loads(meta_file.read_text()))
         except FileNotFoundError:
             raise StoreError(f"checkpoint {name!r} in {self.root} is damaged: its meta.json is missing") from None
-        except ValueError as e:
-            raise StoreError(f"checkpoint {name!r} in {self.root} is damaged: meta.json is not JSON ({e})") from None
+        except (ValueError, AttributeError) as e:
+            raise StoreError(f"checkpoint {name!r} in {self.root} is damaged: meta.json is not "
+                             f"a JSON object ({e})") from None
         if not (p / "image" / "inventory.img").is_file():
             raise StoreError(f"checkpoint {name!r} in {self.root} is damaged: its image is missing")
         return Checkpoint(name, p, meta)
@@ -116,7 +160,7 @@ class Store:
                 out.append(self.get(p.name))
             except StoreError:
                 continue
-        out.sort(key=lambda c: c.meta.get("created", 0), reverse=True)
+        out.sort(key=lambda c: c.info.created or 0, reverse=True)
         return out
 
     def delete(self, name: str) -> None:
@@ -162,14 +206,14 @@ class Pending:
     def image(self) -> Path:
         return self.tmp / "image"
 
-    def commit(self, meta: dict) -> Checkpoint:
-        meta = dict(meta, name=self.name)
-        meta.setdefault("hostname", socket.gethostname())
-        meta["size_bytes"] = _du(self.image)
+    def commit(self, meta: CheckpointMeta) -> Checkpoint:
+        meta.name = self.name
+        meta.hostname = meta.hostname or socket.gethostname()
+        meta.size_bytes = _du(self.image)
         f = self.tmp / "meta.json"
         fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
-            json.dump(meta, fh, indent=1, sort_keys=True)
+            json.dump(meta.to_json(), fh, indent=1, sort_keys=True)
             fh.flush()
             os.fsync(fh.fileno())
         final = self.store.root / self.name

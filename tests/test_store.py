@@ -9,7 +9,7 @@ import time
 import pytest
 
 from nbcheckpoint import engine
-from nbcheckpoint.store import Store, StoreError
+from nbcheckpoint.store import CheckpointMeta, Store, StoreError
 
 NBCK = [sys.executable, "-m", "nbcheckpoint"]
 
@@ -19,7 +19,7 @@ def _take(store: Store, name: str, **meta):
     try:
         pending = store.begin(name)
         stats = engine.dump(p.pid, pending.image, leave_running=True)
-        return pending.commit(dict(created=time.time(), frozen_s=stats.frozen_seconds, **meta))
+        return pending.commit(CheckpointMeta(created=time.time(), frozen_s=stats.frozen_seconds, **meta))
     finally:
         p.kill()
         p.wait()

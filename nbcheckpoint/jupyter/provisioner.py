@@ -26,9 +26,8 @@ from jupyter_client.provisioning import LocalProvisioner
 from traitlets import Bool, Unicode
 
 from .. import control
+from ..control import CHANNELS
 from ..store import Store, StoreError
-
-CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 
 
 class CheckpointableProvisioner(LocalProvisioner):
@@ -156,7 +155,7 @@ class CheckpointableProvisioner(LocalProvisioner):
                 raise StoreError(f"restoring checkpoint {name!r} failed: the kernel's shim exited "
                                  f"with status {self.process.returncode if self.process else '?'} (see the server log)")
             try:
-                st = await self._request({"op": "status"}, timeout=5)
+                st = await self._request({"op": control.STATUS}, timeout=5)
             except StoreError as e:
                 raise StoreError(f"restoring checkpoint {name!r} failed: {e}") from None
             except (control.ControlError, OSError, TimeoutError):
@@ -185,7 +184,7 @@ class CheckpointableProvisioner(LocalProvisioner):
             finally:
                 ch.close()
         ans = await asyncio.get_running_loop().run_in_executor(None, call)
-        if ans.get("event") == "error":
+        if ans.get("event") == control.ERROR:
             raise StoreError(ans.get("message") or "the shim reported an error")
         return ans
 
@@ -194,18 +193,18 @@ class CheckpointableProvisioner(LocalProvisioner):
         """Checkpoint the running kernel (it goes on); returns the checkpoint's metadata."""
         if name is not None:
             Store.validate_name(name)
-        ans = await self._request({"op": "checkpoint", "name": name, "notebook": notebook,
+        ans = await self._request({"op": control.CHECKPOINT, "name": name, "notebook": notebook,
                                    "execution_count": execution_count}, progress)
         return ans["checkpoint"]
 
     async def restore_in_place(self, name: str, progress=None) -> dict:
         """Replace the running kernel by checkpoint NAME: same kernel id, same ports."""
         Store.validate_name(name)
-        ans = await self._request({"op": "restore", "name": name}, progress)
+        ans = await self._request({"op": control.RESTORE, "name": name}, progress)
         return ans["checkpoint"]
 
     async def status(self) -> dict:
-        return await self._request({"op": "status"})
+        return await self._request({"op": control.STATUS})
 
     async def cleanup(self, restart: bool = False) -> None:
         if self._admin_path:

@@ -131,27 +131,27 @@ class KernelSide:
         frontend.drain_iopub(self.kernel)       # nothing of ours in flight when it freezes
         try:
             frontend.watch.mark()
-            p = self.listener.request({"op": "checkpoint", "name": name, "notebook": self._notebook(),
+            p = self.listener.request({"op": control.CHECKPOINT, "name": name, "notebook": self._notebook(),
                                        "execution_count": self._execution_count()})
         except control.ControlError as e:
             raise CheckpointError(str(e)) from None
         try:
             for ev, msg in _answers(p, prog, "the checkpoint failed"):
-                if ev == "taken" and not wait:
+                if ev == control.TAKEN and not wait:
                     # the kernel runs again; the shim writes the image (and takes any
                     # %checkpoint/%restore after it in turn)
                     prog.finish("taken")
                     if not quiet:
                         print(taken_line(msg))
-                    return self._record({"event": "taken", "name": msg.get("name"),
+                    return self._record({"event": control.TAKEN, "name": msg.get("name"),
                                          "frozen_s": msg.get("frozen_s")})
-                elif ev == "saved":
+                elif ev == control.SAVED:
                     meta = msg.get("checkpoint") or {}
                     prog.finish("done")
                     if not quiet:
                         print(saved_line(meta))
-                    return self._record({"event": "saved", "checkpoint": meta})
-                elif ev == "restored":
+                    return self._record({"event": control.SAVED, "checkpoint": meta})
+                elif ev == control.RESTORED:
                     return self._restored(msg, prog, quiet)
         finally:
             p.close()
@@ -167,7 +167,7 @@ class KernelSide:
         hooks.run("restore", meta)
         if not quiet:
             print(frontend.restored_line(meta))
-        return self._record({"event": "restored", "checkpoint": meta})
+        return self._record({"event": control.RESTORED, "checkpoint": meta})
 
     # ------------------------------------------------------------------ restore
 
@@ -195,13 +195,13 @@ class KernelSide:
                     origin = frontend.current_origin(self.kernel)
             frontend.flush_std()
             try:
-                p = self.listener.request({"op": "restore", "name": name, "origin": origin})
+                p = self.listener.request({"op": control.RESTORE, "name": name, "origin": origin})
             except control.ControlError as e:
                 raise CheckpointError(str(e)) from None
             prog.show("asking the kernel's shim", force=True)
             try:
                 for ev, msg in _answers(p, prog, f"restoring {name!r} failed"):
-                    if ev in ("replaced", "restored"):
+                    if ev in (control.REPLACED, control.RESTORED):
                         # not expected here (this process is the one replaced); say so
                         return None
             finally:
@@ -212,7 +212,7 @@ class KernelSide:
     def _latest_of_lineage(self) -> str:
         lineage = None
         try:
-            p = self.listener.request({"op": "status"})
+            p = self.listener.request({"op": control.STATUS})
             try:
                 ans = p.get(timeout=10)
             finally:
@@ -234,7 +234,7 @@ class KernelSide:
         if self.listener is not None:
             out["control_closed"] = self.listener.closed
             try:
-                p = self.listener.request({"op": "status"})
+                p = self.listener.request({"op": control.STATUS})
                 try:
                     out["shim"] = p.get(timeout=10)
                 finally:
@@ -327,9 +327,9 @@ def _answers(p, prog: Progress, failure: str):
         if msg is None:
             continue
         ev = msg.get("event")
-        if ev == "progress":
+        if ev == control.PROGRESS:
             prog.event(msg)
-        elif ev == "error":
+        elif ev == control.ERROR:
             prog.finish("failed")
             raise CheckpointError(msg.get("message") or failure)
         else:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,12 +24,12 @@ import time
 import traceback
 from pathlib import Path
 
+from ..control import RESTORED, SAVED
 from ..store import Store, StoreError, public_meta
 from . import frontend
 from .life import Life
 from .progress import Progress
 
-CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 SPAWN_TIMEOUT = 30.0
 
 
@@ -166,7 +165,7 @@ def checkpoint_with_helper(side, name: str | None, quiet: bool, progress_cb) -> 
                     print(helper_mode_note(name, restore_command(store.root / name / "image",
                                                                  bool(meta.get("shell_job")))))
                 shutil.rmtree(work, ignore_errors=True)
-                return side._record({"event": "saved", "checkpoint": meta, "mode": "helper"})
+                return side._record({"event": SAVED, "checkpoint": meta, "mode": "helper"})
             if not _alive(helper_pid) and not os.path.exists(done):
                 # a copy restored from an image frozen after the check above, in this
                 # iteration, finds the helper gone and its workdir removed: not a failure
@@ -188,7 +187,7 @@ def checkpoint_with_helper(side, name: str | None, quiet: bool, progress_cb) -> 
             meta = store.get(name).meta
         except StoreError:
             meta = {"name": name}
-        return side._restored({"event": "restored", "checkpoint": public_meta(meta)}, prog, quiet)
+        return side._restored({"event": RESTORED, "checkpoint": public_meta(meta)}, prog, quiet)
     finally:
         if guard and not guard[2][0]:
             guard[0].parent_pid = guard[1]      # the original watches its parent again
@@ -212,23 +211,6 @@ def helper_mode_note(name: str, command: str) -> str:
 
 # ---------------------------------------------------------------------------- the helper
 
-def _listeners(image: Path, conn: dict) -> dict[str, int]:
-    """{channel: socket inode} of the kernel's five listeners in the image."""
-    from ..engine.images import files_pb2, imagedir
-    ports = {conn.get(f"{c}_port"): c for c in CHANNELS}
-    out = {}
-    for f in imagedir.ImageReader(str(image)).messages("files.img", files_pb2.FileEntry):
-        if f.kind == files_pb2.INET and f.inet.state == 10 and f.inet.src_port in ports:
-            out.setdefault(ports[f.inet.src_port], f.inet.ino)
-    return out
-
-
-def _has_outside_terminal(image: Path) -> bool:
-    from ..engine.images import files_pb2, imagedir
-    return any(f.kind == files_pb2.TTY and f.tty.external
-               for f in imagedir.ImageReader(str(image)).messages("files.img", files_pb2.FileEntry))
-
-
 def restore_command(image, shell_job: bool) -> str:
     return (f"nbcheckpoint restore -D {image} --tcp-close --file-locks"
             + (" --shell-job" if shell_job else "") + " -d")
@@ -241,8 +223,8 @@ def _write_done(work: Path, result: dict) -> None:
 
 
 def run_helper(work: Path) -> int:
-    from .. import __version__, engine
-    from ..engine import Options
+    from .. import engine
+    from ..kernel_image import checkpoint_meta, dump_options, outside_terminals
     args = json.loads((work / "args.json").read_text())
     pending = None
     try:
@@ -251,20 +233,10 @@ def run_helper(work: Path) -> int:
             conn = json.load(f)
         pending = store.begin(args["name"])
         t0 = time.time()
-        # shell_job: a kernel whose server runs in a terminal keeps that terminal open
-        opts = Options(leave_running=True, tcp_established=True, file_locks=True, ext_unix_sk=True,
-                       shell_job=True)
-        stats = engine.dump(args["pid"], pending.image, leave_running=True, options=opts)
-        meta = {
-            "created": t0, "kernel_id": args.get("kernel_id"), "kernel_name": None,
-            "notebook": args.get("notebook"), "execution_count": args.get("execution_count"),
-            "pages_bytes": stats.pages_bytes, "frozen_s": round(stats.frozen_seconds, 4),
-            "total_s": round(stats.total_seconds, 4), "parent": None, "lineage": None,
-            "pid": args["pid"], "pidns": False, "connection": conn,
-            "listeners": _listeners(pending.image, conn), "control_ino": None, "request_id": None,
-            "engine_version": __version__, "mode": "helper", "hostname": socket.gethostname(),
-            "shell_job": _has_outside_terminal(pending.image),
-        }
+        stats = engine.dump(args["pid"], pending.image, options=dump_options())
+        meta = checkpoint_meta(pending.image, stats, conn, t0, kernel_id=args.get("kernel_id"),
+                               notebook=args.get("notebook"), execution_count=args.get("execution_count"),
+                               pid=args["pid"], mode="helper", shell_job=bool(outside_terminals(pending.image)))
         ck = pending.commit(meta)
         pending = None
         _write_done(work, {"ok": True, "checkpoint": public_meta(ck.meta)})

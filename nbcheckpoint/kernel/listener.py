@@ -20,7 +20,7 @@ import logging
 import queue
 import threading
 
-from ..control import Channel, ControlError, new_id
+from ..control import ERROR, PREPARE, PREPARED, RESTORED, Channel, ControlError, new_id
 from . import frontend, hooks
 
 log = logging.getLogger("nbcheckpoint.kernel")
@@ -109,19 +109,19 @@ class Listener:
         with self._lock:
             pending = list(self._pending.values())
         for p in pending:
-            p.queue.put({"event": "error", "id": p.id,
+            p.queue.put({"event": ERROR, "id": p.id,
                          "message": f"lost the connection to the kernel's shim ({why})"})
 
     def _dispatch(self, msg: dict) -> None:
         event = msg.get("event")
-        if event == "restored":
+        if event == RESTORED:
             self.restores += 1
             self.last_restored = msg
             self._adopt_key(msg.get("key"))
             # IOPub subscriptions when the image was taken, and how many clients come back
             msg["_subs"] = (frontend.watch.marked(), msg.get("clients", 1))
             frontend.gate.arm(msg["_subs"])
-        if event == "prepare":
+        if event == PREPARE:
             threading.Thread(target=self._prepare, args=(msg,), name="nbcheckpoint-prepare",
                              daemon=True).start()
             return
@@ -129,12 +129,12 @@ class Listener:
             p = self._pending.get(msg.get("id"))
         if p is not None:
             p.queue.put(msg)
-            if event == "restored" and msg.get("origin"):
+            if event == RESTORED and msg.get("origin"):
                 # the magic pending in the image prints its own line and runs the hooks;
                 # the cell that asked for the in-place restore still needs its reply
                 self._on_main(frontend.finish_origin, self.kernel, msg, False)
             return
-        if event == "restored":
+        if event == RESTORED:
             self._on_main(_unsolicited_restore, self.kernel, msg)
         else:
             log.debug("nbcheckpoint: control message for no pending request: %r", msg)
@@ -170,7 +170,7 @@ class Listener:
                 run_hooks()
         finally:
             try:
-                self.channel.send({"event": "prepared", "id": msg.get("id")})
+                self.channel.send({"event": PREPARED, "id": msg.get("id")})
             except ControlError:
                 pass
             if resume is not None:
