@@ -303,6 +303,21 @@ class RestoreContext:
         """For kinds that create several descriptions at once (pipe ends, socketpairs)."""
         self.opened.setdefault(fid, fd)
 
+    def open_group(self, f: files_pb2.FileEntry, group, make) -> int:
+        """f's fd, made with the other descriptions of `group` (pipe ends, a pty pair) by
+        make(made), which fills made {id: fd}; the others are remembered, all closed on failure."""
+        made: dict[int, int] = {}
+        try:
+            make(made)
+        except BaseException:
+            for fd in set(made.values()):
+                os.close(fd)
+            raise
+        for e in group:
+            if e.id != f.id:
+                self.remember(e.id, made[e.id])
+        return made[f.id]
+
     def after_place(self, remote, pid: int, fds) -> None:
         for fid in dict.fromkeys(e.id for e in fds):
             f = self.files[fid]

@@ -73,7 +73,7 @@ from ..images import files_pb2, inet_pb2
 from ..sys import proc, sockdiag, tcprepair
 from ..sys.sockdiag import TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN
 from . import regfile
-from .kind import BuiltTogether
+from .kind import BuiltTogether, by_ino
 
 log = logging.getLogger(__name__)
 
@@ -489,11 +489,7 @@ class _Restorer:
 
     def __init__(self, ctx):
         self.ctx = ctx
-        self.ents: dict[int, files_pb2.FileEntry] = {}
-        for f in sorted(ctx.files.values(), key=lambda e: e.id):
-            if f.kind == files_pb2.INET:
-                self.ents[f.inet.ino] = f
-        self.inh = {ino for ino, f in self.ents.items() if ctx.inherited(f) is not None}
+        self.ents, self.inh = by_ino(ctx, files_pb2.INET, "inet")
         self.socks: dict[int, socket.socket] = {}
         self.mode: dict[int, int] = {}
         self.bumped: set[int] = set()

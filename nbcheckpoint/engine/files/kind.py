@@ -71,6 +71,12 @@ class FileKind:
         return {}
 
 
+def by_ino(ctx, kind: int, payload: str) -> tuple[dict[int, files_pb2.FileEntry], set[int]]:
+    """A socket kind's entries by inode, in id order, and the inodes handed in with --inherit-fd."""
+    ents = {getattr(f, payload).ino: f for f in sorted(ctx.files.values(), key=lambda e: e.id) if f.kind == kind}
+    return ents, {ino for ino, f in ents.items() if ctx.inherited(f) is not None}
+
+
 class Built:
     """The restore state of a BuiltTogether kind (a kind may subclass it to keep more)."""
     built = False

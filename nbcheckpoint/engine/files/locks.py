@@ -57,16 +57,11 @@ def describe(lk, path: str | None = None) -> str:
 
 # --- dump ----------------------------------------------------------------------
 
-class _Saved:
-    """Per dump (``ctx.state(_Saved)``): the locks saved per process, and the flock and OFD
-    locks seen tree-wide (a description's lock is saved once)."""
-
-    def __init__(self):
-        self.done: dict[int, list] = {}
-        self.ofd: set = set()
+class _SeenLocks(set):
+    """Per dump (``ctx.state(_SeenLocks)``): the flock and OFD locks saved, tree-wide."""
 
     @classmethod
-    def new_dump_state(cls, ctx) -> "_Saved":
+    def new_dump_state(cls, ctx) -> "_SeenLocks":
         return cls()
 
 
@@ -78,11 +73,8 @@ def dump_locks(ctx, pid: int, fds, vpid: int | None = None) -> list:
     ctx.options.file_locks a held lock raises UnsupportedError (the dump then
     fails and the tree is thawed).  Returns the saved FileLock list.
     """
-    saved = ctx.state(_Saved)
-    if pid in saved.done:
-        return saved.done[pid]  # called twice for one process: the image file exists already
     # (file id, kind, start, len, write): flock/OFD locks tree-wide, POSIX ones per process
-    seen_ofd = saved.ofd
+    seen_ofd = ctx.state(_SeenLocks)
     seen_posix: set = set()
     out = []
     for e in fds:
@@ -118,7 +110,6 @@ def dump_locks(ctx, pid: int, fds, vpid: int | None = None) -> list:
         w = ctx.img.messages(IMAGE.format(pid=pid if vpid is None else vpid), MSG_TYPE)
         for lk in out:
             w.add(lk)
-    saved.done[pid] = out
     return out
 
 

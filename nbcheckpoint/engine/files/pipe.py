@@ -201,20 +201,8 @@ def _open(ctx, f: files_pb2.FileEntry) -> int:
     group = [e for e in ctx.files.values()
              if e.kind == f.kind and _key(e) == key and e.id not in ctx.opened
              and (e.id == f.id or ctx.inherited(e) is None)]
-    made: dict[int, int] = {}
-    try:
-        if f.kind == files_pb2.FIFO:
-            _open_fifo(ctx, f, group, made)
-        else:
-            _open_pipe(ctx, f, group, made)
-    except BaseException:
-        for fd in made.values():
-            os.close(fd)
-        raise
-    for e in group:
-        if e.id != f.id:
-            ctx.remember(e.id, made[e.id])
-    return made[f.id]
+    make = _open_fifo if f.kind == files_pb2.FIFO else _open_pipe
+    return ctx.open_group(f, group, lambda made: make(ctx, f, group, made))
 
 
 def _set_size(fd: int, f: files_pb2.FileEntry) -> None:

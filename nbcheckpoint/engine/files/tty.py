@@ -595,17 +595,7 @@ def _open(ctx, f: files_pb2.FileEntry) -> int:
     key = _key(f)
     group = [e for e in ctx.files.values()
              if e.kind == files_pb2.TTY and _key(e) == key and (e.id == f.id or e.id not in ctx.opened)]
-    made: dict[int, int] = {}
-    try:
-        _open_pair(ctx, f, group, made)
-    except BaseException:
-        for fd in set(made.values()):
-            os.close(fd)
-        raise
-    for e in group:
-        if e.id != f.id:
-            ctx.remember(e.id, made[e.id])
-    return made[f.id]
+    return ctx.open_group(f, group, lambda made: _open_pair(ctx, f, group, made))
 
 
 def _open_external(ctx, f: files_pb2.FileEntry) -> int:

@@ -69,7 +69,7 @@ from ..errors import DumpError, EngineError, ImageError, RestoreError, Unsupport
 from ..images import files_pb2, unix_pb2
 from ..sys import sockdiag
 from ..sys.sockdiag import TCP_ESTABLISHED, TCP_LISTEN
-from .kind import Built, BuiltTogether
+from .kind import Built, BuiltTogether, by_ino
 
 log = logging.getLogger(__name__)
 
@@ -478,11 +478,7 @@ def _reconnect_name(ctx, u) -> bytes:
 class _Restorer:
     def __init__(self, ctx):
         self.ctx = ctx
-        self.ents: dict[int, files_pb2.FileEntry] = {}
-        for f in sorted(ctx.files.values(), key=lambda e: e.id):
-            if f.kind == files_pb2.UNIX:
-                self.ents[f.unix.ino] = f
-        self.inh = {ino for ino, f in self.ents.items() if ctx.inherited(f) is not None}
+        self.ents, self.inh = by_ino(ctx, files_pb2.UNIX, "unix")
         self.socks: dict[int, socket.socket] = {}
         self.others: dict[int, socket.socket] = {}   # ino -> the other end of its pair (closed at the end)
         self.writer: dict[int, socket.socket] = {}   # ino -> the socket that writes its queue back
