@@ -1,15 +1,7 @@
 """The contract of an fd kind (CRIU's fdtype_ops / file_desc_ops): one object per kind, in
-``files.KINDS``.  Every method has a no-op default; a kind overrides what it needs.
-
-Dump, in this order: ``prepare`` once the tree is frozen, ``dump`` once per open file
-description, ``dump_done`` after every process's fds and the files in flight.  Restore:
-``check`` before any process exists, ``open`` in the engine, ``after_place`` once the
-process's fds are at their numbers.  ``external_key`` names an object for --inherit-fd;
-``describe`` and ``facts`` tell ``nbcheckpoint show`` and ``show.objects`` about an entry.
-
-A kind keeps what it needs across calls in its own state, ``ctx.state(kind)``, made at
-first use by ``new_dump_state`` / ``new_restore_state``: the contexts hold nothing else
-of the kinds.
+``files.KINDS``, whose methods are called in the order written here; every one has a no-op
+default (docs/engine.md, "Fd kinds").  A kind keeps its state across calls in
+``ctx.state(kind)``, made at first use by ``new_dump_state`` / ``new_restore_state``.
 """
 from __future__ import annotations
 
