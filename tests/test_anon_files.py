@@ -65,7 +65,7 @@ def test_inotify_wd_gap_and_paths(tmp_path):
     f.inotify.CopyFrom(anon_pb2.InotifyFile(watches=[
         anon_pb2.InotifyWatch(wd=2, path=str(a), mask=0x100),
         anon_pb2.InotifyWatch(wd=7, path=str(b), mask=0x200)]))
-    fd = anon.open(None, f)
+    fd = anon.KIND.open(None, f)
     try:
         text = open(f"/proc/self/fdinfo/{fd}").read()
         got = {w["wd"]: w["ino"] for w in proc.inotify_watches(proc_fdinfo_dict(text))}

@@ -157,6 +157,36 @@ def test_slave_held_outside(engine, launch, images):
     t.expect_pass()
 
 
+def test_ctty_outside_without_tty_fd(engine, images):
+    """A session leader whose controlling terminal is outside the tree, and which holds no
+    terminal fd: refused without --shell-job, naming it; dumped with it."""
+    master, slave = os.openpty()
+    path = os.ttyname(slave)
+    os.close(slave)
+
+    def acquire():                      # a session leader's first terminal becomes its own
+        os.close(os.open(path, os.O_RDWR))
+    p = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=acquire)
+    try:
+        assert int(_stat(p.pid)[7]) == os.stat(path).st_rdev
+        deadline = time.monotonic() + 10
+        while sorted(os.listdir(f"/proc/{p.pid}/fd")) != ["0", "1", "2"]:     # /dev/null, once started
+            assert time.monotonic() < deadline, os.listdir(f"/proc/{p.pid}/fd")
+            time.sleep(0.01)
+        with pytest.raises(engine.UnsupportedError, match="controlling terminal.*outside.*--shell-job"):
+            engine.dump(p.pid, str(images()))
+        assert p.poll() is None and _stat(p.pid)[3] in "RS", "the process was not thawed"
+        engine.dump(p.pid, str(images("shell-job")), options=engine.Options(shell_job=True))
+        p.wait(timeout=10)                  # (the engine, its tracer, may have reaped it)
+        assert not os.path.exists(f"/proc/{p.pid}")
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(master)
+
+
 def _pidns_cleanup(res):
     for p in (res.pid, res.init_pid):
         try:

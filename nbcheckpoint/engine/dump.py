@@ -82,6 +82,7 @@ def dump(pid: int, images_dir, leave_running: bool = False, progress=None, optio
         if progress:
             progress("frozen", len(frozen.all_tids()), 0)
         ns = PidView(pid, frozen)
+        files.prepare(frozen.order)
         tree = img.messages("pstree.img", "nbcheckpoint.images.Process")
         nthreads = nvmas = pages_bytes = 0
         shmem_done: set[int] = set()

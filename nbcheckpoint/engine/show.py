@@ -4,7 +4,8 @@ from __future__ import annotations
 import datetime
 import os
 
-from .images import core_pb2, files_pb2, imagedir, mm_pb2, pagemap_pb2, pstree_pb2, unix_pb2
+from .files import KINDS
+from .images import core_pb2, files_pb2, imagedir, mm_pb2, pagemap_pb2, pstree_pb2
 from .sys.libc import PAGE_SIZE
 
 _PROT = lambda p: ("r" if p & 1 else "-") + ("w" if p & 2 else "-") + ("x" if p & 4 else "-")  # noqa: E731
@@ -68,16 +69,9 @@ def show(images_dir) -> str:
 
 
 def describe_file(f) -> str:
-    """One line about an open file description, whatever its kind."""
-    if f.kind in (files_pb2.REG, files_pb2.CHR):
-        extra = " (deleted, content saved)" if f.reg.deleted else ""
-        return f"{f.reg.stat.path} flags {f.flags:#o} pos {f.reg.pos}{extra}"
-    for name in ("pipe", "eventfd", "epoll", "timerfd", "signalfd", "inotify", "unix", "inet", "tty"):
-        if f.HasField(name):
-            payload = getattr(f, name)
-            body = " ".join(str(payload).split())
-            return f"flags {f.flags:#o} {name} {{{body}}}"
-    return f"flags {f.flags:#o}"
+    """One line about an open file description, as its kind describes it."""
+    kind = KINDS.get(f.kind)
+    return kind.describe(f) if kind is not None else f"flags {f.flags:#o}"
 
 
 def objects(images_dir) -> list[dict]:
@@ -85,18 +79,12 @@ def objects(images_dir) -> list[dict]:
     in on restore (--inherit-fd): ``key`` (the KEY of ``fd[N]:KEY``, or None), ``kind``,
     ``external`` (the peer or master was outside the tree), and per kind ``port`` and
     ``listening`` (inet), ``ino`` (sockets)."""
-    from .files import KINDS
     rd = imagedir.ImageReader(os.fspath(images_dir))
     out = []
     for f in rd.messages("files.img", files_pb2.FileEntry):
-        key_fn = getattr(KINDS.get(f.kind), "external_key", None)
-        d = {"id": f.id, "kind": files_pb2.FdKind.Name(f.kind).lower(), "key": key_fn(f) if key_fn else None,
-             "external": False}
-        if f.kind == files_pb2.INET:
-            d.update(ino=f.inet.ino, port=f.inet.src_port, listening=f.inet.state == 10)    # TCP_LISTEN
-        elif f.kind == files_pb2.UNIX:
-            d.update(ino=f.unix.ino, external=bool(f.unix.external or f.unix.peer_kind == unix_pb2.EXTERNAL))
-        elif f.kind == files_pb2.TTY:
-            d.update(external=bool(f.tty.external))
+        kind = KINDS.get(f.kind)
+        d = {"id": f.id, "kind": files_pb2.FdKind.Name(f.kind).lower(), "key": None, "external": False}
+        if kind is not None:
+            d.update(key=kind.external_key(f), **kind.facts(f))
         out.append(d)
     return out

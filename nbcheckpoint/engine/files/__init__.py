@@ -5,21 +5,14 @@ by dup(2), fork(2) and SCM_RIGHTS) is one ``FileEntry`` with an id; each
 process has a table of ``FdEntry`` (fd number, close-on-exec, id).  Two fds
 refer to the same description when kcmp(2) KCMP_FILE says so.
 
-A kind module provides::
-
-    dump(ctx, pid, fd, st, link, fdinfo, entry)   fill entry's payload
-    open(ctx, entry) -> int                       an engine fd for that description
-    check(ctx, pid, fdentry, entry)               optional: before any process exists,
-                                                  raise RestoreError if it cannot be opened
-    after_place(ctx, remote, pid, fds, entry)     optional: state that needs the
-                                                  process's own fd numbers (epoll)
-    external_key(entry) -> str | None             optional: "socket:[INO]", "pipe:[INO]" ...
-                                                  for --inherit-fd
-    dump_done(ctx)                                optional: after every process's fds (and
-                                                  the files in flight) are dumped
+Each kind is one object (``files/kind.py``: ``FileKind``, whose methods are the
+contract, with no-op defaults) in the one table :data:`KINDS`.  Once the tree is
+frozen, :meth:`DumpContext.prepare` classifies every fd of every process once
+(``ctx.tree``) and hands that table to each kind's ``prepare``; a kind keeps its own
+per-dump or per-restore state in ``ctx.state(kind)``.
 
 Files in flight (SCM_RIGHTS messages queued on a unix socket) are descriptions too: the
-unix module peeks them into the engine and :meth:`DumpContext.dump_in_flight` gives them
+unix kind peeks them into the engine and :meth:`DumpContext.dump_in_flight` gives them
 their ids, shared with any process that holds the same description.
 
 Restore opens each description once in the engine; the stubs inherit the fds
@@ -29,6 +22,7 @@ from __future__ import annotations
 
 import os
 import stat
+from typing import NamedTuple
 
 from ..errors import DumpError, EngineError, SysError, UnsupportedError
 from ..images import files_pb2
@@ -37,27 +31,23 @@ from ..sys import proc
 from ..sys.libc import syscall
 from ..sys.memory import pidfd_getfd, pidfd_open
 from ..sys.x86_64 import NR
-from . import regfile
-from . import anon
-from . import pipe
-from . import unix
-from . import inet
-from . import tty
+from . import anon, inet, pipe, regfile, tty, unix
+from .kind import FileKind
 
 O_CLOEXEC = 0o2000000
 KCMP_FILE = 0
 
 # The one table of supported kinds.  A kind missing here fails the dump by name.
-KINDS = {
-    files_pb2.REG: regfile,
-    files_pb2.CHR: regfile,
-    files_pb2.EVENTFD: anon, files_pb2.EPOLL: anon, files_pb2.TIMERFD: anon,
-    files_pb2.SIGNALFD: anon, files_pb2.INOTIFY: anon,
-    files_pb2.PIPE: pipe,
-    files_pb2.FIFO: pipe,
-    files_pb2.UNIX: unix,
-    files_pb2.INET: inet,
-    files_pb2.TTY: tty,
+KINDS: dict[int, FileKind] = {
+    files_pb2.REG: regfile.KIND,
+    files_pb2.CHR: regfile.KIND,
+    files_pb2.EVENTFD: anon.KIND, files_pb2.EPOLL: anon.KIND, files_pb2.TIMERFD: anon.KIND,
+    files_pb2.SIGNALFD: anon.KIND, files_pb2.INOTIFY: anon.KIND,
+    files_pb2.PIPE: pipe.KIND,
+    files_pb2.FIFO: pipe.KIND,
+    files_pb2.UNIX: unix.KIND,
+    files_pb2.INET: inet.KIND,
+    files_pb2.TTY: tty.KIND,
 }
 
 _ANON_KINDS = {"[eventfd]": files_pb2.EVENTFD, "[eventpoll]": files_pb2.EPOLL, "[timerfd]": files_pb2.TIMERFD,
@@ -69,6 +59,14 @@ _ANON_KINDS = {"[eventfd]": files_pb2.EVENTFD, "[eventpoll]": files_pb2.EPOLL, "
 # fds of its holder; ttys and inet sockets are classified against the tree's processes.
 IN_FLIGHT_KINDS = {files_pb2.REG, files_pb2.CHR, files_pb2.PIPE, files_pb2.FIFO, files_pb2.EVENTFD,
                    files_pb2.TIMERFD, files_pb2.SIGNALFD, files_pb2.UNIX}
+
+
+class TreeFd(NamedTuple):
+    """One fd of the frozen tree, as :meth:`DumpContext.prepare` classified it."""
+    fd: int
+    kind: int
+    stat: os.stat_result
+    link: str
 
 
 def classify(pid: int, fd: int) -> tuple[int, os.stat_result, str]:
@@ -155,7 +153,26 @@ class DumpContext:
         self._seen: dict[tuple[int, int], list[tuple[int, int, int]]] = {}   # (dev, ino) -> [(pid, fd, id)]
         self._pidfds: dict[int, int] = {}
         self._at_close: list = []
+        self._states: dict = {}
+        self.tree: dict[int, list[TreeFd]] = {}
         self.netlock = DumpLock()       # connections to outside peers (files/inet.py)
+
+    def state(self, kind):
+        """kind's own state for this dump, made by kind.new_dump_state(self) at first use."""
+        if kind not in self._states:
+            self._states[kind] = kind.new_dump_state(self)
+        return self._states[kind]
+
+    def prepare(self, pids) -> None:
+        """Once the tree is frozen: classify every fd of its processes (`pids`) once, into
+        self.tree, and let each kind prepare with it (before any fd is dumped)."""
+        self.tree = {p: [TreeFd(fd, *classify(p, fd)) for fd in proc.fds(p)] for p in pids}
+        for kind in dict.fromkeys(KINDS.values()):
+            kind.prepare(self, self.tree)
+
+    def inodes(self, *kinds: int) -> set[int]:
+        """The inodes of the tree's fds of these kinds (e.g. its sockets)."""
+        return {t.stat.st_ino for fds in self.tree.values() for t in fds if t.kind in kinds}
 
     def at_close(self, fn, *args) -> None:
         """Call fn(*args) when the dump is over (DumpContext.close, in dump()'s finally)."""
@@ -175,8 +192,7 @@ class DumpContext:
 
     def dump_fds(self, pid: int) -> list[files_pb2.FdEntry]:
         out = []
-        for fd in proc.fds(pid):
-            kind, s, link = classify(pid, fd)
+        for fd, kind, s, link in self.tree[pid]:
             info = proc.fdinfo(pid, fd)
             flags = int(info["flags"], 8)
             fid = self._identify(pid, fd, s)
@@ -218,10 +234,8 @@ class DumpContext:
             raise (DumpError(msg) if isinstance(e, SysError) else type(e)(msg)) from None
 
     def dump_done(self) -> None:
-        for mod in dict.fromkeys(KINDS.values()):
-            done = getattr(mod, "dump_done", None)
-            if done:
-                done(self)
+        for kind in dict.fromkeys(KINDS.values()):
+            kind.dump_done(self)
 
     def close(self) -> None:
         # explicitly, not when collected: a long-lived caller (the Jupyter shim) must not
@@ -244,6 +258,13 @@ class RestoreContext:
         self.options = options or Options()
         self.files = {f.id: f for f in files}
         self.opened: dict[int, int] = {}
+        self._states: dict = {}
+
+    def state(self, kind):
+        """kind's own state for this restore, made by kind.new_restore_state(self) at first use."""
+        if kind not in self._states:
+            self._states[kind] = kind.new_restore_state(self)
+        return self._states[kind]
 
     def check(self, pid: int, fds) -> None:
         """Before any process exists: is everything these fds need still there?"""
@@ -256,39 +277,51 @@ class RestoreContext:
 
     def check_one(self, pid: int, fde, f: files_pb2.FileEntry) -> None:
         """The kind's own check of one description (fde.fd names it in messages)."""
-        check = getattr(KINDS.get(f.kind), "check", None)
-        if check:
-            check(self, pid, fde, f)
+        kind = KINDS.get(f.kind)
+        if kind is not None:
+            kind.check(self, pid, fde, f)
 
     def open(self, fid: int) -> int:
         if fid not in self.opened:
             f = self.files[fid]
-            mod = KINDS.get(f.kind)
-            if mod is None:
+            kind = KINDS.get(f.kind)
+            if kind is None:
                 from ..errors import ImageError
                 raise ImageError(f"file {fid} is of kind {files_pb2.FdKind.Name(f.kind)}, "
                                  "which this version cannot restore")
             inherited = self.inherited(f)
-            self.opened[fid] = _adopt(inherited, f) if inherited is not None else mod.open(self, f)
+            self.opened[fid] = _adopt(inherited, f) if inherited is not None else kind.open(self, f)
         return self.opened[fid]
 
     def inherited(self, f: files_pb2.FileEntry) -> int | None:
         """The caller's fd handed in for this object with --inherit-fd, if any."""
-        key_fn = getattr(KINDS.get(f.kind), "external_key", None)
-        key = key_fn(f) if key_fn else None
-        inherit = getattr(self.options, "inherit_fd", {}) or {}
-        return inherit.get(key) if key else None
+        kind = KINDS.get(f.kind)
+        key = kind.external_key(f) if kind is not None else None
+        return self.options.inherit_fd.get(key) if key else None
 
     def remember(self, fid: int, fd: int) -> None:
         """For kinds that create several descriptions at once (pipe ends, socketpairs)."""
         self.opened.setdefault(fid, fd)
 
+    def open_group(self, f: files_pb2.FileEntry, group, make) -> int:
+        """f's fd, made with the other descriptions of `group` (pipe ends, a pty pair) by
+        make(made), which fills made {id: fd}; the others are remembered, all closed on failure."""
+        made: dict[int, int] = {}
+        try:
+            make(made)
+        except BaseException:
+            for fd in set(made.values()):
+                os.close(fd)
+            raise
+        for e in group:
+            if e.id != f.id:
+                self.remember(e.id, made[e.id])
+        return made[f.id]
+
     def after_place(self, remote, pid: int, fds) -> None:
         for fid in dict.fromkeys(e.id for e in fds):
             f = self.files[fid]
-            hook = getattr(KINDS[f.kind], "after_place", None)
-            if hook:
-                hook(self, remote, pid, fds, f)
+            KINDS[f.kind].after_place(self, remote, pid, fds, f)
 
     def close(self) -> None:
         for fd in self.opened.values():

@@ -40,7 +40,6 @@ inotify   every watch: wd, mask, and the watched inode, which fdinfo gives as a
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
@@ -49,9 +48,8 @@ import time
 
 from ..errors import RestoreError, SysError, UnsupportedError
 from ..images import anon_pb2, files_pb2
-from ..sys import proc
-from ..sys.libc import syscall
-from ..sys.x86_64 import NR
+from ..sys import anonfd, proc
+from .kind import FileKind
 
 O_CLOEXEC = 0o2000000
 O_PATH = 0o10000000
@@ -61,10 +59,8 @@ EPOLLONESHOT = 1 << 30
 EP_PRIVATE_BITS = (1 << 28) | (1 << 29) | (1 << 30) | (1 << 31)   # EXCLUSIVE WAKEUP ONESHOT ET
 EPOLL_ANY_READY = 0x27C7    # IN PRI OUT RDNORM RDBAND WRNORM WRBAND MSG RDHUP
 _EVENTS_PER_PAGE = 4096 // 12
-KCMP_EPOLL_TFD = 7
 F_DUPFD_CLOEXEC = 1030
 TFD_TIMER_ABSTIME = 1
-TFD_IOC_SET_TICKS = 0x40085400          # _IOW('T', 0, u64)
 IN_DONT_FOLLOW = 0x02000000
 IN_MASK_CREATE = 0x10000000
 IN_DELETE_SELF = 0x400
@@ -72,15 +68,7 @@ MAX_WD_GAP = 1 << 20                    # watches burned to close one gap, at mo
 NSEC = 10 ** 9
 
 
-class _EpollSlot(ctypes.Structure):    # struct kcmp_epoll_slot
-    _fields_ = [("efd", ctypes.c_uint32), ("tfd", ctypes.c_uint32), ("toff", ctypes.c_uint32)]
-
-
 # ---------------------------------------------------------------------------- dump
-
-def dump(ctx, pid: int, fd: int, st: os.stat_result, link: str, info: dict, entry: files_pb2.FileEntry) -> None:
-    _DUMP[entry.kind](pid, fd, info, entry)
-
 
 def _dump_eventfd(pid, fd, info, entry) -> None:
     entry.eventfd.CopyFrom(anon_pb2.EventfdFile(count=int(info["eventfd-count"], 16),
@@ -96,7 +84,7 @@ def _dump_epoll(pid, fd, info, entry) -> None:
         toff = nth.get(t["tfd"], 0)       # the kernel's index among registrations with this fd number
         nth[t["tfd"]] = toff + 1
         tgt = ep.targets.add(tfd=t["tfd"], events=t["events"], data=t["data"])
-        slot = _EpollSlot(fd, t["tfd"], toff)
+        slot = (fd, t["tfd"], toff)
         if _same_epoll_file(pid, t["tfd"], slot):
             continue
         via = next((c for c in _fds_on(pid, t["ino"], t["sdev"]) if _same_epoll_file(pid, c, slot)), None)
@@ -108,11 +96,10 @@ def _dump_epoll(pid, fd, info, entry) -> None:
     entry.epoll.CopyFrom(ep)
 
 
-def _same_epoll_file(pid: int, cand: int, slot: _EpollSlot) -> bool:
-    """Is the process's fd `cand` the file behind the epoll registration `slot`?"""
+def _same_epoll_file(pid: int, cand: int, slot: tuple[int, int, int]) -> bool:
+    """Is the process's fd `cand` the file behind the epoll registration `slot` (efd, tfd, toff)?"""
     try:
-        return syscall(NR["kcmp"], pid, pid, KCMP_EPOLL_TFD, cand, ctypes.byref(slot),
-                       request="kcmp(KCMP_EPOLL_TFD)", pid=pid) == 0
+        return anonfd.same_epoll_file(pid, *slot, cand)
     except SysError as e:
         if e.errno in (errno.EBADF, errno.ENOENT):
             return False
@@ -175,11 +162,8 @@ def _watch_path(pid: int, fd: int, w: dict, mounts: dict[int, int]) -> tuple[str
         if mnt is None:
             raise UnsupportedError(f"{what}: that filesystem is not mounted where the engine runs")
         mounts[dev] = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY | O_CLOEXEC)
-    raw = struct.pack("<Ii", len(w["handle"]), w["handle_type"]) + w["handle"]
-    handle = ctypes.create_string_buffer(raw, len(raw))
     try:
-        hfd = syscall(NR["open_by_handle_at"], mounts[dev], handle, O_PATH | O_CLOEXEC,
-                      request="open_by_handle_at", pid=pid)
+        hfd = anonfd.open_by_handle_at(mounts[dev], w["handle_type"], w["handle"], O_PATH, pid)
     except SysError as e:
         if e.errno == errno.ESTALE:
             raise UnsupportedError(f"{what}: the watched file or directory was deleted") from None
@@ -205,47 +189,27 @@ _DUMP = {files_pb2.EVENTFD: _dump_eventfd, files_pb2.EPOLL: _dump_epoll, files_p
 
 # ---------------------------------------------------------------------------- restore
 
-def check(ctx, pid: int, fde, f: files_pb2.FileEntry) -> None:
-    if f.kind == files_pb2.INOTIFY:
-        for w in f.inotify.watches:
-            if not os.path.lexists(w.path):
-                raise RestoreError(f"process {pid}: inotify fd {fde.fd} watched {w.path} (wd {w.wd}), "
-                                   "which no longer exists; put it back to restore")
-
-
-def open(ctx, f: files_pb2.FileEntry) -> int:  # noqa: A001 - the kind interface's name
-    fd = _OPEN[f.kind](f)
-    try:
-        if f.flags & os.O_NONBLOCK:
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
 def _open_eventfd(f) -> int:
     e = f.eventfd
-    fd = syscall(NR["eventfd2"], 0, O_CLOEXEC | (EFD_SEMAPHORE if e.semaphore else 0), request="eventfd2")
+    fd = anonfd.eventfd(EFD_SEMAPHORE if e.semaphore else 0)
     if e.count:
         os.write(fd, e.count.to_bytes(8, "little"))
     return fd
 
 
 def _open_epoll(f) -> int:
-    return syscall(NR["epoll_create1"], O_CLOEXEC, request="epoll_create1")
+    return anonfd.epoll_create()
 
 
 def _open_timerfd(f) -> int:
     t = f.timerfd
-    fd = syscall(NR["timerfd_create"], t.clockid, O_CLOEXEC, request=f"timerfd_create(clock {t.clockid})")
+    fd = anonfd.timerfd_create(t.clockid)
     try:
         if t.value_sec or t.value_nsec:
             _timerfd_settime(fd, t.settime_flags, t.value_sec, t.value_nsec, t)
         if t.ticks:
-            ticks = ctypes.c_uint64(t.ticks)
             try:
-                syscall(NR["ioctl"], fd, TFD_IOC_SET_TICKS, ctypes.byref(ticks), request="ioctl(TFD_IOC_SET_TICKS)")
+                anonfd.timerfd_set_ticks(fd, t.ticks)
             except SysError as e:
                 if e.errno != errno.ENOTTY:
                     raise
@@ -257,17 +221,15 @@ def _open_timerfd(f) -> int:
 
 
 def _timerfd_settime(fd: int, flags: int, sec: int, nsec: int, t) -> None:
-    its = (ctypes.c_int64 * 4)(t.interval_sec, t.interval_nsec, sec, nsec)
-    syscall(NR["timerfd_settime"], fd, flags, its, None, request="timerfd_settime")
+    anonfd.timerfd_settime(fd, flags, (t.interval_sec, t.interval_nsec), (sec, nsec))
 
 
 def _open_signalfd(f) -> int:
-    mask = ctypes.c_uint64(f.signalfd.sigmask)
-    return syscall(NR["signalfd4"], -1, ctypes.byref(mask), 8, O_CLOEXEC, request="signalfd4")
+    return anonfd.signalfd(f.signalfd.sigmask)
 
 
 def _open_inotify(f) -> int:
-    fd = syscall(NR["inotify_init1"], O_CLOEXEC | os.O_NONBLOCK, request="inotify_init1")
+    fd = anonfd.inotify_init(os.O_NONBLOCK)
     try:
         watches = sorted(f.inotify.watches, key=lambda w: w.wd)
         dummy = None
@@ -282,7 +244,7 @@ def _open_inotify(f) -> int:
             while expect < w.wd:            # a removed watch left a gap: burn its number
                 dummy = dummy or _dummy_watch_path(watches)
                 got = _add_watch(fd, dummy, IN_DELETE_SELF)
-                syscall(NR["inotify_rm_watch"], fd, got, request="inotify_rm_watch")
+                anonfd.inotify_rm_watch(fd, got)
                 burned = True
                 if got != expect:
                     break
@@ -305,8 +267,7 @@ def _add_watch(fd: int, path: str, mask: int) -> int:
     # The path is the watched inode itself (resolved at dump): never follow a symlink;
     # IN_MASK_CREATE: an inode already watched here would silently share its wd.
     try:
-        return syscall(NR["inotify_add_watch"], fd, os.fsencode(path), mask | IN_DONT_FOLLOW | IN_MASK_CREATE,
-                       request=f"inotify_add_watch({path})")
+        return anonfd.inotify_add_watch(fd, path, mask | IN_DONT_FOLLOW | IN_MASK_CREATE)
     except SysError as e:
         raise RestoreError(f"cannot watch {path} again: {os.strerror(e.errno)}") from None
 
@@ -339,7 +300,7 @@ _OPEN = {files_pb2.EVENTFD: _open_eventfd, files_pb2.EPOLL: _open_epoll, files_p
          files_pb2.SIGNALFD: _open_signalfd, files_pb2.INOTIFY: _open_inotify}
 
 
-def after_place(ctx, remote, pid: int, fds, f: files_pb2.FileEntry) -> None:
+def _after_place(ctx, remote, pid: int, fds, f: files_pb2.FileEntry) -> None:
     """epoll: re-add every registration by injected epoll_ctl, with the process's fd numbers."""
     if f.kind != files_pb2.EPOLL or (f.epoll.owner_pid and f.epoll.owner_pid != pid):
         return
@@ -392,3 +353,32 @@ def _epoll_ctl_raw(remote, efd: int, op: int, tfd: int, events: int, data: int) 
     # struct epoll_event is packed on x86_64: u32 events, u64 data (12 bytes).
     remote.write(remote.scratch, struct.pack("<IQ", events, data))
     remote.syscall("epoll_ctl", efd, op, tfd, remote.scratch)
+
+
+class Anon(FileKind):
+    """EVENTFD, EPOLL, TIMERFD, SIGNALFD, INOTIFY: each method dispatches on the entry's kind."""
+
+    def dump(self, ctx, pid, fd, s, link, info, entry) -> None:
+        _DUMP[entry.kind](pid, fd, info, entry)
+
+    def check(self, ctx, pid, fde, f) -> None:
+        if f.kind == files_pb2.INOTIFY:
+            for w in f.inotify.watches:
+                if not os.path.lexists(w.path):
+                    raise RestoreError(f"process {pid}: inotify fd {fde.fd} watched {w.path} (wd {w.wd}), "
+                                       "which no longer exists; put it back to restore")
+
+    def open(self, ctx, f) -> int:
+        fd = _OPEN[f.kind](f)
+        try:
+            if f.flags & os.O_NONBLOCK:
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    after_place = staticmethod(_after_place)
+
+
+KIND = Anon()

@@ -73,6 +73,7 @@ from ..images import files_pb2, inet_pb2
 from ..sys import proc, sockdiag, tcprepair
 from ..sys.sockdiag import TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN
 from . import regfile
+from .kind import BuiltTogether, by_ino
 
 log = logging.getLogger(__name__)
 
@@ -186,17 +187,13 @@ def _desc(n) -> str:
     return what
 
 
-def external_key(f: files_pb2.FileEntry) -> str:
-    return f"socket:[{f.inet.ino}]"
-
-
 # ----------------------------------------------------------------------------- dump
 
 class _DumpState:
     """Per dump: the kernel's TCP sockets, the tree's socket inodes, and the duplicates the
     engine keeps until the tree is gone (see _release)."""
 
-    def __init__(self, ctx, pid: int):
+    def __init__(self, ctx):
         try:
             self.tcp = sockdiag.inet_sockets(socket.IPPROTO_TCP)
         except OSError as e:
@@ -212,20 +209,9 @@ class _DumpState:
             if old is None or old.state == sockdiag.TCP_TIME_WAIT:
                 self.by_tuple[_tuple(d)] = d
         self.listeners = [d for d in self.tcp if d.state == TCP_LISTEN]
-        self.pids: set[int] = set()
-        self.inodes: set[int] = set()
+        self.inodes = ctx.inodes(files_pb2.INET)
         self.held: list[int] = []
-        self.add_tree(pid)
-        ctx.at_close(_release, self.held, self.pids)
-
-    def add_tree(self, pid: int) -> None:
-        for p in sockdiag.frozen_tree(pid):
-            if p not in self.pids:
-                self.pids.add(p)
-                try:
-                    self.inodes |= sockdiag.socket_inodes(p)
-                except OSError:
-                    pass        # a zombie has no fds
+        ctx.at_close(_release, self.held, list(ctx.tree))
 
     def udp_diag(self, ino: int) -> sockdiag.InetDiag | None:
         if self.udp is None:
@@ -243,16 +229,7 @@ class _DumpState:
         return None
 
 
-def _state(ctx, pid: int) -> _DumpState:
-    st = ctx.__dict__.get("_inet")
-    if st is None:
-        st = ctx._inet = _DumpState(ctx, pid)
-    elif pid not in st.pids:
-        st.add_tree(pid)
-    return st
-
-
-def _release(held: list[int], pids: set[int]) -> None:
+def _release(held: list[int], pids: list[int]) -> None:
     """The engine's duplicates of dumped connections, once the dump is over.  If the tree is
     gone (dumped and killed), each socket goes into repair mode first, so that closing the
     last reference ends the connection without a FIN or RST; if it lives on (leave-running,
@@ -273,8 +250,8 @@ def _release(held: list[int], pids: set[int]) -> None:
     held.clear()
 
 
-def dump(ctx, pid: int, fd: int, s: os.stat_result, link: str, info: dict, entry: files_pb2.FileEntry) -> None:
-    st = _state(ctx, pid)
+def _dump(ctx, pid: int, fd: int, s: os.stat_result, link: str, info: dict, entry: files_pb2.FileEntry) -> None:
+    st = ctx.state(KIND)
     n = entry.inet
     n.ino = s.st_ino
     dup = ctx.getfd(pid, fd)
@@ -483,25 +460,14 @@ def _dump_udp(st: _DumpState, pid: int, fd: int, sk: socket.socket, n) -> None:
 
 # ----------------------------------------------------------------------------- restore
 
-def open(ctx, f: files_pb2.FileEntry) -> int:  # noqa: A001 - the kind interface's name
-    r = ctx.__dict__.get("_inet")
-    if r is None:
-        r = ctx._inet = _Restorer(ctx)
-        r.run()
-    fd = ctx.opened.get(f.id)
-    if fd is None:
-        raise RestoreError(f"{_desc(f.inet)} (file {f.id}) could not be recreated")
-    return fd
-
-
-def check(ctx, pid: int, fdentry, f: files_pb2.FileEntry) -> None:
+def _check(ctx, pid: int, fdentry, f: files_pb2.FileEntry) -> None:
     """Before any process exists: a connection to an outside peer from a --leave-running image
     cannot come back live (the original went on using it: its sequence numbers and queues
     moved on, and the peer knows only the original).  Connections inside the tree can: both
     of their ends come from the same image."""
     n = f.inet
     if (n.proto == socket.IPPROTO_TCP and n.state in _CONNECTED and n.peer_kind == inet_pb2.INET_EXTERNAL
-            and not n.closed and not getattr(ctx.options, "tcp_close", False) and ctx.inherited(f) is None
+            and not n.closed and not ctx.options.tcp_close and ctx.inherited(f) is None
             and regfile.leave_running(ctx)):
         raise regfile.leave_running_hazard(
             f"process {pid}: fd {fdentry.fd}, TCP {_show(n.src_addr, n.src_port)} -> "
@@ -523,16 +489,12 @@ class _Restorer:
 
     def __init__(self, ctx):
         self.ctx = ctx
-        self.ents: dict[int, files_pb2.FileEntry] = {}
-        for f in sorted(ctx.files.values(), key=lambda e: e.id):
-            if f.kind == files_pb2.INET:
-                self.ents[f.inet.ino] = f
-        self.inh = {ino for ino, f in self.ents.items() if ctx.inherited(f) is not None}
+        self.ents, self.inh = by_ino(ctx, files_pb2.INET, "inet")
         self.socks: dict[int, socket.socket] = {}
         self.mode: dict[int, int] = {}
         self.bumped: set[int] = set()
         self._defaults: dict[tuple, dict] = {}
-        tcp_close = getattr(ctx.options, "tcp_close", False)
+        tcp_close = ctx.options.tcp_close
         for ino, f in self.ents.items():
             n = f.inet
             if n.proto == socket.IPPROTO_UDP:
@@ -875,6 +837,29 @@ class _Restorer:
         f = self.ents[ino]
         fl = fcntl.fcntl(s.fileno(), fcntl.F_GETFL)
         fcntl.fcntl(s.fileno(), fcntl.F_SETFL, (fl & ~os.O_NONBLOCK) | (f.flags & os.O_NONBLOCK))
+
+
+class Inet(BuiltTogether):
+    """Dump state: _DumpState; every socket is built at the first open (_Restorer)."""
+
+    new_dump_state = staticmethod(_DumpState)
+    dump = staticmethod(_dump)
+    check = staticmethod(_check)
+
+    def build(self, ctx) -> None:
+        _Restorer(ctx).run()
+
+    def name(self, f) -> str:
+        return _desc(f.inet)
+
+    def external_key(self, f) -> str:
+        return f"socket:[{f.inet.ino}]"
+
+    def facts(self, f) -> dict:
+        return dict(ino=f.inet.ino, port=f.inet.src_port, listening=f.inet.state == TCP_LISTEN)
+
+
+KIND = Inet()
 
 
 # ----------------------------------------------------------------------------- replacing a live tree

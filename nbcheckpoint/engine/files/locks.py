@@ -57,6 +57,14 @@ def describe(lk, path: str | None = None) -> str:
 
 # --- dump ----------------------------------------------------------------------
 
+class _SeenLocks(set):
+    """Per dump (``ctx.state(_SeenLocks)``): the flock and OFD locks saved, tree-wide."""
+
+    @classmethod
+    def new_dump_state(cls, ctx) -> "_SeenLocks":
+        return cls()
+
+
 def dump_locks(ctx, pid: int, fds, vpid: int | None = None) -> list:
     """Save the file locks process `pid` holds through its fds (FdEntry list).
 
@@ -65,11 +73,8 @@ def dump_locks(ctx, pid: int, fds, vpid: int | None = None) -> list:
     ctx.options.file_locks a held lock raises UnsupportedError (the dump then
     fails and the tree is thawed).  Returns the saved FileLock list.
     """
-    done = ctx.__dict__.setdefault("_locks_done", {})
-    if pid in done:
-        return done[pid]        # called twice for one process: the image file exists already
     # (file id, kind, start, len, write): flock/OFD locks tree-wide, POSIX ones per process
-    seen_ofd = ctx.__dict__.setdefault("_locks_seen", set())
+    seen_ofd = ctx.state(_SeenLocks)
     seen_posix: set = set()
     out = []
     for e in fds:
@@ -105,7 +110,6 @@ def dump_locks(ctx, pid: int, fds, vpid: int | None = None) -> list:
         w = ctx.img.messages(IMAGE.format(pid=pid if vpid is None else vpid), MSG_TYPE)
         for lk in out:
             w.add(lk)
-    done[pid] = out
     return out
 
 
@@ -133,7 +137,7 @@ def check_locks(ctx, pid: int, fds) -> list:
         if by_fd.get(lk.fd) != lk.file_id:
             raise ImageError(f"process {pid}: {IMAGE.format(pid=pid)} names fd {lk.fd} (file {lk.file_id}), "
                              "which the process's fd table does not have: damaged image")
-    if not getattr(ctx.options, "file_locks", False):
+    if not ctx.options.file_locks:
         lk = locks[0]
         raise RestoreError(
             f"process {pid} held {len(locks)} file lock(s) at the dump (e.g. {describe(lk, lk.path)}, "

@@ -38,6 +38,7 @@ from ..errors import DumpError, ImageError, RestoreError, UnsupportedError
 from ..images import files_pb2
 from ..sys.libc import syscall
 from ..sys.x86_64 import NR
+from .kind import FileKind
 
 F_SETPIPE_SZ = 1031
 F_GETPIPE_SZ = 1032
@@ -86,13 +87,13 @@ class _DumpPipe:
         self.data_bytes = 0
 
 
-def dump(ctx, pid: int, fd: int, s: os.stat_result, link: str, info: dict, entry: files_pb2.FileEntry) -> None:
+def _dump(ctx, pid: int, fd: int, s: os.stat_result, link: str, info: dict, entry: files_pb2.FileEntry) -> None:
     flags = int(info["flags"], 8)
     fifo = entry.kind == files_pb2.FIFO
     if fifo and link.endswith(_DELETED):
         raise UnsupportedError(f"process {pid}: fd {fd} is a FIFO deleted while open ({link}), "
                                "which this version cannot checkpoint")
-    pipes = ctx.__dict__.setdefault("_pipes", {})
+    pipes = ctx.state(KIND)
     key = (entry.kind, s.st_dev if fifo else 0, s.st_ino)
     p = pipes.get(key)
     entry.pipe.pipe_id = s.st_ino
@@ -155,13 +156,6 @@ def _save_data(ctx, pid: int, fd: int, link: str, entry: files_pb2.FileEntry, fl
 
 # ----------------------------------------------------------------------------- restore
 
-def external_key(f: files_pb2.FileEntry) -> str | None:
-    """``pipe:[INO]`` for an end whose peer was outside the dump (for --inherit-fd)."""
-    if f.kind == files_pb2.PIPE and f.pipe.external:
-        return f"pipe:[{f.pipe.pipe_id}]"
-    return None
-
-
 def _max_size() -> int:
     try:
         fd = os.open("/proc/sys/fs/pipe-max-size", os.O_RDONLY | os.O_CLOEXEC)
@@ -173,7 +167,7 @@ def _max_size() -> int:
         return 1 << 20
 
 
-def check(ctx, pid: int, fde, f: files_pb2.FileEntry) -> None:
+def _check(ctx, pid: int, fde, f: files_pb2.FileEntry) -> None:
     """Before any process exists: the FIFO is still there, the size can be had."""
     p = f.pipe
     if f.kind == files_pb2.FIFO:
@@ -200,27 +194,15 @@ def check(ctx, pid: int, fde, f: files_pb2.FileEntry) -> None:
             os.close(w)
 
 
-def open(ctx, f: files_pb2.FileEntry) -> int:  # noqa: A001 - the kind interface's name
+def _open(ctx, f: files_pb2.FileEntry) -> int:
     """Create the whole pipe once: every description of it in the image is opened
     here, the others handed to ctx.remember()."""
     key = _key(f)
     group = [e for e in ctx.files.values()
              if e.kind == f.kind and _key(e) == key and e.id not in ctx.opened
              and (e.id == f.id or ctx.inherited(e) is None)]
-    made: dict[int, int] = {}
-    try:
-        if f.kind == files_pb2.FIFO:
-            _open_fifo(ctx, f, group, made)
-        else:
-            _open_pipe(ctx, f, group, made)
-    except BaseException:
-        for fd in made.values():
-            os.close(fd)
-        raise
-    for e in group:
-        if e.id != f.id:
-            ctx.remember(e.id, made[e.id])
-    return made[f.id]
+    make = _open_fifo if f.kind == files_pb2.FIFO else _open_pipe
+    return ctx.open_group(f, group, lambda made: make(ctx, f, group, made))
 
 
 def _set_size(fd: int, f: files_pb2.FileEntry) -> None:
@@ -314,3 +296,23 @@ def _open_fifo(ctx, f, group, made: dict[int, int]) -> None:
         _set_flags(made, group)
     finally:
         os.close(helper)
+
+
+class Pipe(FileKind):
+    """PIPE and FIFO.  Dump state: {(kind, dev, ino): _DumpPipe}, each pipe's data saved once."""
+
+    def new_dump_state(self, ctx) -> dict:
+        return {}
+
+    dump = staticmethod(_dump)
+    check = staticmethod(_check)
+    open = staticmethod(_open)
+
+    def external_key(self, f) -> str | None:
+        """``pipe:[INO]`` for an end whose peer was outside the dump (for --inherit-fd)."""
+        if f.kind == files_pb2.PIPE and f.pipe.external:
+            return f"pipe:[{f.pipe.pipe_id}]"
+        return None
+
+
+KIND = Pipe()

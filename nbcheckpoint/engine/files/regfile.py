@@ -23,6 +23,7 @@ import stat
 from ..errors import RestoreError
 from ..images import files_pb2
 from ..mm import file_stat
+from .kind import FileKind
 
 # (major, minor) of devices whose state is just their path: mem(4) / random(4).
 SIMPLE_DEVICES = {(1, 3): "/dev/null", (1, 5): "/dev/zero", (1, 7): "/dev/full",
@@ -32,14 +33,38 @@ DELETED = " (deleted)"
 _OPEN_ONLY = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY
 
 
-def dump(ctx, pid: int, fd: int, s: os.stat_result, link: str, info: dict, entry: files_pb2.FileEntry) -> None:
-    deleted = link.endswith(DELETED) and s.st_nlink == 0
-    path = link[: -len(DELETED)] if deleted else link
-    if stat.S_ISCHR(s.st_mode):
-        path = SIMPLE_DEVICES[(os.major(s.st_rdev), os.minor(s.st_rdev))]
-    entry.reg.CopyFrom(files_pb2.RegFile(stat=file_stat(path, s), pos=int(info["pos"]), deleted=deleted))
-    if deleted:
-        _save_content(pid, fd, ctx.img, entry.id)
+class RegFile(FileKind):
+    def dump(self, ctx, pid, fd, s, link, info, entry) -> None:
+        deleted = link.endswith(DELETED) and s.st_nlink == 0
+        path = link[: -len(DELETED)] if deleted else link
+        if stat.S_ISCHR(s.st_mode):
+            path = SIMPLE_DEVICES[(os.major(s.st_rdev), os.minor(s.st_rdev))]
+        entry.reg.CopyFrom(files_pb2.RegFile(stat=file_stat(path, s), pos=int(info["pos"]), deleted=deleted))
+        if deleted:
+            _save_content(pid, fd, ctx.img, entry.id)
+
+    def check(self, ctx, pid, fde, f) -> None:
+        _check(ctx, pid, fde, f)
+
+    def open(self, ctx, f) -> int:
+        r = f.reg
+        flags = (f.flags & ~_OPEN_ONLY) | os.O_CLOEXEC
+        if r.deleted:
+            return _recreate_deleted(ctx.reader, f, flags)
+        try:
+            fd = os.open(r.stat.path, flags)
+        except OSError as ex:
+            raise RestoreError(f"cannot reopen {r.stat.path}: {ex.strerror}") from None
+        if stat.S_ISREG(r.stat.mode) and not flags & os.O_PATH:
+            os.lseek(fd, r.pos, os.SEEK_SET)
+        return fd
+
+    def describe(self, f) -> str:
+        extra = " (deleted, content saved)" if f.reg.deleted else ""
+        return f"{f.reg.stat.path} flags {f.flags:#o} pos {f.reg.pos}{extra}"
+
+
+KIND = RegFile()
 
 
 def _save_content(pid: int, fd: int, img, fid: int) -> None:
@@ -56,7 +81,7 @@ def _save_content(pid: int, fd: int, img, fid: int) -> None:
         os.close(src)
 
 
-def check(ctx, pid: int, fde, f: files_pb2.FileEntry) -> None:
+def _check(ctx, pid: int, fde, f: files_pb2.FileEntry) -> None:
     """Before any process is created: is the file still there, and still the same one?"""
     r = f.reg
     if r.deleted:
@@ -89,8 +114,7 @@ def check(ctx, pid: int, fde, f: files_pb2.FileEntry) -> None:
 
 def leave_running(ctx) -> bool:
     """Was the image taken with --leave-running (the tree went on after the dump)?"""
-    reader = getattr(ctx, "reader", None)
-    return bool(reader is not None and reader.inventory.leave_running)
+    return bool(ctx.reader.inventory.leave_running)
 
 
 def same_machine(ctx) -> bool:
@@ -122,20 +146,6 @@ def _ftype(mode: int) -> str:
         if test(mode):
             return name
     return f"file of mode {mode:o}"
-
-
-def open(ctx, f: files_pb2.FileEntry) -> int:  # noqa: A001 - the kind interface's name
-    r = f.reg
-    flags = (f.flags & ~_OPEN_ONLY) | os.O_CLOEXEC
-    if r.deleted:
-        return _recreate_deleted(ctx.reader, f, flags)
-    try:
-        fd = os.open(r.stat.path, flags)
-    except OSError as ex:
-        raise RestoreError(f"cannot reopen {r.stat.path}: {ex.strerror}") from None
-    if stat.S_ISREG(r.stat.mode) and not flags & os.O_PATH:
-        os.lseek(fd, r.pos, os.SEEK_SET)
-    return fd
 
 
 def _recreate_deleted(reader, f: files_pb2.FileEntry, flags: int) -> int:

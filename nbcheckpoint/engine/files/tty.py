@@ -37,7 +37,7 @@ termios, window size, packet mode and the lock.
 Controlling terminals: a session leader must acquire its terminal with TIOCSCTTY
 *before* it forks the members of its session (a process's controlling tty is
 inherited at fork and no other way).  :func:`after_setsid` does that in the stub
-right after ``pstree.make_sessions`` (restore.py wires it); :func:`after_place`
+right after ``pstree.make_sessions`` (restore.py wires it); :meth:`Tty.after_place`
 does it too for a leader that holds an fd of its terminal (idempotent), sets the
 foreground process group (TIOCSPGRP) from the first process of the session that
 can, and turns restored ``/dev/tty`` descriptions back into opens of /dev/tty.
@@ -56,7 +56,6 @@ window size stays the new terminal's.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import logging
@@ -69,9 +68,9 @@ import time
 
 from ..errors import DumpError, ImageError, RestoreError, SysError, UnsupportedError
 from ..images import files_pb2, pstree_pb2, tty_pb2
-from ..sys import proc, sockdiag
-from ..sys.libc import syscall
-from ..sys.x86_64 import NR
+from ..sys import proc
+from ..sys.ioctl import get_int, ioctl, ioctl_buf, set_int
+from .kind import FileKind
 
 log = logging.getLogger(__name__)
 
@@ -110,28 +109,8 @@ _IN_RAW_LFLAG = (termios.ECHO | termios.ECHOE | termios.ECHOK | termios.ECHONL |
 
 # ----------------------------------------------------------------------------- small helpers
 
-def _ioctl_ptr(fd: int, req: int, name: str, data: bytes | int, pid: int | None = None) -> bytes:
-    """ioctl with a pointer argument: data in, the buffer's contents out."""
-    raw = bytes(data) if isinstance(data, int) else data       # an int: that many zero bytes
-    buf = ctypes.create_string_buffer(raw, len(raw))
-    syscall(NR["ioctl"], fd, req, buf, request=f"ioctl({name})", pid=pid)
-    return buf.raw
-
-
-def _get_int(fd: int, req: int, name: str, pid: int | None = None) -> int:
-    return struct.unpack("i", _ioctl_ptr(fd, req, name, 4, pid))[0]
-
-
-def _set_int(fd: int, req: int, name: str, value: int, pid: int | None = None) -> None:
-    _ioctl_ptr(fd, req, name, struct.pack("i", value), pid)
-
-
-def _ioctl_val(fd: int, req: int, name: str, value: int = 0, pid: int | None = None) -> int:
-    return syscall(NR["ioctl"], fd, req, value, request=f"ioctl({name})", pid=pid)
-
-
 def _fionread(fd: int) -> int:
-    return _get_int(fd, FIONREAD, "FIONREAD")
+    return get_int(fd, FIONREAD, "FIONREAD")
 
 
 def slave_rdev(index: int) -> int:
@@ -234,20 +213,17 @@ class _DumpPair:
 class _DumpState:
     """Per dump: every terminal fd of the frozen tree, the pairs, the sessions."""
 
-    def __init__(self, ctx, pid: int):
+    def __init__(self, ctx):
         self.ctx = ctx
-        self.tree = set(sockdiag.frozen_tree(pid))
-        self.separate = _ns(pid) != _ns("self")
+        self.tree = set(ctx.tree)
+        self.separate = _ns(next(iter(ctx.tree))) != _ns("self")
         self.fdmap: dict[tuple[int, int], tuple[int, tuple[int, int] | None]] = {}   # (pid, fd) -> (type, pair)
         self.pairs: dict[tuple[int, int], _DumpPair] = {}
         self.procs: dict[int, tuple[int, int, int, int]] = {}     # pid -> (pgid, sid, tty_nr, tpgid)
         for p in sorted(self.tree):
-            try:
-                st = proc.stat(p)
-            except Exception:
-                continue
+            st = proc.stat(p)
             self.procs[p] = (int(st[5]), int(st[6]), int(st[7]), int(st[8]))
-            self._scan(p)
+            self._scan(p, [t for t in ctx.tree[p] if t.kind == files_pb2.TTY])
         internal = {(k[0], slave_rdev(k[1])) for k, x in self.pairs.items() if not x.external}
         self.outside = _holders_outside(self.tree, internal) if internal else {}
         for pair in self.pairs.values():
@@ -256,34 +232,23 @@ class _DumpState:
 
     # -- what the tree holds
 
-    def _scan(self, p: int) -> None:
-        try:
-            fds = proc.fds(p)
-        except Exception:
-            return                          # a zombie: no fds
-        for fd in fds:
-            try:
-                s = os.stat(f"/proc/{p}/fd/{fd}")
-            except OSError:
-                continue
-            if not stat.S_ISCHR(s.st_mode):
-                continue
+    def _scan(self, p: int, ttys: list) -> None:
+        for fd, _kind, s, link in ttys:
             major, minor = os.major(s.st_rdev), os.minor(s.st_rdev)
             if major in PTY_SLAVE_MAJORS:
                 pair = self._pair((s.st_dev, _slave_index(s.st_rdev)))
                 pair.slaves.append((p, fd))
                 if not pair.pts_dir:
-                    pair.pts_dir = os.path.dirname(proc.fdlink(p, fd))
+                    pair.pts_dir = os.path.dirname(link)
                 self.fdmap[(p, fd)] = (tty_pb2.PTY_SLAVE, pair.key)
             elif (major, minor) == (TTYAUX_MAJOR, 2):
-                link = proc.fdlink(p, fd)
                 info = proc.fdinfo(p, fd)
                 if "tty-index" in info:
                     index = int(info["tty-index"])
                 else:
                     dup = self.ctx.getfd(p, fd)
                     try:
-                        index = _get_int(dup, TIOCGPTN, "TIOCGPTN", p)
+                        index = get_int(dup, TIOCGPTN, "TIOCGPTN", p)
                     finally:
                         os.close(dup)
                 pts_dir, devpts = _master_devpts(p, fd, link, index)
@@ -306,8 +271,8 @@ class _DumpState:
             return host_pid
         try:
             return int(proc.status(host_pid)["NSpid"].split()[-1])
-        except Exception:
-            return 0
+        except SysError:
+            return 0                        # gone
 
     # -- the state of each pair
 
@@ -319,10 +284,10 @@ class _DumpState:
         st = tty_pb2.TtyState()
         m = self.ctx.getfd(mp, mfd)
         try:
-            st.termios2 = _ioctl_ptr(m, TCGETS2, "TCGETS2", TERMIOS2.size, mp)
+            st.termios2 = ioctl_buf(m, TCGETS2, "TCGETS2", TERMIOS2.size, mp)
             _get_winsize(st, m, mp)
-            st.locked = bool(_get_int(m, TIOCGPTLCK, "TIOCGPTLCK", mp))
-            st.packet = bool(_get_int(m, TIOCGPKT, "TIOCGPKT", mp))
+            st.locked = bool(get_int(m, TIOCGPTLCK, "TIOCGPTLCK", mp))
+            st.packet = bool(get_int(m, TIOCGPKT, "TIOCGPKT", mp))
             po = select.poll()
             po.register(m, select.POLLIN)
             hup = any(ev & select.POLLHUP for _, ev in po.poll(0))
@@ -362,7 +327,7 @@ class _DumpState:
         st = tty_pb2.TtyState()
         s = self.ctx.getfd(sp, sfd)
         try:
-            st.termios2 = _ioctl_ptr(s, TCGETS2, "TCGETS2", TERMIOS2.size, sp)
+            st.termios2 = ioctl_buf(s, TCGETS2, "TCGETS2", TERMIOS2.size, sp)
             _get_winsize(st, s, sp)
         finally:
             os.close(s)
@@ -443,7 +408,7 @@ def _ns(pid) -> str:
 def _opt_int(fd: int, req: int, name: str, pid: int) -> int:
     """An int-returning ioctl that says ENOTTY when there is nothing to say (no session)."""
     try:
-        return _get_int(fd, req, name, pid)
+        return get_int(fd, req, name, pid)
     except SysError as e:
         if e.errno in (errno.ENOTTY, errno.EIO):
             return 0
@@ -453,7 +418,7 @@ def _opt_int(fd: int, req: int, name: str, pid: int) -> int:
 def _describe(pid: int) -> str:
     try:
         return repr(proc.stat(pid)[2])
-    except Exception:
+    except SysError:
         return "gone"
 
 
@@ -505,43 +470,30 @@ def _holders_outside(tree: set[int], wanted: set[tuple[int, int]]) -> dict[tuple
 def _peer(master: int, flags: int, locked: bool) -> int:
     """A new description of the slave, via the master (its devpts, wherever mounted)."""
     if locked:
-        _set_int(master, TIOCSPTLCK, "TIOCSPTLCK", 0)
+        set_int(master, TIOCSPTLCK, "TIOCSPTLCK", 0)
     try:
-        return _ioctl_val(master, TIOCGPTPEER, "TIOCGPTPEER", flags | os.O_NOCTTY | O_CLOEXEC)
+        return ioctl(master, TIOCGPTPEER, "TIOCGPTPEER", flags | os.O_NOCTTY | O_CLOEXEC)
     finally:
         if locked:
-            _set_int(master, TIOCSPTLCK, "TIOCSPTLCK", 1)
+            set_int(master, TIOCSPTLCK, "TIOCSPTLCK", 1)
 
 
 def _get_winsize(st: tty_pb2.TtyState, fd: int, pid: int) -> None:
-    ws = _ioctl_ptr(fd, TIOCGWINSZ, "TIOCGWINSZ", WINSIZE.size, pid)
+    ws = ioctl_buf(fd, TIOCGWINSZ, "TIOCGWINSZ", WINSIZE.size, pid)
     st.rows, st.cols, st.xpixel, st.ypixel = WINSIZE.unpack(ws)
 
 
 def _set_termios(fd: int, t2: bytes) -> None:
-    _ioctl_ptr(fd, TCSETS2, "TCSETS2", t2)
+    ioctl_buf(fd, TCSETS2, "TCSETS2", t2)
 
 
-def _state(ctx, pid: int) -> _DumpState:
-    st = ctx.__dict__.get("_tty")
-    if st is None or pid not in st.tree:
-        st = ctx._tty = _DumpState(ctx, pid)
-    return st
-
-
-def check_tree(ctx, pid: int) -> None:
-    """Optional, for dump.py: run the tty checks (a process whose controlling terminal is
-    outside the tree needs --shell-job) even when no process holds a terminal fd."""
-    _state(ctx, pid)
-
-
-def dump(ctx, pid: int, fd: int, s: os.stat_result, link: str, info: dict, entry: files_pb2.FileEntry) -> None:
+def _dump(ctx, pid: int, fd: int, s: os.stat_result, link: str, info: dict, entry: files_pb2.FileEntry) -> None:
     major, minor = os.major(s.st_rdev), os.minor(s.st_rdev)
     if major not in PTY_SLAVE_MAJORS and (major, minor) not in ((TTYAUX_MAJOR, 0), (TTYAUX_MAJOR, 2)):
         raise UnsupportedError(f"process {pid}: fd {fd} is the terminal {link} (character device "
                                f"{major}:{minor}); only pseudo-terminals (/dev/ptmx, /dev/pts/N, /dev/tty "
                                "on one) can be checkpointed")
-    st = _state(ctx, pid)
+    st = ctx.state(KIND)
     if (pid, fd) not in st.fdmap:
         raise DumpError(f"process {pid}: fd {fd} ({link}) appeared while the tree was frozen")
     typ, key = st.fdmap[(pid, fd)]
@@ -576,13 +528,6 @@ def _key(f: files_pb2.FileEntry) -> tuple[int, int]:
     return (f.tty.devpts_dev, f.tty.index)
 
 
-def external_key(f: files_pb2.FileEntry) -> str | None:
-    """``tty[RDEV:DEV]`` (hex, as CRIU) for a shell job's terminal, for --inherit-fd."""
-    if f.kind == files_pb2.TTY and f.tty.external:
-        return f"tty[{f.tty.rdev:x}:{f.tty.devpts_dev:x}]"
-    return None
-
-
 class _RestoreState:
     """Per restore: what the pairs became, which sessions map where, what is done."""
 
@@ -592,6 +537,7 @@ class _RestoreState:
         self.sidmap: dict[int, int] = {}                 # image sid -> the restored session's leader
         self.fg_done: set[tuple[int, int]] = set()
         self.termios_done: set[tuple[int, int]] = set()
+        self.default_terminal = ""                      # a shell job's (_default_terminal)
         self._procs = None
 
     def procs(self) -> list:
@@ -607,14 +553,7 @@ class _RestoreState:
         return out
 
 
-def _rstate(ctx) -> _RestoreState:
-    st = ctx.__dict__.get("_tty")
-    if st is None:
-        st = ctx._tty = _RestoreState(ctx)
-    return st
-
-
-def check(ctx, pid: int, fde, f: files_pb2.FileEntry) -> None:
+def _check(ctx, pid: int, fde, f: files_pb2.FileEntry) -> None:
     t = f.tty
     if t.state.termios2 and len(t.state.termios2) != TERMIOS2.size:
         raise ImageError(f"file {f.id}: termios of {t.path} are {len(t.state.termios2)} bytes, "
@@ -630,10 +569,9 @@ def check(ctx, pid: int, fde, f: files_pb2.FileEntry) -> None:
 
 def _default_terminal(ctx, key: str = "tty[RDEV:DEV]") -> str:
     """The terminal a shell job is attached to: our stdin if a terminal, else our controlling tty."""
-    st = _rstate(ctx)
-    path = getattr(st, "default_terminal", None)
-    if path:
-        return path
+    st = ctx.state(KIND)
+    if st.default_terminal:
+        return st.default_terminal
     if os.isatty(0):
         path = os.ttyname(0)
     else:
@@ -651,23 +589,13 @@ def _default_terminal(ctx, key: str = "tty[RDEV:DEV]") -> str:
     return path
 
 
-def open(ctx, f: files_pb2.FileEntry) -> int:  # noqa: A001 - the kind interface's name
+def _open(ctx, f: files_pb2.FileEntry) -> int:
     if f.tty.external:
         return _open_external(ctx, f)
     key = _key(f)
     group = [e for e in ctx.files.values()
              if e.kind == files_pb2.TTY and _key(e) == key and (e.id == f.id or e.id not in ctx.opened)]
-    made: dict[int, int] = {}
-    try:
-        _open_pair(ctx, f, group, made)
-    except BaseException:
-        for fd in set(made.values()):
-            os.close(fd)
-        raise
-    for e in group:
-        if e.id != f.id:
-            ctx.remember(e.id, made[e.id])
-    return made[f.id]
+    return ctx.open_group(f, group, lambda made: _open_pair(ctx, f, group, made))
 
 
 def _open_external(ctx, f: files_pb2.FileEntry) -> int:
@@ -693,7 +621,7 @@ def _alloc_master(path: str, want: int) -> int:
                 if held:
                     break                 # out of ptys: the lowest one we hold will do
                 raise RestoreError(f"cannot open {path} to create pty {want}: {e.strerror}") from None
-            idx = _get_int(m, TIOCGPTN, "TIOCGPTN")
+            idx = get_int(m, TIOCGPTN, "TIOCGPTN")
             if idx == want:
                 return m
             held.append(m)
@@ -717,19 +645,19 @@ def _open_pair(ctx, f: files_pb2.FileEntry, group, made: dict[int, int]) -> None
     ptmx = t.ptmx_path or (f"{t.pts_dir}/ptmx" if t.pts_dir else "/dev/ptmx")
     m = _alloc_master(ptmx, t.index)
     made[masters[0].id] = m
-    index = _get_int(m, TIOCGPTN, "TIOCGPTN")
+    index = get_int(m, TIOCGPTN, "TIOCGPTN")
     pts_dir = t.pts_dir or "/dev/pts"
     if index != t.index:
         log.warning("pty %s/%d is taken; restored as %s/%d", pts_dir, t.index, pts_dir, index)
     need_peer = bool(slaves) or s.slave_closed
     if need_peer:
-        _set_int(m, TIOCSPTLCK, "TIOCSPTLCK", 0)
+        set_int(m, TIOCSPTLCK, "TIOCSPTLCK", 0)
     for e in slaves:
-        made[e.id] = _ioctl_val(m, TIOCGPTPEER, "TIOCGPTPEER", _acc(e.flags) | os.O_NOCTTY | O_CLOEXEC)
+        made[e.id] = ioctl(m, TIOCGPTPEER, "TIOCGPTPEER", _acc(e.flags) | os.O_NOCTTY | O_CLOEXEC)
     tmp = None
     try:
         if need_peer and (s.slave_closed or s.in_data or s.out_data):
-            tmp = _ioctl_val(m, TIOCGPTPEER, "TIOCGPTPEER", os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | O_CLOEXEC)
+            tmp = ioctl(m, TIOCGPTPEER, "TIOCGPTPEER", os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | O_CLOEXEC)
         if s.termios2:
             if tmp is not None and (s.in_data or s.out_data):
                 # back into the queues with processing and echo off, then the real termios
@@ -743,14 +671,14 @@ def _open_pair(ctx, f: files_pb2.FileEntry, group, made: dict[int, int]) -> None
                     _wait_queued(tmp, len(s.in_data))
             _set_termios(m, s.termios2)
         if s.rows or s.cols or s.xpixel or s.ypixel:
-            _ioctl_ptr(m, TIOCSWINSZ, "TIOCSWINSZ", WINSIZE.pack(s.rows, s.cols, s.xpixel, s.ypixel))
+            ioctl_buf(m, TIOCSWINSZ, "TIOCSWINSZ", WINSIZE.pack(s.rows, s.cols, s.xpixel, s.ypixel))
         if s.packet:
-            _set_int(m, TIOCPKT, "TIOCPKT", 1)
+            set_int(m, TIOCPKT, "TIOCPKT", 1)
     finally:
         if tmp is not None:
             os.close(tmp)             # with no other slave open, the master now reads EIO: a dead peer
     if s.locked:
-        _set_int(m, TIOCSPTLCK, "TIOCSPTLCK", 1)
+        set_int(m, TIOCSPTLCK, "TIOCSPTLCK", 1)
     for e in group:
         _set_flags(made[e.id], e.flags)
     pst = os.fstat(m)
@@ -759,7 +687,7 @@ def _open_pair(ctx, f: files_pb2.FileEntry, group, made: dict[int, int]) -> None
     if slaves:
         ident["devpts"] = os.fstat(made[slaves[0].id]).st_dev
         ident["path"] = os.readlink(f"/proc/self/fd/{made[slaves[0].id]}")
-    _rstate(ctx).ident[_key(f)] = ident
+    ctx.state(KIND).ident[_key(f)] = ident
 
 
 def _find_in(pid: int, ident: dict) -> int | None:
@@ -782,8 +710,8 @@ def _find_in(pid: int, ident: dict) -> int | None:
             try:
                 if int(proc.fdinfo(pid, int(name)).get("tty-index", -1)) == ident["index"]:
                     master = int(name)
-            except Exception:
-                pass
+            except SysError:
+                pass                        # closed meanwhile
     return master
 
 
@@ -800,7 +728,7 @@ def _ext_ident(ctx, f: files_pb2.FileEntry) -> dict:
 
 
 def _ident(ctx, f: files_pb2.FileEntry) -> dict | None:
-    st = _rstate(ctx)
+    st = ctx.state(KIND)
     key = _key(f)
     if key not in st.ident and f.tty.external:
         st.ident[key] = _ext_ident(ctx, f)
@@ -818,7 +746,7 @@ def after_setsid(ctx, stub, process) -> None:
        injection), before it forks the session's other members: they inherit it.
     Idempotent.
     """
-    st = _rstate(ctx)
+    st = ctx.state(KIND)
     pid = process.pid
     if (ctx.options.shell_job and pid == ctx.reader.inventory.root_pid and process.sid != pid
             and process.sid not in {p.pid for p in st.procs()}):
@@ -870,15 +798,15 @@ def _set_ctty(r, fd: int, external: bool, path: str, pid: int) -> None:
 def _has_ctty(host_pid: int, ident: dict) -> bool:
     try:
         return int(proc.stat(host_pid)[7]) == ident["rdev"]
-    except Exception:
-        return False
+    except SysError:
+        return False                        # gone
 
 
-def after_place(ctx, remote, pid: int, fds, f: files_pb2.FileEntry) -> None:
+def _after_place(ctx, remote, pid: int, fds, f: files_pb2.FileEntry) -> None:
     """With the process's fds in place: termios of a shell job's terminal, the controlling
     terminal of a leader (if after_setsid was not wired), the foreground process group,
     and /dev/tty descriptions reopened as /dev/tty."""
-    st = _rstate(ctx)
+    st = ctx.state(KIND)
     key = _key(f)
     t, s = f.tty, f.tty.state
     mine = [e for e in fds if e.id == f.id]
@@ -911,3 +839,32 @@ def after_place(ctx, remote, pid: int, fds, f: files_pb2.FileEntry) -> None:
         for e in mine:
             remote.syscall("dup3", new, e.fd, O_CLOEXEC if e.cloexec else 0)
         remote.syscall("close", new)
+
+
+def external_key(f: files_pb2.FileEntry) -> str | None:
+    """``tty[RDEV:DEV]`` (hex, as CRIU) for a shell job's terminal, for --inherit-fd."""
+    if f.kind == files_pb2.TTY and f.tty.external:
+        return f"tty[{f.tty.rdev:x}:{f.tty.devpts_dev:x}]"
+    return None
+
+
+class Tty(FileKind):
+    """Dump state: _DumpState, made by prepare for every tree (the controlling terminals are
+    checked even when no process holds a terminal fd); restore state: _RestoreState."""
+
+    new_dump_state = staticmethod(_DumpState)
+    new_restore_state = staticmethod(_RestoreState)
+    dump = staticmethod(_dump)
+    check = staticmethod(_check)
+    open = staticmethod(_open)
+    after_place = staticmethod(_after_place)
+    external_key = staticmethod(external_key)
+
+    def prepare(self, ctx, tree) -> None:
+        ctx.state(self)
+
+    def facts(self, f) -> dict:
+        return dict(external=bool(f.tty.external))
+
+
+KIND = Tty()

@@ -69,6 +69,7 @@ from ..errors import DumpError, EngineError, ImageError, RestoreError, Unsupport
 from ..images import files_pb2, unix_pb2
 from ..sys import sockdiag
 from ..sys.sockdiag import TCP_ESTABLISHED, TCP_LISTEN
+from .kind import Built, BuiltTogether, by_ino
 
 log = logging.getLogger(__name__)
 
@@ -112,16 +113,12 @@ def _norm(name: bytes | str | None) -> bytes:
     return bytes(name).split(b"\0", 1)[0]
 
 
-def external_key(f: files_pb2.FileEntry) -> str:
-    return f"socket:[{f.unix.ino}]"
-
-
 # ----------------------------------------------------------------------------- dump
 
 class _DumpState:
     """Per dump: the kernel's table of unix sockets and the inodes of the tree's sockets."""
 
-    def __init__(self, pid: int):
+    def __init__(self, ctx):
         self.diag = sockdiag.unix_sockets()
         self.listener_of: dict[int, sockdiag.UnixDiag] = {}      # client inode -> its listener
         self.listening_names: dict[bytes, int] = {}
@@ -132,32 +129,12 @@ class _DumpState:
                         self.listener_of[c] = d
                 if d.name:
                     self.listening_names[_norm(d.name)] = d.ino
-        self.pids: set[int] = set()
-        self.inodes: set[int] = set()
+        self.inodes = ctx.inodes(files_pb2.UNIX)     # and the sockets found in flight
         self.unresolved: list[tuple] = []   # (entry, peer inode, kind if found, error): see dump_done
-        self.add_tree(pid)
-
-    def add_tree(self, pid: int) -> None:
-        for p in sockdiag.frozen_tree(pid):
-            if p not in self.pids:
-                self.pids.add(p)
-                try:
-                    self.inodes |= sockdiag.socket_inodes(p)
-                except OSError:
-                    pass        # a zombie has no fds
 
 
-def _state(ctx, pid: int) -> _DumpState:
-    st = ctx.__dict__.get("_unix")
-    if st is None:
-        st = ctx._unix = _DumpState(pid)
-    elif pid not in st.pids and pid != os.getpid():     # the engine holds only files in flight
-        st.add_tree(pid)
-    return st
-
-
-def dump(ctx, pid: int, fd: int, s: os.stat_result, link: str, info: dict, entry: files_pb2.FileEntry) -> None:
-    st = _state(ctx, pid)
+def _dump(ctx, pid: int, fd: int, s: os.stat_result, link: str, info: dict, entry: files_pb2.FileEntry) -> None:
+    st = ctx.state(KIND)
     ino = s.st_ino
     d = st.diag.get(ino) or sockdiag.unix_sockets(ino).get(ino)
     if d is None:
@@ -307,11 +284,11 @@ def _external(ctx, st: _DumpState, pid: int, fd: int, d: sockdiag.UnixDiag, u, p
     st.unresolved.append((u, peer, if_found, err))
 
 
-def dump_done(ctx) -> None:
+def _dump_done(ctx) -> None:
     """Peers that looked external: in the tree after all if they were found in flight."""
-    st = ctx.__dict__.get("_unix")
-    if st is None:
+    if not any(f.kind == files_pb2.UNIX for f in ctx.files):
         return
+    st = ctx.state(KIND)
     for u, peer, if_found, err in st.unresolved:
         if peer in st.inodes:
             u.peer_kind, u.external = if_found, False
@@ -430,10 +407,17 @@ class _InFlight:
         self.fd = f"(in flight on unix socket:[{ino}])"
 
 
-def check(ctx, pid: int, fde, f: files_pb2.FileEntry) -> None:
+class _RestoreState(Built):
+    def __init__(self, ctx):
+        self.checked: set[int] = set()      # files in flight, each checked once
+        self.diag: dict | None = None       # unix_diag, for external peers' abstract names
+
+
+def _check(ctx, pid: int, fde, f: files_pb2.FileEntry) -> None:
     u = f.unix
+    st = ctx.state(KIND)
     # the files in flight on it, each checked once (a socket in flight may hold itself)
-    checked = ctx.__dict__.setdefault("_in_flight_checked", set())
+    checked = st.checked
     for p in u.queue:
         for fid in p.fds:
             g = ctx.files.get(fid)
@@ -463,9 +447,9 @@ def check(ctx, pid: int, fde, f: files_pb2.FileEntry) -> None:
         raise RestoreError(f"{what} and had no name to reconnect to; hand in a replacement with "
                            f"--inherit-fd fd[N]:socket:[{u.ino}], or give one with --ext-unix-sk={u.ino}=PATH")
     if name[:1] == b"\0":
-        table = ctx.__dict__.get("_unix_diag")
-        if table is None:
-            table = ctx._unix_diag = sockdiag.unix_sockets()
+        if st.diag is None:
+            st.diag = sockdiag.unix_sockets()
+        table = st.diag
         need_listen = u.type != socket.SOCK_DGRAM
         if not any(_norm(d.name) == name and (d.listening or not need_listen)
                    for d in table.values() if d.name):
@@ -491,25 +475,10 @@ def _reconnect_name(ctx, u) -> bytes:
     return bytes(u.peer_name)
 
 
-def open(ctx, f: files_pb2.FileEntry) -> int:  # noqa: A001 - the kind interface's name
-    r = ctx.__dict__.get("_unix")
-    if r is None:
-        r = ctx._unix = _Restorer(ctx)
-        r.run()
-    fd = ctx.opened.get(f.id)
-    if fd is None:
-        raise RestoreError(f"unix socket:[{f.unix.ino}] (file {f.id}) could not be recreated")
-    return fd
-
-
 class _Restorer:
     def __init__(self, ctx):
         self.ctx = ctx
-        self.ents: dict[int, files_pb2.FileEntry] = {}
-        for f in sorted(ctx.files.values(), key=lambda e: e.id):
-            if f.kind == files_pb2.UNIX:
-                self.ents[f.unix.ino] = f
-        self.inh = {ino for ino, f in self.ents.items() if ctx.inherited(f) is not None}
+        self.ents, self.inh = by_ino(ctx, files_pb2.UNIX, "unix")
         self.socks: dict[int, socket.socket] = {}
         self.others: dict[int, socket.socket] = {}   # ino -> the other end of its pair (closed at the end)
         self.writer: dict[int, socket.socket] = {}   # ino -> the socket that writes its queue back
@@ -839,3 +808,28 @@ class _Restorer:
         name = f" ({_show(u.name)})" if u.name else ""
         return RestoreError(f"cannot {what} unix {_TYPES.get(u.type, u.type)} socket:[{u.ino}]{name}: "
                             f"{e.strerror or e}")
+
+
+class Unix(BuiltTogether):
+    """Dump state: _DumpState; every socket is built at the first open (_Restorer)."""
+
+    new_dump_state = staticmethod(_DumpState)
+    new_restore_state = staticmethod(_RestoreState)
+    dump = staticmethod(_dump)
+    dump_done = staticmethod(_dump_done)
+    check = staticmethod(_check)
+
+    def build(self, ctx) -> None:
+        _Restorer(ctx).run()
+
+    def name(self, f) -> str:
+        return f"unix socket:[{f.unix.ino}]"
+
+    def external_key(self, f) -> str:
+        return f"socket:[{f.unix.ino}]"
+
+    def facts(self, f) -> dict:
+        return dict(ino=f.unix.ino, external=bool(f.unix.external or f.unix.peer_kind == unix_pb2.EXTERNAL))
+
+
+KIND = Unix()

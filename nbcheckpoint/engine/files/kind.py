@@ -1,0 +1,98 @@
+"""The contract of an fd kind (CRIU's fdtype_ops / file_desc_ops): one object per kind, in
+``files.KINDS``, whose methods are called in the order written here; every one has a no-op
+default (docs/engine.md, "Fd kinds").  A kind keeps its state across calls in
+``ctx.state(kind)``, made at first use by ``new_dump_state`` / ``new_restore_state``.
+"""
+from __future__ import annotations
+
+import os
+
+from ..errors import RestoreError
+from ..images import files_pb2
+
+
+class FileKind:
+    # -- dump
+    def new_dump_state(self, ctx):
+        """This kind's state for one dump (``ctx.state(self)``)."""
+        return None
+
+    def prepare(self, ctx, tree: dict) -> None:
+        """Once the tree is frozen, before any fd is dumped; `tree` is ``ctx.tree``: every
+        process's fds as ``{pid: [TreeFd(fd, kind, stat, link)]}``."""
+
+    def dump(self, ctx, pid: int, fd: int, s: os.stat_result, link: str, info: dict,
+             entry: files_pb2.FileEntry) -> None:
+        """Fill entry's payload for process pid's fd (s, link, info: its stat, link, fdinfo)."""
+        raise NotImplementedError
+
+    def dump_done(self, ctx) -> None:
+        """After every process's fds (and the files in flight) are dumped."""
+
+    # -- restore
+    def new_restore_state(self, ctx):
+        """This kind's state for one restore (``ctx.state(self)``)."""
+        return None
+
+    def check(self, ctx, pid: int, fde, f: files_pb2.FileEntry) -> None:
+        """Before any process exists: raise RestoreError (or ImageError) if f cannot be
+        opened; fde.fd names it in messages."""
+
+    def open(self, ctx, f: files_pb2.FileEntry) -> int:
+        """An engine fd for the description f (a kind making several at once hands the
+        others to ctx.remember)."""
+        raise NotImplementedError
+
+    def after_place(self, ctx, remote, pid: int, fds, f: files_pb2.FileEntry) -> None:
+        """State that needs the process's own fd numbers (remote: injection into it)."""
+
+    def external_key(self, f: files_pb2.FileEntry) -> str | None:
+        """"socket:[INO]", "pipe:[INO]" ... for --inherit-fd, or None."""
+        return None
+
+    # -- show
+    def describe(self, f: files_pb2.FileEntry) -> str:
+        """One line about the entry for ``nbcheckpoint show``: its payload, whatever it is."""
+        for field, payload in f.ListFields():
+            if field.message_type is not None:
+                return f"flags {f.flags:#o} {field.name} {{{' '.join(str(payload).split())}}}"
+        return f"flags {f.flags:#o}"
+
+    def facts(self, f: files_pb2.FileEntry) -> dict:
+        """Kind-specific fields of ``show.objects`` (e.g. an inet socket's port)."""
+        return {}
+
+
+def by_ino(ctx, kind: int, payload: str) -> tuple[dict[int, files_pb2.FileEntry], set[int]]:
+    """A socket kind's entries by inode, in id order, and the inodes handed in with --inherit-fd."""
+    ents = {getattr(f, payload).ino: f for f in sorted(ctx.files.values(), key=lambda e: e.id) if f.kind == kind}
+    return ents, {ino for ino, f in ents.items() if ctx.inherited(f) is not None}
+
+
+class Built:
+    """The restore state of a BuiltTogether kind (a kind may subclass it to keep more)."""
+    built = False
+
+
+class BuiltTogether(FileKind):
+    """A kind whose descriptions are all made at its first open() (sockets: a connection
+    needs both ends, and the order matters); ``build`` hands each to ctx.remember()."""
+
+    def new_restore_state(self, ctx) -> Built:
+        return Built()
+
+    def build(self, ctx) -> None:
+        raise NotImplementedError
+
+    def name(self, f: files_pb2.FileEntry) -> str:
+        raise NotImplementedError
+
+    def open(self, ctx, f: files_pb2.FileEntry) -> int:
+        st = ctx.state(self)
+        if not st.built:
+            st.built = True         # once, even if it fails
+            self.build(ctx)
+        fd = ctx.opened.get(f.id)
+        if fd is None:
+            raise RestoreError(f"{self.name(f)} (file {f.id}) could not be recreated")
+        return fd
