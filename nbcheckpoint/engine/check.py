@@ -7,7 +7,6 @@ probes are always killed and reaped, whatever happens.
 """
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import mmap
 import os
@@ -16,8 +15,8 @@ import struct
 from dataclasses import dataclass
 
 from . import errors
-from .sys import memory, proc, ptrace, x86_64
-from .sys.libc import PAGE_SIZE, syscall
+from .sys import memory, proc, ptrace, spawn, waitstatus, x86_64
+from .sys.libc import PAGE_SIZE, address_of, syscall
 from .sys.x86_64 import NR
 
 
@@ -63,7 +62,7 @@ def _kill_and_reap(pid: int) -> None:
             _, status = ptrace.wait(pid)
         except errors.SysError:
             return
-        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+        if not waitstatus.stopped(status):
             return
 
 
@@ -81,7 +80,7 @@ class _Child:
 
     def __enter__(self):
         self.seized = False
-        self.rw = ctypes.create_string_buffer(b"P" * PAGE_SIZE, PAGE_SIZE)
+        self.rw = bytearray(b"P" * PAGE_SIZE)
         self.ro = syscall(NR["mmap"], 0, PAGE_SIZE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0,
                           request="mmap")
         self.pipe_r, self.pipe_w = os.pipe()
@@ -110,7 +109,7 @@ def _seize(c: _Child) -> str:
     ptrace.seize(c.pid)
     ptrace.interrupt(c.pid)
     _, status = ptrace.wait(c.pid)
-    if not (os.WIFSTOPPED(status) and ptrace.stop_event(status) == ptrace.PTRACE_EVENT_STOP):
+    if not (waitstatus.stopped(status) and waitstatus.stop_event(status) == ptrace.PTRACE_EVENT_STOP):
         raise RuntimeError(f"child did not enter a PTRACE_EVENT_STOP (status {status:#x})")
     c.seized = True
     regs = ptrace.getregs(c.pid)
@@ -150,12 +149,10 @@ def _pidfd(c: _Child) -> str:
 
 
 def _vm_rw(c: _Child) -> str:
-    addr = ctypes.addressof(c.rw)
-    src = ctypes.create_string_buffer(b"W" * PAGE_SIZE, PAGE_SIZE)
-    memory.vm_write(c.pid, ctypes.addressof(src), [(addr, PAGE_SIZE)])
-    back = ctypes.create_string_buffer(PAGE_SIZE)
-    memory.vm_read(c.pid, ctypes.addressof(back), [(addr, PAGE_SIZE)])
-    if back.raw != src.raw or c.rw.raw != b"P" * PAGE_SIZE:
+    addr = address_of(c.rw)
+    src = b"W" * PAGE_SIZE
+    memory.write_bytes(c.pid, addr, src)
+    if memory.read_bytes(c.pid, addr, PAGE_SIZE) != src or c.rw != b"P" * PAGE_SIZE:
         raise RuntimeError("data read back differs from data written")
     return "wrote and read back a page of a child"
 
@@ -185,12 +182,8 @@ def _clone3_set_tid() -> str:
         code = 1
         try:
             for want in candidates:
-                tid = ctypes.c_int(want)
-                # struct clone_args (VER2, 88 bytes): exit_signal=SIGCHLD, set_tid, set_tid_size=1
-                args = (ctypes.c_uint64 * 11)(0, 0, 0, 0, signal.SIGCHLD, 0, 0, 0,
-                                              ctypes.addressof(tid), 1, 0)
                 try:
-                    got = syscall(NR["clone3"], args, ctypes.sizeof(args), request="clone3")
+                    got = spawn.fork_with_pid(want)
                 except errors.SysError as e:
                     if e.errno == 17:    # EEXIST: taken meanwhile, try the next one
                         continue
@@ -224,9 +217,7 @@ def _pagemap_scan() -> str:
     buf = mmap.mmap(-1, 4 * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: anonymous pages
     buf[0:1] = b"x"                    # touch pages 0 and 2 only
     buf[2 * PAGE_SIZE:2 * PAGE_SIZE + 1] = b"x"
-    ref = ctypes.c_char.from_buffer(buf)
-    addr = ctypes.addressof(ref)
-    del ref
+    addr = address_of(buf)
     scanner = memory.PagemapScanner(os.getpid())
     try:
         runs = scanner.data_runs(addr, addr + 4 * PAGE_SIZE, anon_only=True)
@@ -240,13 +231,13 @@ def _pagemap_scan() -> str:
 
 
 def _mm_map() -> str:
-    size = ctypes.c_uint(0)
-    syscall(NR["prctl"], PR_SET_MM, PR_SET_MM_MAP_SIZE, ctypes.addressof(size), 0, 0,
+    size = bytearray(4)
+    syscall(NR["prctl"], PR_SET_MM, PR_SET_MM_MAP_SIZE, address_of(size), 0, 0,
             request="prctl(PR_SET_MM_MAP_SIZE)")
     caps = _cap_eff()
     if not caps >> CAP_CHECKPOINT_RESTORE & 1 and not caps >> CAP_SYS_ADMIN & 1:
         raise RuntimeError("present, but setting it needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN")
-    return f"struct prctl_mm_map is {size.value} bytes"
+    return f"struct prctl_mm_map is {int.from_bytes(size, 'little')} bytes"
 
 
 def _userfaultfd() -> str:
@@ -278,9 +269,7 @@ def _kcmp() -> str:
 
 def _soft_dirty() -> str:
     buf = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    ref = ctypes.c_char.from_buffer(buf)
-    addr = ctypes.addressof(ref)
-    del ref
+    addr = address_of(buf)
     try:
         buf[0:1] = b"a"
         with open("/proc/self/clear_refs", "w") as f:

@@ -38,7 +38,6 @@ WIPEONFORK (a child's view of them is not the parent's).
 from __future__ import annotations
 
 import bisect
-import ctypes
 import errno
 import mmap
 import os
@@ -50,7 +49,7 @@ from .images import mm_pb2
 from .images.imagedir import BLOCK
 from .mm import PROT_WRITE
 from .sys import uffd
-from .sys.libc import PAGE_SIZE
+from .sys.libc import PAGE_SIZE, address_of
 from .sys.memory import PagemapScanner, ProcMem, pidfd_getfd, pidfd_open
 
 LAZY_MIN = 1 << 20          # VMAs with less saved data are written at restore
@@ -164,7 +163,7 @@ class PageServer:
         self.waiting: list[tuple[_Space, int]] = []   # faults read but not served yet
         self._buf = mmap.mmap(-1, STREAM + 2 * BLOCK)
         self._view = memoryview(self._buf)
-        self._addr = ctypes.addressof(ctypes.c_char.from_buffer(self._buf))
+        self._addr = address_of(self._buf)
         self._srcs = []
 
     # --- restore side: one process at a time, while it is stopped ---------------------
@@ -256,9 +255,7 @@ class PageServer:
 
     def _kill_tree(self) -> None:
         from . import pstree
-        if self.init.release_fd >= 0:
-            os.close(self.init.release_fd)      # the lifeline ends: the init exits...
-            self.init.release_fd = -1
+        self.init.release_fd.close()            # the lifeline ends: the init exits...
         pstree.kill(self.init.pid)              # ...or is killed, and the namespace with it
 
     def close(self) -> None:

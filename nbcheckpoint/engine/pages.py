@@ -11,7 +11,6 @@ chunks, whatever the target's size.
 """
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from .errors import ImageError
 from .images import pagemap_pb2
 from .mm import PROT_READ, PROT_WRITE, VmaIndex
-from .sys.libc import PAGE_SIZE
+from .sys.libc import PAGE_SIZE, address_of
 from .sys.memory import PagemapScanner, ProcMem, vm_read, vm_write
 
 CHUNK = 16 << 20
@@ -28,7 +27,7 @@ CHUNK = 16 << 20
 class _Buffer:
     def __init__(self, size: int = CHUNK):
         self.mem = mmap.mmap(-1, size)
-        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.mem))
+        self.addr = address_of(self.mem)
         self.view = memoryview(self.mem)
 
 
@@ -276,7 +275,7 @@ def restore_shmem(reader, vma) -> int:
         os.ftruncate(fd, size)
     else:
         m = mmap.mmap(-1, max(size, PAGE_SIZE), flags=mmap.MAP_SHARED)
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        addr = address_of(m)
         fd = os.open(f"/proc/self/map_files/{addr:x}-{addr + len(m):x}", os.O_RDWR | os.O_CLOEXEC)
         # the object lives on through fd; the engine's mapping is dropped with m
     entries = reader.messages(f"pagemap-{name}.img", pagemap_pb2.PagemapEntry)

@@ -29,7 +29,6 @@ Any failure kills every stub: no half-restored process is ever left running.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import dataclasses
 import fcntl
@@ -46,7 +45,7 @@ from .files import locks, tty
 from .images import core_pb2, files_pb2, imagedir, mm_pb2, pstree_pb2
 from .inject import BATCH_AREA, Remote
 from .options import Options
-from .sys import proc, ptrace, x86_64
+from .sys import proc, ptrace, spawn, x86_64
 from .sys.libc import PAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -73,9 +72,8 @@ class RestoreResult:
 
     def end(self) -> None:
         """Options.lifeline: end the lifeline now -- the init exits and the namespace dies."""
-        if self.init is not None and self.init.release_fd >= 0:
-            os.close(self.init.release_fd)
-            self.init.release_fd = -1
+        if self.init is not None:
+            self.init.release_fd.close()
 
 
 class _Proc:
@@ -228,8 +226,7 @@ def restore(images_dir, progress=None, options: Options | None = None) -> Restor
             if server is not None:
                 server.close()
             if init is not None:
-                if init.release_fd >= 0:
-                    os.close(init.release_fd)
+                init.release_fd.close()
                 pstree.kill(init.pid)
         for fd in engine_fds:
             os.close(fd)
@@ -412,9 +409,9 @@ def _clone_thread(r: Remote, vtid: int) -> int:
     """A thread with TID `vtid` (as the process sees it); returns its TID as we see it."""
     s = r.scratch
     r.write(s + 256, struct.pack("<i", vtid))
-    args = pstree.CloneArgs(flags=pstree.CLONE_THREAD_FLAGS, set_tid=s + 256, set_tid_size=1)
-    r.write(s, bytes(args))
-    new = r.syscall("clone3", s, ctypes.sizeof(args))
+    args = spawn.clone_args(flags=pstree.CLONE_THREAD_FLAGS, set_tid=s + 256, set_tid_size=1)
+    r.write(s, args)
+    new = r.syscall("clone3", s, len(args))
     if new != vtid:
         raise RestoreError(f"thread {vtid} came back as {new}")
     host = r.clone_tids[-1]

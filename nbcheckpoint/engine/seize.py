@@ -18,7 +18,7 @@ import time
 
 from .errors import DumpError, EngineError, SysError
 from .sigframe import SNAPSHOT_EXIT
-from .sys import proc, ptrace
+from .sys import proc, ptrace, waitstatus
 
 PTRACE_EVENT_FORK, PTRACE_EVENT_VFORK = 1, 2
 _OPTIONS = ptrace.PTRACE_O_TRACESYSGOOD | ptrace.PTRACE_O_TRACECLONE | 0x2 | 0x4      # TRACEFORK, TRACEVFORK
@@ -114,10 +114,10 @@ class FrozenTree:
         """Wait until tid is in PTRACE_EVENT_STOP; False if it died instead."""
         while True:
             _, status = ptrace.wait(tid)
-            if (status & 0xFF) != 0x7F:
+            if not waitstatus.stopped(status):
                 self._traced.discard(tid)
                 return False
-            event = ptrace.stop_event(status)
+            event = waitstatus.stop_event(status)
             if event == ptrace.PTRACE_EVENT_STOP:
                 return True
             if event in (ptrace.PTRACE_EVENT_CLONE, PTRACE_EVENT_FORK, PTRACE_EVENT_VFORK):
@@ -128,7 +128,7 @@ class FrozenTree:
                 ptrace.interrupt(tid)
                 continue
             # A signal arrived before our interrupt: deliver it, then stop.
-            ptrace.cont(tid, (status >> 8) & 0xFF)
+            ptrace.cont(tid, waitstatus.stop_signal(status))
             ptrace.interrupt(tid)
 
     # --- release ----------------------------------------------------------------
@@ -159,7 +159,7 @@ class FrozenTree:
         for pid in reversed(self.order):
             for tid in sorted(self.tids[pid], key=lambda t: t == pid):
                 try:
-                    while (ptrace.wait(tid)[1] & 0xFF) == 0x7F:
+                    while waitstatus.stopped(ptrace.wait(tid)[1]):
                         pass
                 except SysError:
                     pass
@@ -186,11 +186,11 @@ def interrupt_one(pid: int) -> int | None:
         ptrace.interrupt(tid)
         while True:
             _, status = ptrace.wait(tid)
-            if (status & 0xFF) != 0x7F:
+            if not waitstatus.stopped(status):
                 break                               # it exited meanwhile
-            if ptrace.stop_event(status) == ptrace.PTRACE_EVENT_STOP:
+            if waitstatus.stop_event(status) == ptrace.PTRACE_EVENT_STOP:
                 return tid
-            ptrace.cont(tid, (status >> 8) & 0xFF)  # a signal came first: deliver it
+            ptrace.cont(tid, waitstatus.stop_signal(status))  # a signal came first: deliver it
             ptrace.interrupt(tid)
     return None
 

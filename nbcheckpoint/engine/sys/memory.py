@@ -71,6 +71,17 @@ def vm_write(pid: int, local_addr: int, remote: list[tuple[int, int]]) -> int:
     return _vm_rw(libc.process_vm_writev, "process_vm_writev", pid, local_addr, remote)
 
 
+def read_bytes(pid: int, addr: int, size: int) -> bytes:
+    buf = ctypes.create_string_buffer(size)
+    vm_read(pid, ctypes.addressof(buf), [(addr, size)])
+    return buf.raw
+
+
+def write_bytes(pid: int, addr: int, data) -> None:
+    buf = ctypes.create_string_buffer(bytes(data), len(data))
+    vm_write(pid, ctypes.addressof(buf), [(addr, len(data))])
+
+
 class ProcMem:
     """/proc/PID/mem, for pages that process_vm_* cannot reach."""
 
