@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .engine.images import names
+
 DIR_ENV = "NBCHECKPOINT_DIR"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _PARTIAL = re.compile(r"\.(.+)\.partial-(\d+)")
@@ -99,7 +101,7 @@ class Store:
             raise StoreError(f"checkpoint {name!r} in {self.root} is damaged: its meta.json is missing") from None
         except ValueError as e:
             raise StoreError(f"checkpoint {name!r} in {self.root} is damaged: meta.json is not JSON ({e})") from None
-        if not (p / "image" / "inventory.img").is_file():
+        if not (p / "image" / names.INVENTORY).is_file():
             raise StoreError(f"checkpoint {name!r} in {self.root} is damaged: its image is missing")
         return Checkpoint(name, p, meta)
 

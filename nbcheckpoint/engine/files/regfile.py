@@ -21,7 +21,7 @@ import platform
 import stat
 
 from ..errors import RestoreError
-from ..images import files_pb2
+from ..images import files_pb2, names
 from ..mm import file_stat
 
 # (major, minor) of devices whose state is just their path: mem(4) / random(4).
@@ -43,7 +43,7 @@ def dump(ctx, pid: int, fd: int, s: os.stat_result, link: str, info: dict, entry
 
 
 def _save_content(pid: int, fd: int, img, fid: int) -> None:
-    out = img.raw(f"file-{fid}.img")
+    out = img.raw(names.file_data(fid))
     # Through /proc/PID/fd we get our own open file description: the target's offset is untouched.
     src = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -140,7 +140,7 @@ def open(ctx, f: files_pb2.FileEntry) -> int:  # noqa: A001 - the kind interface
 
 def _recreate_deleted(reader, f: files_pb2.FileEntry, flags: int) -> int:
     r = f.reg
-    data = reader.read_bytes(f"file-{f.id}.img")
+    data = reader.read_bytes(names.file_data(f.id))
     d = os.path.dirname(r.stat.path) or "/"
     base = r.stat.path if not os.path.exists(r.stat.path) else os.path.join(
         d, f".nbcheckpoint-ghost-{os.getpid()}-{f.id}")

@@ -35,10 +35,10 @@ import xxhash
 
 from ..errors import ImageError
 from . import inventory_pb2
+from .names import INVENTORY
 
 FORMAT_VERSION = 2          # 2: page data checked per block
 MAGIC = b"NBCKIMG\x01"
-INVENTORY = "inventory.img"
 _LEN = struct.Struct("<I")
 MAX_MESSAGE = 64 << 20
 BLOCK = 256 << 10           # page data checksum block: what lazy restore reads per fault
@@ -115,9 +115,9 @@ class PagesWriter(_HashingFile):
 
 
 class MessageWriter(_HashingFile):
-    def __init__(self, path: str, type_name: str):
+    def __init__(self, path: str, msg_cls):
         super().__init__(path)
-        name = type_name.encode()
+        name = msg_cls.DESCRIPTOR.full_name.encode()
         self.write(MAGIC + struct.pack("<H", len(name)) + name)
 
     def add(self, msg) -> None:
@@ -145,8 +145,8 @@ class ImageWriter:
     def path(self, name: str) -> str:
         return os.path.join(self.tmp, name)
 
-    def messages(self, name: str, type_name: str) -> MessageWriter:
-        w = MessageWriter(self.path(name), type_name)
+    def messages(self, name: str, msg_cls) -> MessageWriter:
+        w = MessageWriter(self.path(name), msg_cls)
         self._files.append(w)
         return w
 
@@ -173,7 +173,7 @@ class ImageWriter:
         self.finish_files()
         inv.format_version = FORMAT_VERSION
         inv.files.extend(self._sums)
-        w = MessageWriter(self.path(INVENTORY), "nbcheckpoint.images.Inventory")
+        w = MessageWriter(self.path(INVENTORY), inventory_pb2.Inventory)
         w.add(inv)
         # The inventory checks itself: a trailing checksum of all bytes before it.
         digest = w.hash.digest()
@@ -234,7 +234,7 @@ class ImageReader:
         body, digest = raw[:-16], raw[-16:]
         if xxhash.xxh3_128_digest(body) != digest:
             raise ImageError(f"{inv_path} is corrupted (checksum mismatch)")
-        msgs = list(_parse_messages(body, inv_path, "nbcheckpoint.images.Inventory", inventory_pb2.Inventory))
+        msgs = list(_parse_messages(body, inv_path, inventory_pb2.Inventory))
         if len(msgs) != 1:
             raise ImageError(f"{inv_path} holds {len(msgs)} inventories, expected 1")
         self.inventory = msgs[0]
@@ -273,7 +273,7 @@ class ImageReader:
 
     def messages(self, name: str, msg_cls) -> list:
         data = self.read_bytes(name)
-        return list(_parse_messages(data, os.path.join(self.dir, name), msg_cls.DESCRIPTOR.full_name, msg_cls))
+        return list(_parse_messages(data, os.path.join(self.dir, name), msg_cls))
 
     def open_pages(self, name: str) -> "PagesReader":
         s = self._sum(name)
@@ -378,8 +378,9 @@ class PagesReader:
             self.fd = -1
 
 
-def _parse_messages(data: bytes, path: str, type_name: str, msg_cls):
+def _parse_messages(data: bytes, path: str, msg_cls):
     from google.protobuf.message import DecodeError
+    type_name = msg_cls.DESCRIPTOR.full_name
     if data[:len(MAGIC)] != MAGIC:
         raise ImageError(f"{path} is not an nbcheckpoint image file (bad magic)")
     pos = len(MAGIC)
