@@ -66,11 +66,6 @@ def _kill_and_reap(pid: int) -> None:
             return
 
 
-def _read_int(path: str) -> int:
-    with open(path) as f:
-        return int(f.read())
-
-
 class _Child:
     """A forked child that just sleeps, with memory and fds we know.
 
@@ -173,8 +168,8 @@ def _clone3_set_tid() -> str:
     only safe from a single-threaded process, hence the helper.  It reports
     through its exit code: 0 ok, 1 every candidate taken, else an errno.
     """
-    last = _read_int("/proc/sys/kernel/ns_last_pid")
-    pid_max = _read_int("/proc/sys/kernel/pid_max")
+    last = proc.sysctl_int("kernel/ns_last_pid")
+    pid_max = proc.sysctl_int("kernel/pid_max")
     candidates = [p for p in ((last + d) % pid_max for d in range(200, 1200, 97))
                   if p > 300 and not proc.exists(p)][:5]
     helper = os.fork()
@@ -272,12 +267,9 @@ def _soft_dirty() -> str:
     addr = address_of(buf)
     try:
         buf[0:1] = b"a"
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("4")                # clear soft-dirty bits
+        proc.clear_soft_dirty()
         buf[0:1] = b"b"                 # ... so this write must set ours again
-        with open("/proc/self/pagemap", "rb") as f:
-            f.seek(addr // PAGE_SIZE * 8)
-            entry = struct.unpack("Q", f.read(8))[0]
+        entry = proc.pagemap_entry(addr, PAGE_SIZE)
     finally:
         buf.close()
     if not entry & PM_SOFT_DIRTY:
@@ -287,10 +279,7 @@ def _soft_dirty() -> str:
 
 
 def _cap_eff() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("CapEff:"):
-            return int(line.split()[1], 16)
-    return 0
+    return int(proc.status("self")["CapEff"], 16)
 
 
 def _cap_sys_resource() -> str:

@@ -191,13 +191,13 @@ class PidView:
     """
 
     def __init__(self, root: int, frozen: FrozenTree):
-        self.separate = os.readlink(f"/proc/{root}/ns/pid") != os.readlink("/proc/self/ns/pid")
+        ns = proc.link(root, "ns/pid")
+        self.separate = ns != proc.link("self", "ns/pid")
         self.tree = set(frozen.order) | set(frozen.zombies)
         self.map: dict[int, int] = {}
         if self.separate:
-            ns = os.readlink(f"/proc/{root}/ns/pid")
             for p in self.tree:
-                if os.readlink(f"/proc/{p}/ns/pid") != ns:
+                if proc.link(p, "ns/pid") != ns:
                     raise DumpError(f"process {p} lives in another PID namespace than the root {root}: "
                                     "nested PID namespaces are not supported")
 

@@ -44,7 +44,7 @@ import os
 import select
 import time
 
-from .errors import ImageError, LazyError, SysError
+from .errors import ImageError, LazyError, ProcessGone, SysError
 from .images import mm_pb2
 from .images.imagedir import BLOCK
 from .mm import PROT_WRITE
@@ -333,18 +333,12 @@ class PageServer:
                 except SysError as err:
                     if err.errno == errno.EAGAIN:
                         return False
-                    if err.errno == errno.ESRCH:
-                        self._drop(sp)
-                        return True
                     if err.errno not in (errno.EEXIST, errno.ENOENT):
-                        raise
+                        raise                               # ProcessGone too: see below
             if sp in self.spaces:
                 uffd.wake(sp.fd, page, PAGE_SIZE, sp.pid)
-        except SysError as err:
-            if err.errno == errno.ESRCH:
-                self._drop(sp)
-                return True
-            raise
+        except ProcessGone:
+            self._drop(sp)
         return True
 
     def _fill(self, sp: _Space, start: int, end: int, off: int) -> bool:
@@ -356,12 +350,12 @@ class PageServer:
         while pos < end:
             try:
                 n = uffd.copy(sp.fd, pos, self._addr + (pos - start), min(step, end - pos), sp.pid)
+            except ProcessGone:
+                self._drop(sp)
+                return True
             except SysError as err:
                 if err.errno == errno.EAGAIN:
                     return False
-                if err.errno == errno.ESRCH:          # the process is gone
-                    self._drop(sp)
-                    return True
                 if err.errno == errno.ENOENT and step > PAGE_SIZE:
                     step = PAGE_SIZE                  # a VMA ends inside (mprotect split it): by page
                     continue

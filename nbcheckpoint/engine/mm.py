@@ -57,7 +57,7 @@ def dump_mm(pid: int) -> mm_pb2.Mm:
     maps = proc.maps(pid)
     mm.auxv = proc.auxv(pid)
     exe = proc.exe(pid)
-    mm.exe.CopyFrom(file_stat(exe, os.stat(f"/proc/{pid}/exe")))
+    mm.exe.CopyFrom(file_stat(exe, proc.exe_stat(pid)))
     for m in maps:
         mm.vmas.append(_dump_vma(pid, m))
     return mm
@@ -84,7 +84,7 @@ def _dump_vma(pid: int, m: proc.MapLine) -> mm_pb2.Vma:
         if m.shared:
             raise UnsupportedError(f"{where}: shared anonymous mapping without a shmem inode")
         return v
-    link = f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"
+    link = proc.map_file(pid, m.start, m.end)
     s = os.stat(link)
     if m.path.startswith(SHMEM_PREFIXES) or (m.deleted and s.st_dev in proc.tmpfs_devices()):
         # (a file deleted from a tmpfs -- a POSIX semaphore or shm_open object

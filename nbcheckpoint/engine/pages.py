@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from .errors import ImageError
 from .images import names, pagemap_pb2
 from .mm import PROT_READ, PROT_WRITE, VmaIndex
+from .sys import proc
 from .sys.libc import PAGE_SIZE, address_of
 from .sys.memory import PagemapScanner, ProcMem, vm_read, vm_write
 
@@ -234,7 +235,7 @@ def dump_shmem(pid: int, vma, img) -> int:
     name = f"shmem-{vma.shmem_id}"
     entries = img.messages(names.pagemap(name), pagemap_pb2.PagemapEntry)
     out = img.pages(names.pages(name))
-    fd = os.open(f"/proc/{pid}/map_files/{vma.start:x}-{vma.end:x}", os.O_RDONLY)
+    fd = os.open(proc.map_file(pid, vma.start, vma.end), os.O_RDONLY)
     done = 0
     try:
         size = os.fstat(fd).st_size
@@ -276,7 +277,7 @@ def restore_shmem(reader, vma) -> int:
     else:
         m = mmap.mmap(-1, max(size, PAGE_SIZE), flags=mmap.MAP_SHARED)
         addr = address_of(m)
-        fd = os.open(f"/proc/self/map_files/{addr:x}-{addr + len(m):x}", os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(proc.map_file("self", addr, addr + len(m)), os.O_RDWR | os.O_CLOEXEC)
         # the object lives on through fd; the engine's mapping is dropped with m
     entries = reader.messages(names.pagemap(name), pagemap_pb2.PagemapEntry)
     src = reader.open_pages(names.pages(name))

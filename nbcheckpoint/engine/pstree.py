@@ -36,7 +36,7 @@ TRACE_OPTIONS = (ptrace.PTRACE_O_TRACESYSGOOD | ptrace.PTRACE_O_TRACECLONE | 0x2
 def describe(pid: int) -> str:
     try:
         return f"{proc.comm(pid, pid)!r}, state {proc.pid_state(pid)}"
-    except Exception:
+    except SysError:
         return "unknown"
 
 

@@ -11,12 +11,11 @@ of the tree: it is recorded apart, for dump.py to reap.
 """
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import time
 
-from .errors import DumpError, EngineError, SysError
+from .errors import AccessDenied, DumpError, EngineError, ProcessGone, SysError
 from .sigframe import SNAPSHOT_EXIT
 from .sys import proc, ptrace, waitstatus
 
@@ -47,7 +46,7 @@ class FrozenTree:
             changed = True
             while changed:
                 changed = False
-                for pid in [self.root] + [c for p in list(self.order) for c in _children(p)]:
+                for pid in [self.root] + [c for p in list(self.order) for c in proc.all_children(p)]:
                     if pid in self.tids or pid in self.zombies or pid in self.leftovers:
                         continue
                     if self._freeze_process(pid):
@@ -87,7 +86,7 @@ class FrozenTree:
         new = False
         try:
             current = proc.tids(pid)
-        except SysError:
+        except ProcessGone:
             return False
         for tid in current:
             if tid in self.tids[pid]:
@@ -95,14 +94,12 @@ class FrozenTree:
             if tid not in self._traced:
                 try:
                     ptrace.seize(tid, _OPTIONS)
-                except SysError as e:
-                    if e.errno == errno.ESRCH:      # exited meanwhile
-                        continue
-                    if e.errno == errno.EPERM:
-                        raise DumpError(
-                            f"cannot seize thread {tid} of process {pid}: it is already traced "
-                            "(a debugger or another checkpoint?) or we lack permission") from None
-                    raise
+                except ProcessGone:                 # exited meanwhile
+                    continue
+                except AccessDenied:
+                    raise DumpError(
+                        f"cannot seize thread {tid} of process {pid}: it is already traced "
+                        "(a debugger or another checkpoint?) or we lack permission") from None
                 self._traced.add(tid)
                 ptrace.interrupt(tid)
             if self._wait_stop(tid):
@@ -174,15 +171,13 @@ def interrupt_one(pid: int) -> int | None:
     """
     try:
         tids = sorted(proc.tids(pid), key=lambda t: t != pid)
-    except SysError:
+    except ProcessGone:
         return None
     for tid in tids:
         try:
             ptrace.seize(tid, ptrace.PTRACE_O_TRACESYSGOOD)
-        except SysError as e:
-            if e.errno in (errno.ESRCH, errno.EPERM):
-                continue
-            raise
+        except (ProcessGone, AccessDenied):
+            continue
         ptrace.interrupt(tid)
         while True:
             _, status = ptrace.wait(tid)
@@ -202,20 +197,6 @@ def detach(tid: int) -> None:
         pass
 
 
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        for tid in proc.tids(pid):
-            try:
-                with open(f"/proc/{pid}/task/{tid}/children") as f:
-                    out.extend(int(c) for c in f.read().split())
-            except OSError:
-                pass
-    except SysError:
-        pass
-    return out
-
-
 def kill_for_restore(root: int, via: int | None = None, timeout: float = 10.0) -> None:
     """Kill the live tree under `root` so that its image can be restored in its place.
 
@@ -227,7 +208,7 @@ def kill_for_restore(root: int, via: int | None = None, timeout: float = 10.0) -
     from .files import inet
     pids, i = [root], 0
     while i < len(pids):
-        pids.extend(c for c in _children(pids[i]) if c not in pids)
+        pids.extend(c for c in proc.all_children(pids[i]) if c not in pids)
         i += 1
     held = inet.hold_internal(pids)
     try:

@@ -52,7 +52,7 @@ import os
 import signal
 
 from . import seize, sigframe
-from .errors import SysError
+from .errors import ProcessGone, SysError
 from .inject import Remote, find_syscall_insn, libc_guard
 from .sys import proc, ptrace, waitstatus
 
@@ -81,7 +81,7 @@ def unsuitable(pid: int) -> str | None:
     """Why process `pid` should not be forked by injection, or None."""
     try:
         mode = proc.status(pid).get("Seccomp", "0")
-    except SysError:
+    except ProcessGone:
         return None
     if mode != "0":
         return f"it runs under seccomp (mode {mode}), which may forbid or punish a clone"

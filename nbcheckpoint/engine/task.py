@@ -54,7 +54,7 @@ def dump_task(pid: int, remote: Remote) -> core_pb2.TaskCore:
 
 
 def _fs_path(pid: int, which: str) -> str:
-    path = proc.readlink(f"/proc/{pid}/{which}", pid)
+    path = proc.link(pid, which)
     if path.endswith(" (deleted)"):
         raise UnsupportedError(f"process {pid}: its {which} directory {path} was deleted; not supported")
     return path
