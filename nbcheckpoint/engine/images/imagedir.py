@@ -1,16 +1,20 @@
 """The image directory: how files are written, named, checksummed and read.
 
-Layout (one directory per image, 0700; files 0600)::
+Layout (one directory per image, 0700; files 0600; every name is made by names.py)::
 
     inventory.img          table of contents, written last (checksums of all files)
     pstree.img             Process messages
+    files.img              FileEntry per open file description
     task-PID.img           TaskCore (per-process state)
     core-PID.img           one ThreadCore per thread, the main thread first
     mm-PID.img             Mm
-    files-PID.img          FdEntry messages
-    pagemap-NAME.img       PagemapHead, then PagemapEntry runs
-    pages-NAME.img         raw page bytes of the LOCAL runs, in order, checked per block
+    fds-PID.img            FdEntry per fd
+    pagemap-NAME.img       PagemapEntry runs (NAME: a pid, or shmem-ID)
+    pages-NAME.img         raw page bytes of the runs, in order, checked per block
     file-ID.img            content of a file deleted while open
+    pipe-data-ID.img       bytes queued in a pipe (fifo-data-DEV-ID.img: in a FIFO)
+    locks-PID.img          FileLock messages (--file-locks; absent if none)
+    timers-PID.img         Timers
 
 A message file is: magic (8 bytes), the message type's full name (u16 length +
 utf-8), then messages each prefixed by a u32 length.  The type name makes a

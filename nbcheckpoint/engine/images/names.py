@@ -49,4 +49,4 @@ def locks(pid: int) -> str:
 
 
 def timers(pid: int) -> str:
-    return f"timers-{pid}.img"          # Timers: itimers and POSIX timers (absent if none)
+    return f"timers-{pid}.img"          # Timers: itimers and POSIX timers
