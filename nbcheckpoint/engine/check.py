@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from . import errors
 from .sys import memory, proc, ptrace, spawn, waitstatus, x86_64
+from .sys.fd import Fd
 from .sys.libc import PAGE_SIZE, address_of, syscall
 from .sys.x86_64 import NR
 
@@ -130,16 +131,11 @@ def _rseq(c: _Child) -> str:
 
 
 def _pidfd(c: _Child) -> str:
-    pidfd = memory.pidfd_open(c.pid)
-    try:
-        fd = memory.pidfd_getfd(pidfd, c.pipe_r, c.pid)
-    finally:
-        os.close(pidfd)
-    try:
-        if os.fstat(fd).st_ino != os.fstat(c.pipe_r).st_ino:
+    with Fd(memory.pidfd_open(c.pid)) as pidfd:
+        fd = Fd(memory.pidfd_getfd(pidfd.fileno(), c.pipe_r, c.pid))
+    with fd:
+        if os.fstat(fd.fileno()).st_ino != os.fstat(c.pipe_r).st_ino:
             raise RuntimeError("pidfd_getfd returned a different file")
-    finally:
-        os.close(fd)
     return "took a pipe fd out of a child"
 
 
@@ -213,11 +209,10 @@ def _pagemap_scan() -> str:
     buf[0:1] = b"x"                    # touch pages 0 and 2 only
     buf[2 * PAGE_SIZE:2 * PAGE_SIZE + 1] = b"x"
     addr = address_of(buf)
-    scanner = memory.PagemapScanner(os.getpid())
     try:
-        runs = scanner.data_runs(addr, addr + 4 * PAGE_SIZE, anon_only=True)
+        with memory.PagemapScanner(os.getpid()) as scanner:
+            runs = scanner.data_runs(addr, addr + 4 * PAGE_SIZE, anon_only=True)
     finally:
-        scanner.close()
         buf.close()
     want = [(addr, PAGE_SIZE), (addr + 2 * PAGE_SIZE, PAGE_SIZE)]
     if runs != want:

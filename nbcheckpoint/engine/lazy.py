@@ -49,6 +49,7 @@ from .images import mm_pb2
 from .images.imagedir import BLOCK
 from .mm import PROT_WRITE
 from .sys import uffd
+from .sys.fd import Fd
 from .sys.libc import PAGE_SIZE, address_of
 from .sys.memory import PagemapScanner, ProcMem, pidfd_getfd, pidfd_open
 
@@ -193,11 +194,10 @@ class PageServer:
             if mem:
                 mem.close()
         tfd = r.syscall("userfaultfd", os.O_CLOEXEC | os.O_NONBLOCK)
-        pidfd = pidfd_open(pid)
         try:
-            fd = pidfd_getfd(pidfd, tfd, pid)
+            with Fd(pidfd_open(pid)) as pidfd:
+                fd = pidfd_getfd(pidfd.fileno(), tfd, pid)
         finally:
-            os.close(pidfd)
             r.syscall("close", tfd)
         try:
             uffd.api(fd, pid)

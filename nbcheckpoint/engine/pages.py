@@ -121,15 +121,12 @@ class PrivatePages:
         snapshot): read them all through /proc/PID/mem, because process_vm_readv
         would make the kernel copy each one before reading it (sys/memory.py).
         """
-        scanner = PagemapScanner(pid)
         runs = []
-        try:
+        with PagemapScanner(pid) as scanner:
             for v in vmas:
                 for a, n in scanner.data_runs(v.start, v.end, anon_only=True):
                     self.entries.add(pagemap_pb2.PagemapEntry(vaddr=a, nr_pages=n // PAGE_SIZE))
                     runs.append((a, n, bool(v.prot & PROT_READ), 0))
-        finally:
-            scanner.close()
         total_bytes = sum(r[1] for r in runs)
         pipe = _Pipeline()
         mem = None

@@ -38,6 +38,8 @@ import time
 import xxhash
 
 from ..errors import ImageError
+from ..sys import proc
+from ..sys.fd import Fd
 from . import inventory_pb2
 from .names import INVENTORY
 
@@ -53,7 +55,7 @@ class _HashingFile:
 
     def __init__(self, path: str):
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.fd = Fd(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         self.hash = xxhash.xxh3_128()
         self.size = 0
 
@@ -61,14 +63,12 @@ class _HashingFile:
         self.hash.update(data)
         view = memoryview(data)
         while view:
-            n = os.write(self.fd, view)
+            n = os.write(self.fd.fileno(), view)
             view = view[n:]
         self.size += len(data)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.fd.close()
 
     def summary(self) -> inventory_pb2.FileSum:
         return inventory_pb2.FileSum(name=os.path.basename(self.path), size=self.size,
@@ -167,8 +167,8 @@ class ImageWriter:
     def finish_files(self) -> None:
         """fsync and close every data file (the slow part on a real disk)."""
         for f in self._files:
-            if f.fd >= 0:
-                os.fsync(f.fd)
+            if not f.fd.closed:
+                os.fsync(f.fd.fileno())
                 f.close()
             self._sums.append(f.summary())
         self._files = []
@@ -182,7 +182,7 @@ class ImageWriter:
         # The inventory checks itself: a trailing checksum of all bytes before it.
         digest = w.hash.digest()
         w.write(digest)
-        os.fsync(w.fd)
+        os.fsync(w.fd.fileno())
         w.close()
         _fsync_dir(self.tmp)
         if os.path.isdir(self.final):
@@ -207,7 +207,7 @@ def _remove_abandoned(parent: str, name: str) -> None:
         if not entry.startswith(prefix):
             continue
         pid = entry[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+        if pid.isdigit() and not proc.exists(int(pid)):
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
@@ -308,7 +308,7 @@ class PagesReader:
         self.path = path
         self.size = size
         self.sums = sums
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.fd = Fd(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
         self.pos = 0                        # readinto's position
         self._blk = bytearray(BLOCK)        # the last block read for a partial request...
         self._blk_index = -1                # ...and its number
@@ -321,7 +321,7 @@ class PagesReader:
     def _pread(self, view, off: int) -> None:
         got = 0
         while got < len(view):
-            n = os.preadv(self.fd, [view[got:]], off + got)
+            n = os.preadv(self.fd.fileno(), [view[got:]], off + got)
             if n == 0:
                 raise ImageError(f"image file {self.path} ends early: truncated")
             got += n
@@ -377,9 +377,7 @@ class PagesReader:
                              "accounts for: damaged")
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.fd.close()
 
 
 def _parse_messages(data: bytes, path: str, msg_cls):

@@ -17,6 +17,7 @@ import fcntl
 import os
 
 from ..errors import SysError
+from .fd import Fd
 from .libc import check, libc
 from .ptrace import iovec
 
@@ -88,7 +89,7 @@ class ProcMem:
     def __init__(self, pid: int, write: bool = False):
         self.pid = pid
         try:
-            self.fd = os.open(f"/proc/{pid}/mem", os.O_RDWR if write else os.O_RDONLY)
+            self.fd = Fd(os.open(f"/proc/{pid}/mem", os.O_RDWR if write else os.O_RDONLY))
         except OSError as e:
             raise SysError(e.errno or 0, f"open /proc/{pid}/mem", pid) from None
 
@@ -96,7 +97,7 @@ class ProcMem:
         view = memoryview(data)
         while view:
             try:
-                n = os.pwrite(self.fd, view, addr)
+                n = os.pwrite(self.fd.fileno(), view, addr)
             except OSError as e:
                 raise SysError(e.errno or 0, f"write /proc/{self.pid}/mem", self.pid, f"at {addr:#x}") from None
             view = view[n:]
@@ -104,7 +105,7 @@ class ProcMem:
 
     def pread(self, size: int, addr: int) -> bytes:
         try:
-            data = os.pread(self.fd, size, addr)
+            data = os.pread(self.fd.fileno(), size, addr)
         except OSError as e:
             raise SysError(e.errno or 0, f"read /proc/{self.pid}/mem", self.pid, f"at {addr:#x}") from None
         if len(data) != size:
@@ -116,7 +117,7 @@ class ProcMem:
         view = memoryview(buf).cast("B")
         while view:
             try:
-                n = os.preadv(self.fd, [view], addr)
+                n = os.preadv(self.fd.fileno(), [view], addr)
             except OSError as e:
                 raise SysError(e.errno or 0, f"read /proc/{self.pid}/mem", self.pid, f"at {addr:#x}") from None
             if n == 0:
@@ -125,9 +126,7 @@ class ProcMem:
             addr += n
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.fd.close()
 
     def __enter__(self):
         return self
@@ -164,7 +163,7 @@ class PagemapScanner:
     def __init__(self, pid: int):
         self.pid = pid
         try:
-            self.fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+            self.fd = Fd(os.open(f"/proc/{pid}/pagemap", os.O_RDONLY))
         except OSError as e:
             raise SysError(e.errno or 0, f"open /proc/{pid}/pagemap", pid) from None
         self._vec = (_PageRegion * self.VEC)()
@@ -191,7 +190,7 @@ class PagemapScanner:
                              category_anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
                              return_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED)
             try:
-                n = fcntl.ioctl(self.fd, PAGEMAP_SCAN, arg)  # type: ignore[arg-type]
+                n = fcntl.ioctl(self.fd.fileno(), PAGEMAP_SCAN, arg)  # type: ignore[arg-type]
             except OSError as e:
                 raise SysError(e.errno or 0, "ioctl PAGEMAP_SCAN", self.pid, f"range {pos:#x}-{end:#x}") from None
             for i in range(n):
@@ -206,9 +205,13 @@ class PagemapScanner:
         return runs
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.fd.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 # --- pidfd ---------------------------------------------------------------------
