@@ -9,6 +9,7 @@ import traceback
 
 from . import engine
 from .engine import EngineError
+from .engine.sys import waitstatus
 from .store import StoreError
 
 
@@ -134,9 +135,7 @@ def cmd_restore(args) -> int:
             break
         except InterruptedError:
             continue
-    if os.WIFSIGNALED(status):
-        return 128 + os.WTERMSIG(status)
-    return os.WEXITSTATUS(status)
+    return waitstatus.exit_code(status)
 
 
 def cmd_show(args) -> int:

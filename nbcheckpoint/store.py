@@ -21,6 +21,8 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .engine.images import names
+
 DIR_ENV = "NBCHECKPOINT_DIR"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _PARTIAL = re.compile(r"\.(.+)\.partial-(\d+)")
@@ -143,7 +145,7 @@ class Store:
         except (ValueError, AttributeError) as e:
             raise StoreError(f"checkpoint {name!r} in {self.root} is damaged: meta.json is not "
                              f"a JSON object ({e})") from None
-        if not (p / "image" / "inventory.img").is_file():
+        if not (p / "image" / names.INVENTORY).is_file():
             raise StoreError(f"checkpoint {name!r} in {self.root} is damaged: its image is missing")
         return Checkpoint(name, p, meta)
 

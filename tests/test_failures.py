@@ -279,7 +279,7 @@ def _rewrite_inventory(img: Path, edit) -> None:
     edit(inv)
     path = img / imagedir.INVENTORY
     path.unlink()
-    w = imagedir.MessageWriter(str(path), "nbcheckpoint.images.Inventory")
+    w = imagedir.MessageWriter(str(path), type(inv))
     w.add(inv)
     w.write(w.hash.digest())
     w.close()

@@ -86,6 +86,16 @@ def test_round_trip(engine, launch, images):
     t.expect_pass()
 
 
+def test_dump_leaves_the_callers_options_alone(engine, launch, images):
+    """dump(leave_running=True) does not write leave_running into the Options it was given."""
+    t = launch("leave_running")
+    opts = engine.Options()
+    engine.dump(t.pid, str(images()), leave_running=True, options=opts)
+    assert opts == engine.Options()
+    t.expect_pass()
+    t.reap()
+
+
 def test_deleted_after_plain_dump(engine, launch, images):
     """Without --leave-running the message does not blame the process."""
     t = launch("leave_running")

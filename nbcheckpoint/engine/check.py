@@ -7,7 +7,6 @@ probes are always killed and reaped, whatever happens.
 """
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import mmap
 import os
@@ -16,8 +15,9 @@ import struct
 from dataclasses import dataclass
 
 from . import errors
-from .sys import memory, proc, ptrace, x86_64
-from .sys.libc import PAGE_SIZE, syscall
+from .sys import memory, proc, ptrace, spawn, waitstatus, x86_64
+from .sys.fd import Fd
+from .sys.libc import PAGE_SIZE, address_of, syscall
 from .sys.x86_64 import NR
 
 
@@ -63,13 +63,8 @@ def _kill_and_reap(pid: int) -> None:
             _, status = ptrace.wait(pid)
         except errors.SysError:
             return
-        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+        if not waitstatus.stopped(status):
             return
-
-
-def _read_int(path: str) -> int:
-    with open(path) as f:
-        return int(f.read())
 
 
 class _Child:
@@ -81,7 +76,7 @@ class _Child:
 
     def __enter__(self):
         self.seized = False
-        self.rw = ctypes.create_string_buffer(b"P" * PAGE_SIZE, PAGE_SIZE)
+        self.rw = bytearray(b"P" * PAGE_SIZE)
         self.ro = syscall(NR["mmap"], 0, PAGE_SIZE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0,
                           request="mmap")
         self.pipe_r, self.pipe_w = os.pipe()
@@ -110,7 +105,7 @@ def _seize(c: _Child) -> str:
     ptrace.seize(c.pid)
     ptrace.interrupt(c.pid)
     _, status = ptrace.wait(c.pid)
-    if not (os.WIFSTOPPED(status) and ptrace.stop_event(status) == ptrace.PTRACE_EVENT_STOP):
+    if not (waitstatus.stopped(status) and waitstatus.stop_event(status) == ptrace.PTRACE_EVENT_STOP):
         raise RuntimeError(f"child did not enter a PTRACE_EVENT_STOP (status {status:#x})")
     c.seized = True
     regs = ptrace.getregs(c.pid)
@@ -136,26 +131,19 @@ def _rseq(c: _Child) -> str:
 
 
 def _pidfd(c: _Child) -> str:
-    pidfd = memory.pidfd_open(c.pid)
-    try:
-        fd = memory.pidfd_getfd(pidfd, c.pipe_r, c.pid)
-    finally:
-        os.close(pidfd)
-    try:
-        if os.fstat(fd).st_ino != os.fstat(c.pipe_r).st_ino:
+    with Fd(memory.pidfd_open(c.pid)) as pidfd:
+        fd = Fd(memory.pidfd_getfd(pidfd.fileno(), c.pipe_r, c.pid))
+    with fd:
+        if os.fstat(fd.fileno()).st_ino != os.fstat(c.pipe_r).st_ino:
             raise RuntimeError("pidfd_getfd returned a different file")
-    finally:
-        os.close(fd)
     return "took a pipe fd out of a child"
 
 
 def _vm_rw(c: _Child) -> str:
-    addr = ctypes.addressof(c.rw)
-    src = ctypes.create_string_buffer(b"W" * PAGE_SIZE, PAGE_SIZE)
-    memory.vm_write(c.pid, ctypes.addressof(src), [(addr, PAGE_SIZE)])
-    back = ctypes.create_string_buffer(PAGE_SIZE)
-    memory.vm_read(c.pid, ctypes.addressof(back), [(addr, PAGE_SIZE)])
-    if back.raw != src.raw or c.rw.raw != b"P" * PAGE_SIZE:
+    addr = address_of(c.rw)
+    src = b"W" * PAGE_SIZE
+    memory.write_bytes(c.pid, addr, src)
+    if memory.read_bytes(c.pid, addr, PAGE_SIZE) != src or c.rw != b"P" * PAGE_SIZE:
         raise RuntimeError("data read back differs from data written")
     return "wrote and read back a page of a child"
 
@@ -176,8 +164,8 @@ def _clone3_set_tid() -> str:
     only safe from a single-threaded process, hence the helper.  It reports
     through its exit code: 0 ok, 1 every candidate taken, else an errno.
     """
-    last = _read_int("/proc/sys/kernel/ns_last_pid")
-    pid_max = _read_int("/proc/sys/kernel/pid_max")
+    last = proc.sysctl_int("kernel/ns_last_pid")
+    pid_max = proc.sysctl_int("kernel/pid_max")
     candidates = [p for p in ((last + d) % pid_max for d in range(200, 1200, 97))
                   if p > 300 and not proc.exists(p)][:5]
     helper = os.fork()
@@ -185,12 +173,8 @@ def _clone3_set_tid() -> str:
         code = 1
         try:
             for want in candidates:
-                tid = ctypes.c_int(want)
-                # struct clone_args (VER2, 88 bytes): exit_signal=SIGCHLD, set_tid, set_tid_size=1
-                args = (ctypes.c_uint64 * 11)(0, 0, 0, 0, signal.SIGCHLD, 0, 0, 0,
-                                              ctypes.addressof(tid), 1, 0)
                 try:
-                    got = syscall(NR["clone3"], args, ctypes.sizeof(args), request="clone3")
+                    got = spawn.fork_with_pid(want)
                 except errors.SysError as e:
                     if e.errno == 17:    # EEXIST: taken meanwhile, try the next one
                         continue
@@ -224,14 +208,11 @@ def _pagemap_scan() -> str:
     buf = mmap.mmap(-1, 4 * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: anonymous pages
     buf[0:1] = b"x"                    # touch pages 0 and 2 only
     buf[2 * PAGE_SIZE:2 * PAGE_SIZE + 1] = b"x"
-    ref = ctypes.c_char.from_buffer(buf)
-    addr = ctypes.addressof(ref)
-    del ref
-    scanner = memory.PagemapScanner(os.getpid())
+    addr = address_of(buf)
     try:
-        runs = scanner.data_runs(addr, addr + 4 * PAGE_SIZE, anon_only=True)
+        with memory.PagemapScanner(os.getpid()) as scanner:
+            runs = scanner.data_runs(addr, addr + 4 * PAGE_SIZE, anon_only=True)
     finally:
-        scanner.close()
         buf.close()
     want = [(addr, PAGE_SIZE), (addr + 2 * PAGE_SIZE, PAGE_SIZE)]
     if runs != want:
@@ -240,13 +221,13 @@ def _pagemap_scan() -> str:
 
 
 def _mm_map() -> str:
-    size = ctypes.c_uint(0)
-    syscall(NR["prctl"], PR_SET_MM, PR_SET_MM_MAP_SIZE, ctypes.addressof(size), 0, 0,
+    size = bytearray(4)
+    syscall(NR["prctl"], PR_SET_MM, PR_SET_MM_MAP_SIZE, address_of(size), 0, 0,
             request="prctl(PR_SET_MM_MAP_SIZE)")
     caps = _cap_eff()
     if not caps >> CAP_CHECKPOINT_RESTORE & 1 and not caps >> CAP_SYS_ADMIN & 1:
         raise RuntimeError("present, but setting it needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN")
-    return f"struct prctl_mm_map is {size.value} bytes"
+    return f"struct prctl_mm_map is {int.from_bytes(size, 'little')} bytes"
 
 
 def _userfaultfd() -> str:
@@ -278,17 +259,12 @@ def _kcmp() -> str:
 
 def _soft_dirty() -> str:
     buf = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    ref = ctypes.c_char.from_buffer(buf)
-    addr = ctypes.addressof(ref)
-    del ref
+    addr = address_of(buf)
     try:
         buf[0:1] = b"a"
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("4")                # clear soft-dirty bits
+        proc.clear_soft_dirty()
         buf[0:1] = b"b"                 # ... so this write must set ours again
-        with open("/proc/self/pagemap", "rb") as f:
-            f.seek(addr // PAGE_SIZE * 8)
-            entry = struct.unpack("Q", f.read(8))[0]
+        entry = proc.pagemap_entry(addr, PAGE_SIZE)
     finally:
         buf.close()
     if not entry & PM_SOFT_DIRTY:
@@ -298,10 +274,7 @@ def _soft_dirty() -> str:
 
 
 def _cap_eff() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("CapEff:"):
-            return int(line.split()[1], 16)
-    return 0
+    return int(proc.status("self")["CapEff"], 16)
 
 
 def _cap_sys_resource() -> str:

@@ -6,7 +6,6 @@ into the thread itself: sigaltstack(2) and prctl(PR_GET_TID_ADDRESS).
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import struct
 
@@ -14,20 +13,13 @@ from .errors import RestoreError
 from .images import core_pb2
 from .inject import Remote
 from .sys import proc, ptrace, x86_64
-from .sys.libc import syscall
-from .sys.x86_64 import NR
+from .sys.libc import get_robust_list
 
 PR_GET_TID_ADDRESS = 40
 PR_SET_NAME = 15
 SS_ONSTACK, SS_DISABLE = 1, 2
 RSEQ_FLAG_UNREGISTER = 1
 _STACK_T = struct.Struct("<QiiQ")  # ss_sp, ss_flags, (pad), ss_size
-
-
-def get_robust_list(tid: int) -> tuple[int, int]:
-    head, ln = ctypes.c_uint64(), ctypes.c_size_t()
-    syscall(NR["get_robust_list"], tid, ctypes.byref(head), ctypes.byref(ln), request="get_robust_list", pid=tid)
-    return head.value, ln.value
 
 
 def dump_thread(pid: int, tid: int, remote: Remote, xstate_size: int) -> core_pb2.ThreadCore:

@@ -26,6 +26,7 @@ the partial image.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import platform
@@ -33,10 +34,11 @@ import time
 from dataclasses import dataclass, field
 
 from .core import dump_thread
+from .._version import __version__
 from .errors import DumpError, EngineError
 from .files import DumpContext, locks
 from .options import Options
-from .images import imagedir, inventory_pb2, pstree_pb2
+from .images import core_pb2, files_pb2, imagedir, inventory_pb2, names, pstree_pb2
 from . import sigframe, snapshot
 from .inject import Remote, find_syscall_insn, libc_guard
 from .mm import dump_mm, private_dirty_vmas
@@ -72,7 +74,8 @@ def dump(pid: int, images_dir, leave_running: bool = False, progress=None, optio
     """Checkpoint the process tree rooted at `pid` into `images_dir`."""
     t0 = time.monotonic()
     options = options or Options()
-    leave_running = options.leave_running = leave_running or options.leave_running
+    leave_running = leave_running or options.leave_running
+    options = dataclasses.replace(options, leave_running=leave_running)     # the caller's stays as it was
     img = imagedir.ImageWriter(os.fspath(images_dir))
     frozen = None
     files = DumpContext(img, options)
@@ -83,7 +86,7 @@ def dump(pid: int, images_dir, leave_running: bool = False, progress=None, optio
             progress("frozen", len(frozen.all_tids()), 0)
         ns = PidView(pid, frozen)
         files.prepare(frozen.order)
-        tree = img.messages("pstree.img", "nbcheckpoint.images.Process")
+        tree = img.messages(names.PSTREE, pstree_pb2.Process)
         nthreads = nvmas = pages_bytes = 0
         shmem_done: set[int] = set()
         procs: list[_Proc] = []
@@ -96,7 +99,7 @@ def dump(pid: int, images_dir, leave_running: bool = False, progress=None, optio
         for z, status in frozen.zombies.items():
             tree.add(ns.process(z, zombie=True, exit_status=status, comm=proc.stat(z)[2]))
         files.dump_done()
-        fw = img.messages("files.img", "nbcheckpoint.images.FileEntry")
+        fw = img.messages(names.FILES, files_pb2.FileEntry)
         for f in files.files:
             fw.add(f)
 
@@ -124,7 +127,7 @@ def dump(pid: int, images_dir, leave_running: bool = False, progress=None, optio
         img.finish_files()
         image_bytes = sum(s.size for s in img._sums)
         inv = inventory_pb2.Inventory(
-            engine_version=_version(), root_pid=ns.v(pid), in_pidns=ns.separate, kernel_release=platform.release(),
+            engine_version=__version__, root_pid=ns.v(pid), in_pidns=ns.separate, kernel_release=platform.release(),
             arch=platform.machine(), page_size=PAGE_SIZE, xstate_size=x86_64.xstate_size(),
             xfeatures=x86_64.xfeatures(), created=time.time(), leave_running=leave_running,
             hostname=platform.node(), frozen_seconds=frozen_s,
@@ -189,13 +192,13 @@ class PidView:
     """
 
     def __init__(self, root: int, frozen: FrozenTree):
-        self.separate = os.readlink(f"/proc/{root}/ns/pid") != os.readlink("/proc/self/ns/pid")
+        ns = proc.link(root, "ns/pid")
+        self.separate = ns != proc.link("self", "ns/pid")
         self.tree = set(frozen.order) | set(frozen.zombies)
         self.map: dict[int, int] = {}
         if self.separate:
-            ns = os.readlink(f"/proc/{root}/ns/pid")
             for p in self.tree:
-                if os.readlink(f"/proc/{p}/ns/pid") != ns:
+                if proc.link(p, "ns/pid") != ns:
                     raise DumpError(f"process {p} lives in another PID namespace than the root {root}: "
                                     "nested PID namespaces are not supported")
 
@@ -242,13 +245,13 @@ def _dump_process(pid: int, tids: list[int], img, files: DumpContext, shmem_done
         if v.shmem_id and v.shmem_id not in shmem_done:
             shmem_done.add(v.shmem_id)
             nbytes += pages.dump_shmem(pid, v, img)
-    img.messages(f"task-{vpid}.img", "nbcheckpoint.images.TaskCore").add(task)
-    cores = img.messages(f"core-{vpid}.img", "nbcheckpoint.images.ThreadCore")
+    img.messages(names.task(vpid), core_pb2.TaskCore).add(task)
+    cores = img.messages(names.core(vpid), core_pb2.ThreadCore)
     for t in threads:
         cores.add(t)
-    img.messages(f"mm-{vpid}.img", "nbcheckpoint.images.Mm").add(mm)
+    img.messages(names.mm(vpid), mm_pb2.Mm).add(mm)
     timers.write(img, vpid, task_timers)
-    fw = img.messages(f"fds-{vpid}.img", "nbcheckpoint.images.FdEntry")
+    fw = img.messages(names.fds(vpid), files_pb2.FdEntry)
     for e in fds:
         fw.add(e)
     return _Proc(pid=pid, vpid=vpid, mm=mm, syscall_addr=syscall_addr, pages=pages.PrivatePages(img, str(vpid)),
@@ -328,8 +331,3 @@ def _stack_guard(pid: int, mm):
     """A guard for the main thread made of libc's gadgets and a frame on its stack, or None."""
     return libc_guard(pid, pid, ((v.start, v.end, v.prot, v.file.path if v.HasField("file") else v.name,
                                   v.kind == mm_pb2.ANON_PRIVATE) for v in mm.vmas))
-
-
-def _version() -> str:
-    from .. import __version__
-    return __version__

@@ -14,14 +14,13 @@ that fails).
 """
 from __future__ import annotations
 
-import ctypes
 import signal
 import struct
 
 from .errors import SysError
 from . import sigframe
-from .sys import ptrace, x86_64
-from .sys.memory import ProcMem, vm_read, vm_write
+from .sys import ptrace, waitstatus, x86_64
+from .sys.memory import ProcMem, read_bytes, write_bytes
 
 ALL_SIGNALS = (1 << 64) - 1
 _ARG_REGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
@@ -176,10 +175,10 @@ class Remote:
         ptrace.syscall(self.tid)
         while True:
             _, status = ptrace.wait(self.tid)
-            if not _is_stopped(status):
+            if not waitstatus.stopped(status):
                 raise SysError(3, "injected syscall", self.pid, f"thread {self.tid} died (status {status:#x})")
-            sig = (status >> 8) & 0xFF
-            event = ptrace.stop_event(status)
+            sig = waitstatus.stop_signal(status)
+            event = waitstatus.stop_event(status)
             if event in (1, 2, ptrace.PTRACE_EVENT_CLONE):     # FORK, VFORK, CLONE
                 self.clone_tids.append(ptrace.geteventmsg(self.tid))
             elif sig == signal.SIGTRAP | 0x80:                 # syscall stop (TRACESYSGOOD)
@@ -194,12 +193,12 @@ class Remote:
         ptrace.singlestep(self.tid)
         while True:
             _, status = ptrace.wait(self.tid)
-            if not _is_stopped(status):
+            if not waitstatus.stopped(status):
                 raise SysError(3, "injected syscall", self.pid, f"thread {self.tid} died (status {status:#x})")
-            event = ptrace.stop_event(status)
+            event = waitstatus.stop_event(status)
             if event in (1, 2, ptrace.PTRACE_EVENT_CLONE):     # FORK, VFORK, CLONE: then the step ends
                 self.clone_tids.append(ptrace.geteventmsg(self.tid))
-            elif event == 0 and (status >> 8) & 0xFF == signal.SIGTRAP:
+            elif event == 0 and waitstatus.stop_signal(status) == signal.SIGTRAP:
                 return                                         # the step over the syscall is done
             # else: a signal-delivery or group stop: resuming with no signal drops it
             ptrace.singlestep(self.tid)
@@ -225,9 +224,9 @@ class Remote:
         ptrace.cont(self.tid)
         while True:
             _, status = ptrace.wait(self.tid)
-            if not _is_stopped(status):
+            if not waitstatus.stopped(status):
                 raise SysError(3, "injected syscall batch", self.pid, f"thread {self.tid} died (status {status:#x})")
-            if ptrace.stop_event(status) == 0 and (status >> 8) & 0xFF == signal.SIGTRAP:
+            if waitstatus.stop_event(status) == 0 and waitstatus.stop_signal(status) == signal.SIGTRAP:
                 break                                          # the int3 at the end
             ptrace.cont(self.tid)                              # a stop of another kind: drop it
         results = struct.unpack_from("<" + "56xq" * len(calls), self.read(area + 64, len(table)))
@@ -237,13 +236,10 @@ class Remote:
 
     # --- scratch memory helpers ---
     def write(self, addr: int, data: bytes) -> None:
-        buf = ctypes.create_string_buffer(bytes(data), len(data))
-        vm_write(self.pid, ctypes.addressof(buf), [(addr, len(data))])
+        write_bytes(self.pid, addr, data)
 
     def read(self, addr: int, size: int) -> bytes:
-        buf = ctypes.create_string_buffer(size)
-        vm_read(self.pid, ctypes.addressof(buf), [(addr, size)])
-        return buf.raw
+        return read_bytes(self.pid, addr, size)
 
     def map_scratch(self, size: int = 4096, addr: int = 0, prot: int = 3) -> int:
         MAP_PRIVATE, MAP_ANON, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
@@ -305,7 +301,3 @@ class Batch:
 def _s64(v: int) -> int:
     v &= (1 << 64) - 1
     return v - (1 << 64) if v >= 1 << 63 else v
-
-
-def _is_stopped(status: int) -> bool:
-    return (status & 0xFF) == 0x7F

@@ -38,19 +38,19 @@ WIPEONFORK (a child's view of them is not the parent's).
 from __future__ import annotations
 
 import bisect
-import ctypes
 import errno
 import mmap
 import os
 import select
 import time
 
-from .errors import ImageError, LazyError, SysError
+from .errors import ImageError, LazyError, ProcessGone, SysError
 from .images import mm_pb2
 from .images.imagedir import BLOCK
 from .mm import PROT_WRITE
 from .sys import uffd
-from .sys.libc import PAGE_SIZE
+from .sys.fd import Fd
+from .sys.libc import PAGE_SIZE, address_of
 from .sys.memory import PagemapScanner, ProcMem, pidfd_getfd, pidfd_open
 
 LAZY_MIN = 1 << 20          # VMAs with less saved data are written at restore
@@ -164,7 +164,7 @@ class PageServer:
         self.waiting: list[tuple[_Space, int]] = []   # faults read but not served yet
         self._buf = mmap.mmap(-1, STREAM + 2 * BLOCK)
         self._view = memoryview(self._buf)
-        self._addr = ctypes.addressof(ctypes.c_char.from_buffer(self._buf))
+        self._addr = address_of(self._buf)
         self._srcs = []
 
     # --- restore side: one process at a time, while it is stopped ---------------------
@@ -194,11 +194,10 @@ class PageServer:
             if mem:
                 mem.close()
         tfd = r.syscall("userfaultfd", os.O_CLOEXEC | os.O_NONBLOCK)
-        pidfd = pidfd_open(pid)
         try:
-            fd = pidfd_getfd(pidfd, tfd, pid)
+            with Fd(pidfd_open(pid)) as pidfd:
+                fd = pidfd_getfd(pidfd.fileno(), tfd, pid)
         finally:
-            os.close(pidfd)
             r.syscall("close", tfd)
         try:
             uffd.api(fd, pid)
@@ -256,9 +255,7 @@ class PageServer:
 
     def _kill_tree(self) -> None:
         from . import pstree
-        if self.init.release_fd >= 0:
-            os.close(self.init.release_fd)      # the lifeline ends: the init exits...
-            self.init.release_fd = -1
+        self.init.release_fd.close()            # the lifeline ends: the init exits...
         pstree.kill(self.init.pid)              # ...or is killed, and the namespace with it
 
     def close(self) -> None:
@@ -336,18 +333,12 @@ class PageServer:
                 except SysError as err:
                     if err.errno == errno.EAGAIN:
                         return False
-                    if err.errno == errno.ESRCH:
-                        self._drop(sp)
-                        return True
                     if err.errno not in (errno.EEXIST, errno.ENOENT):
-                        raise
+                        raise                               # ProcessGone too: see below
             if sp in self.spaces:
                 uffd.wake(sp.fd, page, PAGE_SIZE, sp.pid)
-        except SysError as err:
-            if err.errno == errno.ESRCH:
-                self._drop(sp)
-                return True
-            raise
+        except ProcessGone:
+            self._drop(sp)
         return True
 
     def _fill(self, sp: _Space, start: int, end: int, off: int) -> bool:
@@ -359,12 +350,12 @@ class PageServer:
         while pos < end:
             try:
                 n = uffd.copy(sp.fd, pos, self._addr + (pos - start), min(step, end - pos), sp.pid)
+            except ProcessGone:
+                self._drop(sp)
+                return True
             except SysError as err:
                 if err.errno == errno.EAGAIN:
                     return False
-                if err.errno == errno.ESRCH:          # the process is gone
-                    self._drop(sp)
-                    return True
                 if err.errno == errno.ENOENT and step > PAGE_SIZE:
                     step = PAGE_SIZE                  # a VMA ends inside (mprotect split it): by page
                     continue

@@ -13,9 +13,9 @@ layout in a stub by injected syscalls, in this order (see restore.py):
 from __future__ import annotations
 
 import bisect
-import ctypes
 import os
 import stat as st
+import struct
 
 from .errors import RestoreError, UnsupportedError
 from .images import mm_pb2
@@ -57,7 +57,7 @@ def dump_mm(pid: int) -> mm_pb2.Mm:
     maps = proc.maps(pid)
     mm.auxv = proc.auxv(pid)
     exe = proc.exe(pid)
-    mm.exe.CopyFrom(file_stat(exe, os.stat(f"/proc/{pid}/exe")))
+    mm.exe.CopyFrom(file_stat(exe, proc.exe_stat(pid)))
     for m in maps:
         mm.vmas.append(_dump_vma(pid, m))
     return mm
@@ -84,7 +84,7 @@ def _dump_vma(pid: int, m: proc.MapLine) -> mm_pb2.Vma:
         if m.shared:
             raise UnsupportedError(f"{where}: shared anonymous mapping without a shmem inode")
         return v
-    link = f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"
+    link = proc.map_file(pid, m.start, m.end)
     s = os.stat(link)
     if m.path.startswith(SHMEM_PREFIXES) or (m.deleted and s.st_dev in proc.tmpfs_devices()):
         # (a file deleted from a tmpfs -- a POSIX semaphore or shm_open object
@@ -204,11 +204,9 @@ def move_vdso(remote, mm: mm_pb2.Mm, current: dict[int, tuple[int, int]]) -> int
     return remote.syscall_addr
 
 
-class PrctlMmMap(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_uint64) for n in (
-        "start_code", "end_code", "start_data", "end_data", "start_brk", "brk", "start_stack",
-        "arg_start", "arg_end", "env_start", "env_end", "auxv", )] + [
-        ("auxv_size", ctypes.c_uint32), ("exe_fd", ctypes.c_uint32)]
+# struct prctl_mm_map: start_code end_code start_data end_data start_brk brk start_stack
+# arg_start arg_end env_start env_end auxv (u64 each), auxv_size exe_fd (u32)
+PRCTL_MM_MAP = struct.Struct("<12Q2I")
 
 
 PR_SET_MM, PR_SET_MM_MAP = 35, 14
@@ -218,11 +216,11 @@ def set_mm_map(remote, mm: mm_pb2.Mm, exe_fd: int) -> None:
     scratch = remote.scratch
     auxv_addr = scratch + 512
     remote.write(auxv_addr, mm.auxv)
-    m = PrctlMmMap(mm.start_code, mm.end_code, mm.start_data, mm.end_data, mm.start_brk, mm.brk,
+    m = PRCTL_MM_MAP.pack(mm.start_code, mm.end_code, mm.start_data, mm.end_data, mm.start_brk, mm.brk,
                    mm.start_stack, mm.arg_start, mm.arg_end, mm.env_start, mm.env_end,
                    auxv_addr, len(mm.auxv), exe_fd)
-    remote.write(scratch, bytes(m))
-    remote.syscall("prctl", PR_SET_MM, PR_SET_MM_MAP, scratch, ctypes.sizeof(m))
+    remote.write(scratch, m)
+    remote.syscall("prctl", PR_SET_MM, PR_SET_MM_MAP, scratch, len(m))
 
 
 def map_vmas(remote, mm: mm_pb2.Mm, file_fds: dict[str, int], shmem_fds: dict[int, int]) -> None:

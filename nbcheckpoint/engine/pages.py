@@ -11,15 +11,15 @@ chunks, whatever the target's size.
 """
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 from .errors import ImageError
-from .images import pagemap_pb2
+from .images import names, pagemap_pb2
 from .mm import PROT_READ, PROT_WRITE, VmaIndex
-from .sys.libc import PAGE_SIZE
+from .sys import proc
+from .sys.libc import PAGE_SIZE, address_of
 from .sys.memory import PagemapScanner, ProcMem, vm_read, vm_write
 
 CHUNK = 16 << 20
@@ -28,7 +28,7 @@ CHUNK = 16 << 20
 class _Buffer:
     def __init__(self, size: int = CHUNK):
         self.mem = mmap.mmap(-1, size)
-        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.mem))
+        self.addr = address_of(self.mem)
         self.view = memoryview(self.mem)
 
 
@@ -111,8 +111,8 @@ class PrivatePages:
     """
 
     def __init__(self, img, name: str):
-        self.entries = img.messages(f"pagemap-{name}.img", "nbcheckpoint.images.PagemapEntry")
-        self.out = img.pages(f"pages-{name}.img")
+        self.entries = img.messages(names.pagemap(name), pagemap_pb2.PagemapEntry)
+        self.out = img.pages(names.pages(name))
 
     def dump(self, pid: int, vmas, progress=None, shared_cow: bool = False) -> int:
         """Save the private pages of `vmas` as process `pid` holds them; returns the bytes written.
@@ -121,15 +121,12 @@ class PrivatePages:
         snapshot): read them all through /proc/PID/mem, because process_vm_readv
         would make the kernel copy each one before reading it (sys/memory.py).
         """
-        scanner = PagemapScanner(pid)
         runs = []
-        try:
+        with PagemapScanner(pid) as scanner:
             for v in vmas:
                 for a, n in scanner.data_runs(v.start, v.end, anon_only=True):
                     self.entries.add(pagemap_pb2.PagemapEntry(vaddr=a, nr_pages=n // PAGE_SIZE))
                     runs.append((a, n, bool(v.prot & PROT_READ), 0))
-        finally:
-            scanner.close()
         total_bytes = sum(r[1] for r in runs)
         pipe = _Pipeline()
         mem = None
@@ -167,17 +164,17 @@ def restore_private(pid: int, reader, name: str, index: VmaIndex, progress=None,
     from . import lazy as lazymod
     runs = []
     off = 0
-    for e in reader.messages(f"pagemap-{name}.img", pagemap_pb2.PagemapEntry):
+    for e in reader.messages(names.pagemap(name), pagemap_pb2.PagemapEntry):
         length = e.nr_pages * PAGE_SIZE
         v = index.find(e.vaddr)
         if e.source != pagemap_pb2.LOCAL:
-            raise ImageError(f"pagemap-{name}.img: page source {e.source} is not supported by this version")
+            raise ImageError(f"{names.pagemap(name)}: page source {e.source} is not supported by this version")
         if v is None or e.vaddr + length > v.end:
-            raise ImageError(f"pagemap-{name}.img: pages at {e.vaddr:#x} (+{length}) lie outside "
+            raise ImageError(f"{names.pagemap(name)}: pages at {e.vaddr:#x} (+{length}) lie outside "
                              "every mapping: the image is inconsistent")
         runs.append((e.vaddr, length, bool(v.prot & PROT_WRITE), off, v))
         off += length
-    src = reader.open_pages(f"pages-{name}.img")
+    src = reader.open_pages(names.pages(name))
     try:
         if off != src.size:
             raise ImageError(f"image file {src.path} holds {src.size} bytes, its pagemap {off}: damaged")
@@ -233,9 +230,9 @@ SEEK_DATA, SEEK_HOLE = 3, 4
 def dump_shmem(pid: int, vma, img) -> int:
     """Save the content of the shmem object behind `vma` (by SEEK_DATA/SEEK_HOLE)."""
     name = f"shmem-{vma.shmem_id}"
-    entries = img.messages(f"pagemap-{name}.img", "nbcheckpoint.images.PagemapEntry")
-    out = img.pages(f"pages-{name}.img")
-    fd = os.open(f"/proc/{pid}/map_files/{vma.start:x}-{vma.end:x}", os.O_RDONLY)
+    entries = img.messages(names.pagemap(name), pagemap_pb2.PagemapEntry)
+    out = img.pages(names.pages(name))
+    fd = os.open(proc.map_file(pid, vma.start, vma.end), os.O_RDONLY)
     done = 0
     try:
         size = os.fstat(fd).st_size
@@ -276,18 +273,18 @@ def restore_shmem(reader, vma) -> int:
         os.ftruncate(fd, size)
     else:
         m = mmap.mmap(-1, max(size, PAGE_SIZE), flags=mmap.MAP_SHARED)
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
-        fd = os.open(f"/proc/self/map_files/{addr:x}-{addr + len(m):x}", os.O_RDWR | os.O_CLOEXEC)
+        addr = address_of(m)
+        fd = os.open(proc.map_file("self", addr, addr + len(m)), os.O_RDWR | os.O_CLOEXEC)
         # the object lives on through fd; the engine's mapping is dropped with m
-    entries = reader.messages(f"pagemap-{name}.img", pagemap_pb2.PagemapEntry)
-    src = reader.open_pages(f"pages-{name}.img")
+    entries = reader.messages(names.pagemap(name), pagemap_pb2.PagemapEntry)
+    src = reader.open_pages(names.pages(name))
     buf = _Buffer(CHUNK)
     done = 0
     try:
         for e in entries:
             length = e.nr_pages * PAGE_SIZE
             if e.vaddr + length > max(size, PAGE_SIZE) + PAGE_SIZE:
-                raise ImageError(f"pagemap-{name}.img: run at {e.vaddr:#x} beyond the object's size {size}")
+                raise ImageError(f"{names.pagemap(name)}: run at {e.vaddr:#x} beyond the object's size {size}")
             for a, n in _pieces(e.vaddr, length):
                 src.readinto(buf.view[:n])
                 os.pwrite(fd, buf.view[:min(n, max(size - a, 0))], a)

@@ -29,7 +29,6 @@ Any failure kills every stub: no half-restored process is ever left running.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import dataclasses
 import fcntl
@@ -43,10 +42,10 @@ from dataclasses import dataclass
 from . import core, files, lazy, mm as mmmod, netlock, pages, pstree, task as taskmod, timers
 from .errors import EngineError, ImageError, RestoreError
 from .files import locks, tty
-from .images import core_pb2, files_pb2, imagedir, mm_pb2, pstree_pb2
+from .images import core_pb2, files_pb2, imagedir, mm_pb2, names, pstree_pb2
 from .inject import BATCH_AREA, Remote
 from .options import Options
-from .sys import proc, ptrace, x86_64
+from .sys import proc, ptrace, spawn, x86_64
 from .sys.libc import PAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -73,9 +72,8 @@ class RestoreResult:
 
     def end(self) -> None:
         """Options.lifeline: end the lifeline now -- the init exits and the namespace dies."""
-        if self.init is not None and self.init.release_fd >= 0:
-            os.close(self.init.release_fd)
-            self.init.release_fd = -1
+        if self.init is not None:
+            self.init.release_fd.close()
 
 
 class _Proc:
@@ -86,15 +84,15 @@ class _Proc:
         self.pid = pid = p.pid
         if p.zombie:
             return
-        self.task = _one(rd.messages(f"task-{pid}.img", core_pb2.TaskCore), f"task-{pid}.img")
-        self.threads = rd.messages(f"core-{pid}.img", core_pb2.ThreadCore)
+        self.task = _one(rd.messages(names.task(pid), core_pb2.TaskCore), names.task(pid))
+        self.threads = rd.messages(names.core(pid), core_pb2.ThreadCore)
         if [t.tid for t in self.threads] != list(p.tids) or not self.threads or self.threads[0].tid != pid:
-            raise ImageError(f"image {rd.dir}: core-{pid}.img does not match the process's thread list")
+            raise ImageError(f"image {rd.dir}: {names.core(pid)} does not match the process's thread list")
         for t in self.threads:
             if len(t.regs) != x86_64.REGS_SIZE or len(t.xstate) != xstate_size:
                 raise ImageError(f"image {rd.dir}: registers of thread {t.tid} are damaged")
-        self.mm = _one(rd.messages(f"mm-{pid}.img", mm_pb2.Mm), f"mm-{pid}.img")
-        self.fds = rd.messages(f"fds-{pid}.img", files_pb2.FdEntry)
+        self.mm = _one(rd.messages(names.mm(pid), mm_pb2.Mm), names.mm(pid))
+        self.fds = rd.messages(names.fds(pid), files_pb2.FdEntry)
 
 
 class _Image:
@@ -110,20 +108,20 @@ class _Image:
             raise ImageError(f"image {rd.dir} was taken on a CPU with a {inv.xstate_size}-byte XSAVE area; "
                              f"this CPU's is {x86_64.xstate_size()} bytes: restore on a CPU like the original")
         rd.verify_all_metadata()
-        procs = rd.messages("pstree.img", pstree_pb2.Process)
+        procs = rd.messages(names.PSTREE, pstree_pb2.Process)
         if not procs or procs[0].pid != inv.root_pid or procs[0].zombie:
-            raise ImageError(f"image {rd.dir}: pstree.img does not start with the root process {inv.root_pid}")
+            raise ImageError(f"image {rd.dir}: {names.PSTREE} does not start with the root process {inv.root_pid}")
         self.procs = [_Proc(rd, p, inv.xstate_size) for p in procs]
         pids = [p.pid for p in self.procs]
         if len(set(pids)) != len(pids):
-            raise ImageError(f"image {rd.dir}: pstree.img lists a PID twice")
+            raise ImageError(f"image {rd.dir}: {names.PSTREE} lists a PID twice")
         known = set()
         for p in self.procs:
             if p is not self.procs[0] and p.p.ppid not in known:
                 raise ImageError(f"image {rd.dir}: process {p.pid}'s parent {p.p.ppid} comes after it or is missing")
             known.add(p.pid)
         self.live = [p for p in self.procs if not p.p.zombie]
-        self.files = files.RestoreContext(rd, rd.messages("files.img", files_pb2.FileEntry), options)
+        self.files = files.RestoreContext(rd, rd.messages(names.FILES, files_pb2.FileEntry), options)
         for p in self.live:
             mmmod.check_files_unchanged(p.mm, p.pid, inv.leave_running)
             self.files.check(p.pid, p.fds)
@@ -228,8 +226,7 @@ def restore(images_dir, progress=None, options: Options | None = None) -> Restor
             if server is not None:
                 server.close()
             if init is not None:
-                if init.release_fd >= 0:
-                    os.close(init.release_fd)
+                init.release_fd.close()
                 pstree.kill(init.pid)
         for fd in engine_fds:
             os.close(fd)
@@ -412,9 +409,9 @@ def _clone_thread(r: Remote, vtid: int) -> int:
     """A thread with TID `vtid` (as the process sees it); returns its TID as we see it."""
     s = r.scratch
     r.write(s + 256, struct.pack("<i", vtid))
-    args = pstree.CloneArgs(flags=pstree.CLONE_THREAD_FLAGS, set_tid=s + 256, set_tid_size=1)
-    r.write(s, bytes(args))
-    new = r.syscall("clone3", s, ctypes.sizeof(args))
+    args = spawn.clone_args(flags=pstree.CLONE_THREAD_FLAGS, set_tid=s + 256, set_tid_size=1)
+    r.write(s, args)
+    new = r.syscall("clone3", s, len(args))
     if new != vtid:
         raise RestoreError(f"thread {vtid} came back as {new}")
     host = r.clone_tids[-1]

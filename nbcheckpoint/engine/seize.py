@@ -11,14 +11,13 @@ of the tree: it is recorded apart, for dump.py to reap.
 """
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import time
 
-from .errors import DumpError, EngineError, SysError
+from .errors import AccessDenied, DumpError, EngineError, ProcessGone, SysError
 from .sigframe import SNAPSHOT_EXIT
-from .sys import proc, ptrace
+from .sys import proc, ptrace, waitstatus
 
 PTRACE_EVENT_FORK, PTRACE_EVENT_VFORK = 1, 2
 _OPTIONS = ptrace.PTRACE_O_TRACESYSGOOD | ptrace.PTRACE_O_TRACECLONE | 0x2 | 0x4      # TRACEFORK, TRACEVFORK
@@ -47,7 +46,7 @@ class FrozenTree:
             changed = True
             while changed:
                 changed = False
-                for pid in [self.root] + [c for p in list(self.order) for c in _children(p)]:
+                for pid in [self.root] + [c for p in list(self.order) for c in proc.all_children(p)]:
                     if pid in self.tids or pid in self.zombies or pid in self.leftovers:
                         continue
                     if self._freeze_process(pid):
@@ -87,7 +86,7 @@ class FrozenTree:
         new = False
         try:
             current = proc.tids(pid)
-        except SysError:
+        except ProcessGone:
             return False
         for tid in current:
             if tid in self.tids[pid]:
@@ -95,14 +94,12 @@ class FrozenTree:
             if tid not in self._traced:
                 try:
                     ptrace.seize(tid, _OPTIONS)
-                except SysError as e:
-                    if e.errno == errno.ESRCH:      # exited meanwhile
-                        continue
-                    if e.errno == errno.EPERM:
-                        raise DumpError(
-                            f"cannot seize thread {tid} of process {pid}: it is already traced "
-                            "(a debugger or another checkpoint?) or we lack permission") from None
-                    raise
+                except ProcessGone:                 # exited meanwhile
+                    continue
+                except AccessDenied:
+                    raise DumpError(
+                        f"cannot seize thread {tid} of process {pid}: it is already traced "
+                        "(a debugger or another checkpoint?) or we lack permission") from None
                 self._traced.add(tid)
                 ptrace.interrupt(tid)
             if self._wait_stop(tid):
@@ -114,10 +111,10 @@ class FrozenTree:
         """Wait until tid is in PTRACE_EVENT_STOP; False if it died instead."""
         while True:
             _, status = ptrace.wait(tid)
-            if (status & 0xFF) != 0x7F:
+            if not waitstatus.stopped(status):
                 self._traced.discard(tid)
                 return False
-            event = ptrace.stop_event(status)
+            event = waitstatus.stop_event(status)
             if event == ptrace.PTRACE_EVENT_STOP:
                 return True
             if event in (ptrace.PTRACE_EVENT_CLONE, PTRACE_EVENT_FORK, PTRACE_EVENT_VFORK):
@@ -128,7 +125,7 @@ class FrozenTree:
                 ptrace.interrupt(tid)
                 continue
             # A signal arrived before our interrupt: deliver it, then stop.
-            ptrace.cont(tid, (status >> 8) & 0xFF)
+            ptrace.cont(tid, waitstatus.stop_signal(status))
             ptrace.interrupt(tid)
 
     # --- release ----------------------------------------------------------------
@@ -159,7 +156,7 @@ class FrozenTree:
         for pid in reversed(self.order):
             for tid in sorted(self.tids[pid], key=lambda t: t == pid):
                 try:
-                    while (ptrace.wait(tid)[1] & 0xFF) == 0x7F:
+                    while waitstatus.stopped(ptrace.wait(tid)[1]):
                         pass
                 except SysError:
                     pass
@@ -174,23 +171,21 @@ def interrupt_one(pid: int) -> int | None:
     """
     try:
         tids = sorted(proc.tids(pid), key=lambda t: t != pid)
-    except SysError:
+    except ProcessGone:
         return None
     for tid in tids:
         try:
             ptrace.seize(tid, ptrace.PTRACE_O_TRACESYSGOOD)
-        except SysError as e:
-            if e.errno in (errno.ESRCH, errno.EPERM):
-                continue
-            raise
+        except (ProcessGone, AccessDenied):
+            continue
         ptrace.interrupt(tid)
         while True:
             _, status = ptrace.wait(tid)
-            if (status & 0xFF) != 0x7F:
+            if not waitstatus.stopped(status):
                 break                               # it exited meanwhile
-            if ptrace.stop_event(status) == ptrace.PTRACE_EVENT_STOP:
+            if waitstatus.stop_event(status) == ptrace.PTRACE_EVENT_STOP:
                 return tid
-            ptrace.cont(tid, (status >> 8) & 0xFF)  # a signal came first: deliver it
+            ptrace.cont(tid, waitstatus.stop_signal(status))  # a signal came first: deliver it
             ptrace.interrupt(tid)
     return None
 
@@ -200,20 +195,6 @@ def detach(tid: int) -> None:
         ptrace.detach(tid)
     except SysError:
         pass
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        for tid in proc.tids(pid):
-            try:
-                with open(f"/proc/{pid}/task/{tid}/children") as f:
-                    out.extend(int(c) for c in f.read().split())
-            except OSError:
-                pass
-    except SysError:
-        pass
-    return out
 
 
 def kill_for_restore(root: int, via: int | None = None, timeout: float = 10.0) -> None:
@@ -227,7 +208,7 @@ def kill_for_restore(root: int, via: int | None = None, timeout: float = 10.0) -
     from .files import inet
     pids, i = [root], 0
     while i < len(pids):
-        pids.extend(c for c in _children(pids[i]) if c not in pids)
+        pids.extend(c for c in proc.all_children(pids[i]) if c not in pids)
         i += 1
     held = inet.hold_internal(pids)
     try:

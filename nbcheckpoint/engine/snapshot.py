@@ -52,9 +52,9 @@ import os
 import signal
 
 from . import seize, sigframe
-from .errors import SysError
+from .errors import ProcessGone, SysError
 from .inject import Remote, find_syscall_insn, libc_guard
-from .sys import proc, ptrace
+from .sys import proc, ptrace, waitstatus
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def unsuitable(pid: int) -> str | None:
     """Why process `pid` should not be forked by injection, or None."""
     try:
         mode = proc.status(pid).get("Seccomp", "0")
-    except SysError:
+    except ProcessGone:
         return None
     if mode != "0":
         return f"it runs under seccomp (mode {mode}), which may forbid or punish a clone"
@@ -106,7 +106,7 @@ class Snapshot:
     def attach(self) -> None:
         """Wait for the child's first stop (before its first instruction), then EXITKILL."""
         _, status = ptrace.wait(self.child)
-        if (status & 0xFF) != 0x7F:
+        if not waitstatus.stopped(status):
             self._dead = True
             raise SysError(errno.ESRCH, "snapshot child", self.child, f"it died at once (status {status:#x})")
         ptrace.setoptions(self.child, ptrace.PTRACE_O_EXITKILL | ptrace.PTRACE_O_TRACESYSGOOD)
@@ -140,7 +140,7 @@ class Snapshot:
                     _, status = ptrace.wait(self.child)
                 except SysError:
                     break
-                if (status & 0xFF) != 0x7F:
+                if not waitstatus.stopped(status):
                     break
             self._dead = True
         try:

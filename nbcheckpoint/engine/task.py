@@ -8,7 +8,6 @@ restoring threads with clone3(set_tid) needs our privileges.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import struct
 
@@ -16,25 +15,13 @@ from .errors import UnsupportedError
 from .images import core_pb2
 from .inject import Remote
 from .sys import proc, ptrace
-from .sys.libc import syscall
-from .sys.x86_64 import NR
+from .sys.libc import prlimit
 
 NSIG = 64
 _SIGACTION = struct.Struct("<QQQQ")     # handler, flags, restorer, mask (kernel struct sigaction)
 PR_GET_PDEATHSIG, PR_SET_PDEATHSIG = 2, 1
 PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
 RLIM_NLIMITS = 16
-
-
-class _Rlimit(ctypes.Structure):
-    _fields_ = [("cur", ctypes.c_uint64), ("max", ctypes.c_uint64)]
-
-
-def prlimit(pid: int, res: int, new: tuple[int, int] | None = None) -> tuple[int, int]:
-    old = _Rlimit()
-    newp = ctypes.byref(_Rlimit(*new)) if new else None
-    syscall(NR["prlimit64"], pid, res, newp, ctypes.byref(old), request=f"prlimit64(resource {res})", pid=pid)
-    return old.cur, old.max
 
 
 def dump_task(pid: int, remote: Remote) -> core_pb2.TaskCore:
@@ -67,7 +54,7 @@ def dump_task(pid: int, remote: Remote) -> core_pb2.TaskCore:
 
 
 def _fs_path(pid: int, which: str) -> str:
-    path = proc.readlink(f"/proc/{pid}/{which}", pid)
+    path = proc.link(pid, which)
     if path.endswith(" (deleted)"):
         raise UnsupportedError(f"process {pid}: its {which} directory {path} was deleted; not supported")
     return path

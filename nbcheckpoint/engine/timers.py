@@ -29,7 +29,7 @@ from __future__ import annotations
 import struct
 
 from .errors import RestoreError, SysError, UnsupportedError
-from .images import timers_pb2
+from .images import names, timers_pb2
 from .sys import proc
 
 ITIMERS = (0, 1, 2)                    # ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF
@@ -37,11 +37,6 @@ SIGEV_NONE, SIGEV_THREAD_ID = 1, 4
 CLOCK_THREAD_CPUTIME_ID = 3
 PR_TIMER_CREATE_RESTORE_IDS, RESTORE_IDS_OFF, RESTORE_IDS_ON = 77, 0, 1
 MAX_ID_GAP = 1 << 16                   # throw-away timers to close one gap, at most
-MESSAGE = "nbcheckpoint.images.Timers"
-
-
-def image_name(pid: int) -> str:
-    return f"timers-{pid}.img"
 
 
 def dump(pid: int, remote) -> timers_pb2.Timers:
@@ -71,12 +66,12 @@ def dump(pid: int, remote) -> timers_pb2.Timers:
 
 def write(img, pid: int, timers: timers_pb2.Timers) -> None:
     """Into the image being written (an imagedir.ImageWriter)."""
-    img.messages(image_name(pid), MESSAGE).add(timers)
+    img.messages(names.timers(pid), timers_pb2.Timers).add(timers)
 
 
 def read(reader, pid: int) -> timers_pb2.Timers:
     """From an image (imagedir.ImageReader); an image without the file has no timers."""
-    name = image_name(pid)
+    name = names.timers(pid)
     if not reader.has(name):
         return timers_pb2.Timers()
     msgs = reader.messages(name, timers_pb2.Timers)

@@ -30,7 +30,7 @@ import os
 import struct
 
 from ..errors import ImageError, RestoreError, UnsupportedError
-from ..images import locks_pb2
+from ..images import locks_pb2, names
 from ..sys import proc
 
 LOCK_SH, LOCK_EX, LOCK_NB = 1, 2, 4
@@ -42,8 +42,6 @@ _FLOCK = struct.Struct("<hh4xqqi4x")
 assert _FLOCK.size == 32
 
 _KINDS = {"FLOCK": locks_pb2.LOCK_FLOCK, "POSIX": locks_pb2.LOCK_POSIX, "OFDLCK": locks_pb2.LOCK_OFD}
-IMAGE = "locks-{pid}.img"
-MSG_TYPE = "nbcheckpoint.images.FileLock"
 
 
 def describe(lk, path: str | None = None) -> str:
@@ -107,7 +105,7 @@ def dump_locks(ctx, pid: int, fds, vpid: int | None = None) -> list:
             seen.add(key)
             out.append(lk)
     if out:
-        w = ctx.img.messages(IMAGE.format(pid=pid if vpid is None else vpid), MSG_TYPE)
+        w = ctx.img.messages(names.locks(pid if vpid is None else vpid), locks_pb2.FileLock)
         for lk in out:
             w.add(lk)
     return out
@@ -123,7 +121,7 @@ def _path(pid: int, fd: int) -> str:
 # --- restore -------------------------------------------------------------------
 
 def load_locks(ctx, pid: int) -> list:
-    name = IMAGE.format(pid=pid)
+    name = names.locks(pid)
     return ctx.reader.messages(name, locks_pb2.FileLock) if ctx.reader.has(name) else []
 
 
@@ -135,7 +133,7 @@ def check_locks(ctx, pid: int, fds) -> list:
     by_fd = {e.fd: e.id for e in fds}
     for lk in locks:
         if by_fd.get(lk.fd) != lk.file_id:
-            raise ImageError(f"process {pid}: {IMAGE.format(pid=pid)} names fd {lk.fd} (file {lk.file_id}), "
+            raise ImageError(f"process {pid}: {names.locks(pid)} names fd {lk.fd} (file {lk.file_id}), "
                              "which the process's fd table does not have: damaged image")
     if not ctx.options.file_locks:
         lk = locks[0]

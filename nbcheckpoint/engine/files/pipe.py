@@ -35,7 +35,7 @@ import struct
 import termios
 
 from ..errors import DumpError, ImageError, RestoreError, UnsupportedError
-from ..images import files_pb2
+from ..images import files_pb2, names
 from ..sys.libc import syscall
 from ..sys.x86_64 import NR
 from .kind import FileKind
@@ -69,8 +69,8 @@ def _key(f: files_pb2.FileEntry) -> tuple[int, int, int]:
 def data_name(f: files_pb2.FileEntry) -> str:
     """The image file holding the pipe's queued data."""
     if f.kind == files_pb2.FIFO:
-        return f"fifo-data-{f.pipe.dev}-{f.pipe.pipe_id}.img"
-    return f"pipe-data-{f.pipe.pipe_id}.img"
+        return names.fifo_data(f.pipe.dev, f.pipe.pipe_id)
+    return names.pipe_data(f.pipe.pipe_id)
 
 
 def _queued(fd: int) -> int:

@@ -21,7 +21,7 @@ import platform
 import stat
 
 from ..errors import RestoreError
-from ..images import files_pb2
+from ..images import files_pb2, names
 from ..mm import file_stat
 from .kind import FileKind
 
@@ -68,7 +68,7 @@ KIND = RegFile()
 
 
 def _save_content(pid: int, fd: int, img, fid: int) -> None:
-    out = img.raw(f"file-{fid}.img")
+    out = img.raw(names.file_data(fid))
     # Through /proc/PID/fd we get our own open file description: the target's offset is untouched.
     src = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -150,7 +150,7 @@ def _ftype(mode: int) -> str:
 
 def _recreate_deleted(reader, f: files_pb2.FileEntry, flags: int) -> int:
     r = f.reg
-    data = reader.read_bytes(f"file-{f.id}.img")
+    data = reader.read_bytes(names.file_data(f.id))
     d = os.path.dirname(r.stat.path) or "/"
     base = r.stat.path if not os.path.exists(r.stat.path) else os.path.join(
         d, f".nbcheckpoint-ghost-{os.getpid()}-{f.id}")

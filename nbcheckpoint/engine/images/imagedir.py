@@ -1,16 +1,20 @@
 """The image directory: how files are written, named, checksummed and read.
 
-Layout (one directory per image, 0700; files 0600)::
+Layout (one directory per image, 0700; files 0600; every name is made by names.py)::
 
     inventory.img          table of contents, written last (checksums of all files)
     pstree.img             Process messages
+    files.img              FileEntry per open file description
     task-PID.img           TaskCore (per-process state)
     core-PID.img           one ThreadCore per thread, the main thread first
     mm-PID.img             Mm
-    files-PID.img          FdEntry messages
-    pagemap-NAME.img       PagemapHead, then PagemapEntry runs
-    pages-NAME.img         raw page bytes of the LOCAL runs, in order, checked per block
+    fds-PID.img            FdEntry per fd
+    pagemap-NAME.img       PagemapEntry runs (NAME: a pid, or shmem-ID)
+    pages-NAME.img         raw page bytes of the runs, in order, checked per block
     file-ID.img            content of a file deleted while open
+    pipe-data-ID.img       bytes queued in a pipe (fifo-data-DEV-ID.img: in a FIFO)
+    locks-PID.img          FileLock messages (--file-locks; absent if none)
+    timers-PID.img         Timers
 
 A message file is: magic (8 bytes), the message type's full name (u16 length +
 utf-8), then messages each prefixed by a u32 length.  The type name makes a
@@ -34,11 +38,13 @@ import time
 import xxhash
 
 from ..errors import ImageError
+from ..sys import proc
+from ..sys.fd import Fd
 from . import inventory_pb2
+from .names import INVENTORY
 
 FORMAT_VERSION = 2          # 2: page data checked per block
 MAGIC = b"NBCKIMG\x01"
-INVENTORY = "inventory.img"
 _LEN = struct.Struct("<I")
 MAX_MESSAGE = 64 << 20
 BLOCK = 256 << 10           # page data checksum block: what lazy restore reads per fault
@@ -49,7 +55,7 @@ class _HashingFile:
 
     def __init__(self, path: str):
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.fd = Fd(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         self.hash = xxhash.xxh3_128()
         self.size = 0
 
@@ -57,14 +63,12 @@ class _HashingFile:
         self.hash.update(data)
         view = memoryview(data)
         while view:
-            n = os.write(self.fd, view)
+            n = os.write(self.fd.fileno(), view)
             view = view[n:]
         self.size += len(data)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.fd.close()
 
     def summary(self) -> inventory_pb2.FileSum:
         return inventory_pb2.FileSum(name=os.path.basename(self.path), size=self.size,
@@ -115,9 +119,9 @@ class PagesWriter(_HashingFile):
 
 
 class MessageWriter(_HashingFile):
-    def __init__(self, path: str, type_name: str):
+    def __init__(self, path: str, msg_cls):
         super().__init__(path)
-        name = type_name.encode()
+        name = msg_cls.DESCRIPTOR.full_name.encode()
         self.write(MAGIC + struct.pack("<H", len(name)) + name)
 
     def add(self, msg) -> None:
@@ -145,8 +149,8 @@ class ImageWriter:
     def path(self, name: str) -> str:
         return os.path.join(self.tmp, name)
 
-    def messages(self, name: str, type_name: str) -> MessageWriter:
-        w = MessageWriter(self.path(name), type_name)
+    def messages(self, name: str, msg_cls) -> MessageWriter:
+        w = MessageWriter(self.path(name), msg_cls)
         self._files.append(w)
         return w
 
@@ -163,8 +167,8 @@ class ImageWriter:
     def finish_files(self) -> None:
         """fsync and close every data file (the slow part on a real disk)."""
         for f in self._files:
-            if f.fd >= 0:
-                os.fsync(f.fd)
+            if not f.fd.closed:
+                os.fsync(f.fd.fileno())
                 f.close()
             self._sums.append(f.summary())
         self._files = []
@@ -173,12 +177,12 @@ class ImageWriter:
         self.finish_files()
         inv.format_version = FORMAT_VERSION
         inv.files.extend(self._sums)
-        w = MessageWriter(self.path(INVENTORY), "nbcheckpoint.images.Inventory")
+        w = MessageWriter(self.path(INVENTORY), inventory_pb2.Inventory)
         w.add(inv)
         # The inventory checks itself: a trailing checksum of all bytes before it.
         digest = w.hash.digest()
         w.write(digest)
-        os.fsync(w.fd)
+        os.fsync(w.fd.fileno())
         w.close()
         _fsync_dir(self.tmp)
         if os.path.isdir(self.final):
@@ -203,7 +207,7 @@ def _remove_abandoned(parent: str, name: str) -> None:
         if not entry.startswith(prefix):
             continue
         pid = entry[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+        if pid.isdigit() and not proc.exists(int(pid)):
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
@@ -234,7 +238,7 @@ class ImageReader:
         body, digest = raw[:-16], raw[-16:]
         if xxhash.xxh3_128_digest(body) != digest:
             raise ImageError(f"{inv_path} is corrupted (checksum mismatch)")
-        msgs = list(_parse_messages(body, inv_path, "nbcheckpoint.images.Inventory", inventory_pb2.Inventory))
+        msgs = list(_parse_messages(body, inv_path, inventory_pb2.Inventory))
         if len(msgs) != 1:
             raise ImageError(f"{inv_path} holds {len(msgs)} inventories, expected 1")
         self.inventory = msgs[0]
@@ -273,7 +277,7 @@ class ImageReader:
 
     def messages(self, name: str, msg_cls) -> list:
         data = self.read_bytes(name)
-        return list(_parse_messages(data, os.path.join(self.dir, name), msg_cls.DESCRIPTOR.full_name, msg_cls))
+        return list(_parse_messages(data, os.path.join(self.dir, name), msg_cls))
 
     def open_pages(self, name: str) -> "PagesReader":
         s = self._sum(name)
@@ -304,7 +308,7 @@ class PagesReader:
         self.path = path
         self.size = size
         self.sums = sums
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.fd = Fd(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
         self.pos = 0                        # readinto's position
         self._blk = bytearray(BLOCK)        # the last block read for a partial request...
         self._blk_index = -1                # ...and its number
@@ -317,7 +321,7 @@ class PagesReader:
     def _pread(self, view, off: int) -> None:
         got = 0
         while got < len(view):
-            n = os.preadv(self.fd, [view[got:]], off + got)
+            n = os.preadv(self.fd.fileno(), [view[got:]], off + got)
             if n == 0:
                 raise ImageError(f"image file {self.path} ends early: truncated")
             got += n
@@ -373,13 +377,12 @@ class PagesReader:
                              "accounts for: damaged")
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.fd.close()
 
 
-def _parse_messages(data: bytes, path: str, type_name: str, msg_cls):
+def _parse_messages(data: bytes, path: str, msg_cls):
     from google.protobuf.message import DecodeError
+    type_name = msg_cls.DESCRIPTOR.full_name
     if data[:len(MAGIC)] != MAGIC:
         raise ImageError(f"{path} is not an nbcheckpoint image file (bad magic)")
     pos = len(MAGIC)

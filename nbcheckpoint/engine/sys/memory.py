@@ -17,6 +17,7 @@ import fcntl
 import os
 
 from ..errors import SysError
+from .fd import Fd
 from .libc import check, libc
 from .ptrace import iovec
 
@@ -71,13 +72,24 @@ def vm_write(pid: int, local_addr: int, remote: list[tuple[int, int]]) -> int:
     return _vm_rw(libc.process_vm_writev, "process_vm_writev", pid, local_addr, remote)
 
 
+def read_bytes(pid: int, addr: int, size: int) -> bytes:
+    buf = ctypes.create_string_buffer(size)
+    vm_read(pid, ctypes.addressof(buf), [(addr, size)])
+    return buf.raw
+
+
+def write_bytes(pid: int, addr: int, data) -> None:
+    buf = ctypes.create_string_buffer(bytes(data), len(data))
+    vm_write(pid, ctypes.addressof(buf), [(addr, len(data))])
+
+
 class ProcMem:
     """/proc/PID/mem, for pages that process_vm_* cannot reach."""
 
     def __init__(self, pid: int, write: bool = False):
         self.pid = pid
         try:
-            self.fd = os.open(f"/proc/{pid}/mem", os.O_RDWR if write else os.O_RDONLY)
+            self.fd = Fd(os.open(f"/proc/{pid}/mem", os.O_RDWR if write else os.O_RDONLY))
         except OSError as e:
             raise SysError(e.errno or 0, f"open /proc/{pid}/mem", pid) from None
 
@@ -85,7 +97,7 @@ class ProcMem:
         view = memoryview(data)
         while view:
             try:
-                n = os.pwrite(self.fd, view, addr)
+                n = os.pwrite(self.fd.fileno(), view, addr)
             except OSError as e:
                 raise SysError(e.errno or 0, f"write /proc/{self.pid}/mem", self.pid, f"at {addr:#x}") from None
             view = view[n:]
@@ -93,7 +105,7 @@ class ProcMem:
 
     def pread(self, size: int, addr: int) -> bytes:
         try:
-            data = os.pread(self.fd, size, addr)
+            data = os.pread(self.fd.fileno(), size, addr)
         except OSError as e:
             raise SysError(e.errno or 0, f"read /proc/{self.pid}/mem", self.pid, f"at {addr:#x}") from None
         if len(data) != size:
@@ -105,7 +117,7 @@ class ProcMem:
         view = memoryview(buf).cast("B")
         while view:
             try:
-                n = os.preadv(self.fd, [view], addr)
+                n = os.preadv(self.fd.fileno(), [view], addr)
             except OSError as e:
                 raise SysError(e.errno or 0, f"read /proc/{self.pid}/mem", self.pid, f"at {addr:#x}") from None
             if n == 0:
@@ -114,9 +126,7 @@ class ProcMem:
             addr += n
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.fd.close()
 
     def __enter__(self):
         return self
@@ -153,7 +163,7 @@ class PagemapScanner:
     def __init__(self, pid: int):
         self.pid = pid
         try:
-            self.fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+            self.fd = Fd(os.open(f"/proc/{pid}/pagemap", os.O_RDONLY))
         except OSError as e:
             raise SysError(e.errno or 0, f"open /proc/{pid}/pagemap", pid) from None
         self._vec = (_PageRegion * self.VEC)()
@@ -180,7 +190,7 @@ class PagemapScanner:
                              category_anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
                              return_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED)
             try:
-                n = fcntl.ioctl(self.fd, PAGEMAP_SCAN, arg)  # type: ignore[arg-type]
+                n = fcntl.ioctl(self.fd.fileno(), PAGEMAP_SCAN, arg)  # type: ignore[arg-type]
             except OSError as e:
                 raise SysError(e.errno or 0, "ioctl PAGEMAP_SCAN", self.pid, f"range {pos:#x}-{end:#x}") from None
             for i in range(n):
@@ -195,9 +205,13 @@ class PagemapScanner:
         return runs
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.fd.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 # --- pidfd ---------------------------------------------------------------------

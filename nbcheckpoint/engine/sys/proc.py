@@ -1,10 +1,20 @@
-"""All /proc parsing lives here (proc(5)); callers get plain Python values."""
+"""All /proc parsing lives here (proc(5)); callers get plain Python values.
+
+A failure raises SysError; ProcessGone when /proc/PID vanished with its process."""
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
 
-from ..errors import SysError
+from ..errors import ProcessGone, SysError
+
+
+def _error(e: OSError, what: str, pid: int | None) -> SysError:
+    err = e.errno or 0
+    if pid is not None and err == errno.ENOENT and not exists(pid):
+        err = errno.ESRCH           # /proc/PID is gone with the process: ProcessGone
+    return SysError(err, what, pid)
 
 
 def _read(path: str, pid: int | None = None) -> bytes:
@@ -12,7 +22,7 @@ def _read(path: str, pid: int | None = None) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
-        raise SysError(e.errno or 0, f"read {path}", pid) from None
+        raise _error(e, f"read {path}", pid) from None
 
 
 def exists(pid: int) -> bool:
@@ -23,7 +33,7 @@ def tids(pid: int) -> list[int]:
     try:
         return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
     except OSError as e:
-        raise SysError(e.errno or 0, f"list /proc/{pid}/task", pid) from None
+        raise _error(e, f"list /proc/{pid}/task", pid) from None
 
 
 @dataclass
@@ -101,11 +111,71 @@ def readlink(path: str, pid: int | None = None) -> str:
     try:
         return os.readlink(path)
     except OSError as e:
-        raise SysError(e.errno or 0, f"readlink {path}", pid) from None
+        raise _error(e, f"readlink {path}", pid) from None
+
+
+def link(pid: int, name: str) -> str:
+    """The target of /proc/PID/NAME: exe, cwd, root, ns/pid ..."""
+    return readlink(f"/proc/{pid}/{name}", pid)
 
 
 def exe(pid: int) -> str:
-    return readlink(f"/proc/{pid}/exe", pid)
+    return link(pid, "exe")
+
+
+def exe_stat(pid: int) -> os.stat_result:
+    """The executable's own stat (through the link, also when it was deleted)."""
+    try:
+        return os.stat(f"/proc/{pid}/exe")
+    except OSError as e:
+        raise _error(e, f"stat /proc/{pid}/exe", pid) from None
+
+
+def map_file(pid: int, start: int, end: int) -> str:
+    """/proc/PID/map_files/START-END: the file behind a mapping, to stat or open."""
+    return f"/proc/{pid}/map_files/{start:x}-{end:x}"
+
+
+def children(pid: int, tid: int | None = None) -> list[int]:
+    """The children of one thread (the leader by default); [] if it is gone."""
+    try:
+        return [int(c) for c in _read(f"/proc/{pid}/task/{tid or pid}/children", pid).split()]
+    except SysError:
+        return []
+
+
+def all_children(pid: int) -> list[int]:
+    """The children of every thread of `pid`; [] if it is gone."""
+    try:
+        return [c for tid in tids(pid) for c in children(pid, tid)]
+    except SysError:
+        return []
+
+
+def tracer(pid: int) -> int:
+    """The pid of the tracer of `pid` (TracerPid), 0 if none or the process is gone."""
+    try:
+        return int(status(pid)["TracerPid"])
+    except SysError:
+        return 0
+
+
+def sysctl_int(name: str) -> int:
+    """/proc/sys/NAME as an int, e.g. kernel/pid_max."""
+    return int(_read(f"/proc/sys/{name}"))
+
+
+def clear_soft_dirty() -> None:
+    """Clear the soft-dirty bits of this process's pages (clear_refs 4)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("4")
+
+
+def pagemap_entry(addr: int, page_size: int) -> int:
+    """This process's /proc/self/pagemap entry (u64) for the page at `addr`."""
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(addr // page_size * 8)
+        return int.from_bytes(f.read(8), "little")
 
 
 def comm(pid: int, tid: int) -> str:
@@ -120,7 +190,7 @@ def fds(pid: int) -> list[int]:
     try:
         return sorted(int(f) for f in os.listdir(f"/proc/{pid}/fd"))
     except OSError as e:
-        raise SysError(e.errno or 0, f"list /proc/{pid}/fd", pid) from None
+        raise _error(e, f"list /proc/{pid}/fd", pid) from None
 
 
 def fdinfo(pid: int, fd: int) -> dict[str, str]:
@@ -141,7 +211,7 @@ def pid_state(pid: int) -> str:
     """The one-letter state (R, S, D, Z, T, t ...) or '' if the pid is gone."""
     try:
         return stat(pid)[3]
-    except SysError:
+    except ProcessGone:
         return ""
 
 

@@ -183,8 +183,3 @@ def wait(tid: int, nohang: bool = False) -> tuple[int, int]:
             continue
         except ChildProcessError as e:
             raise SysError(e.errno, "waitpid", tid) from None
-
-
-def stop_event(status: int) -> int:
-    """The PTRACE_EVENT_* number of a ptrace stop status (0 if none)."""
-    return (status >> 16) & 0xFFFF

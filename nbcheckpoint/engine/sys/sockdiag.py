@@ -7,12 +7,12 @@ shutdown state.  Failures raise :class:`SysError` (request "sock_diag").
 from __future__ import annotations
 
 import errno as _errno
-import os
 import socket
 import struct
 from dataclasses import dataclass, field
 
 from ..errors import SysError
+from . import proc
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -144,14 +144,10 @@ def unix_sockets(ino: int = 0) -> dict[int, UnixDiag]:
 def socket_inodes(pid: int) -> set[int]:
     """Inodes of the sockets open in process pid (from its /proc/PID/fd links)."""
     out = set()
-    try:
-        names = os.listdir(f"/proc/{pid}/fd")
-    except OSError as e:
-        raise SysError(e.errno or 0, f"list /proc/{pid}/fd", pid) from None
-    for n in names:
+    for n in proc.fds(pid):
         try:
-            link = os.readlink(f"/proc/{pid}/fd/{n}")
-        except OSError:
+            link = proc.fdlink(pid, n)
+        except SysError:
             continue
         if link.startswith("socket:["):
             out.add(int(link[8:-1]))
@@ -159,45 +155,21 @@ def socket_inodes(pid: int) -> set[int]:
 
 
 def _traced_by_us(pid: int, ours: set[int]) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("TracerPid:"):
-                    return int(line.split()[1]) in ours
-    except OSError:
-        pass
-    return False
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out.extend(int(c) for c in f.read().split())
-        except OSError:
-            pass
-    return out
+    return proc.tracer(pid) in ours
 
 
 def frozen_tree(pid: int) -> list[int]:
     """The processes of the tree being dumped that pid belongs to: the topmost ancestor of pid
     that this engine traces, and its descendants that it traces (a dump freezes, i.e.
     ptrace-stops, every process of its tree).  Just [pid] if pid is not traced by us."""
-    ours = {int(t) for t in os.listdir("/proc/self/task")}
+    ours = set(proc.tids("self"))
     if not _traced_by_us(pid, ours):
         return [pid]
     root = pid
     while True:
         try:
-            with open(f"/proc/{root}/stat") as f:
-                data = f.read()
-            ppid = int(data[data.rindex(")") + 2:].split()[1])
-        except (OSError, ValueError):
+            ppid = proc.ppid(root)
+        except (SysError, ValueError):
             break
         if ppid <= 1 or not _traced_by_us(ppid, ours):
             break
@@ -208,7 +180,7 @@ def frozen_tree(pid: int) -> list[int]:
         if p in out:
             continue
         out.append(p)
-        todo.extend(c for c in _children(p) if _traced_by_us(c, ours))
+        todo.extend(c for c in proc.all_children(p) if _traced_by_us(c, ours))
     return out
 
 
