@@ -5,7 +5,7 @@ import datetime
 import os
 
 from .files import KINDS
-from .images import core_pb2, files_pb2, imagedir, mm_pb2, pagemap_pb2, pstree_pb2
+from .images import core_pb2, files_pb2, imagedir, mm_pb2, names, pagemap_pb2, pstree_pb2
 from .sys.libc import PAGE_SIZE
 
 _PROT = lambda p: ("r" if p & 1 else "-") + ("w" if p & 2 else "-") + ("x" if p & 4 else "-")  # noqa: E731
@@ -32,21 +32,21 @@ def show(images_dir) -> str:
     if inv.network_lock:
         out.append(f"  its outside TCP peers are locked out (nftables table inet {inv.network_lock}) until "
                    "it is restored, or `nbcheckpoint unlock` is run")
-    files = {f.id: f for f in rd.messages("files.img", files_pb2.FileEntry)}
-    for p in rd.messages("pstree.img", pstree_pb2.Process):
-        task = rd.messages(f"task-{p.pid}.img", core_pb2.TaskCore)[0]
+    files = {f.id: f for f in rd.messages(names.FILES, files_pb2.FileEntry)}
+    for p in rd.messages(names.PSTREE, pstree_pb2.Process):
+        task = rd.messages(names.task(p.pid), core_pb2.TaskCore)[0]
         out.append(f"process {p.pid} (ppid {p.ppid}, pgid {p.pgid}, sid {p.sid}), cwd {task.cwd}, "
                    f"uid {list(task.creds.uids)[:1]}, {len(task.sigactions)} signal handlers, "
                    f"{len(task.shared_pending)} pending signals")
-        for t in rd.messages(f"core-{p.pid}.img", core_pb2.ThreadCore):
+        for t in rd.messages(names.core(p.pid), core_pb2.ThreadCore):
             from .sys.x86_64 import regs_from_bytes
             r = regs_from_bytes(t.regs)
             out.append(f"  thread {t.tid} {t.comm!r}: rip {r.rip:#x} rsp {r.rsp:#x}, sigmask {t.sigmask:#x}, "
                        f"{len(t.pending)} pending" + (f", altstack {t.altstack_sp:#x}+{t.altstack_size}"
                                                        if t.altstack_size and not t.altstack_flags & 2 else ""))
-        mm = rd.messages(f"mm-{p.pid}.img", mm_pb2.Mm)[0]
+        mm = rd.messages(names.mm(p.pid), mm_pb2.Mm)[0]
         saved = {}
-        for e in rd.messages(f"pagemap-{p.pid}.img", pagemap_pb2.PagemapEntry):
+        for e in rd.messages(names.pagemap(p.pid), pagemap_pb2.PagemapEntry):
             saved[e.vaddr] = e.nr_pages
         starts = sorted(saved)
         out.append(f"  exe {mm.exe.path}; {len(mm.vmas)} mappings, {_size(sum(saved.values()) * PAGE_SIZE)} of pages saved")
@@ -61,7 +61,7 @@ def show(images_dir) -> str:
             out.append(f"    {v.start:#014x}-{v.end:#014x} {_PROT(v.prot)} {kind:<12} {_size(v.end - v.start):>10}"
                        f" saved {_size(npg * PAGE_SIZE):>10}  {v.name}")
         out.append("  fds:")
-        for e in rd.messages(f"fds-{p.pid}.img", files_pb2.FdEntry):
+        for e in rd.messages(names.fds(p.pid), files_pb2.FdEntry):
             f = files[e.id]
             out.append(f"    {e.fd:>4} {files_pb2.FdKind.Name(f.kind).lower():<8} #{f.id:<4} {describe_file(f)}"
                        f"{' cloexec' if e.cloexec else ''}")
@@ -81,7 +81,7 @@ def objects(images_dir) -> list[dict]:
     ``listening`` (inet), ``ino`` (sockets)."""
     rd = imagedir.ImageReader(os.fspath(images_dir))
     out = []
-    for f in rd.messages("files.img", files_pb2.FileEntry):
+    for f in rd.messages(names.FILES, files_pb2.FileEntry):
         kind = KINDS.get(f.kind)
         d = {"id": f.id, "kind": files_pb2.FdKind.Name(f.kind).lower(), "key": None, "external": False}
         if kind is not None:

@@ -67,7 +67,7 @@ import termios
 import time
 
 from ..errors import DumpError, ImageError, RestoreError, SysError, UnsupportedError
-from ..images import files_pb2, pstree_pb2, tty_pb2
+from ..images import files_pb2, names, pstree_pb2, tty_pb2
 from ..sys import proc
 from ..sys.ioctl import get_int, ioctl, ioctl_buf, set_int
 from .kind import FileKind
@@ -542,7 +542,7 @@ class _RestoreState:
 
     def procs(self) -> list:
         if self._procs is None:
-            self._procs = self.ctx.reader.messages("pstree.img", pstree_pb2.Process)
+            self._procs = self.ctx.reader.messages(names.PSTREE, pstree_pb2.Process)
         return self._procs
 
     def terminals(self) -> dict[tuple[int, int], files_pb2.FileEntry]:
