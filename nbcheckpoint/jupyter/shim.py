@@ -37,7 +37,8 @@ from ..engine import Options, pstree, seize
 from ..engine.show import objects
 from ..engine.sys import libc, memory, proc
 from ..engine.sys.x86_64 import NR
-from ..store import Store, StoreError, format_size, public_meta
+from ..engine.units import format_size
+from ..store import Store, StoreError, public_meta
 
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
@@ -48,10 +49,6 @@ CONTROL_FD = 3          # the kernel's end of the control socketpair, as the ker
 def log(msg: str) -> None:
     sys.stderr.write(f"[nbcheckpoint shim {os.getpid()}] {msg}\n")
     sys.stderr.flush()
-
-
-class Busy(Exception):
-    pass
 
 
 class Shim:
@@ -80,7 +77,7 @@ class Shim:
         self.pidfd = -1
         self.pidfd_watched = False
         self.starting = True
-        self.start_error: str | None = None
+        self.start_error: BaseException | None = None
         self.exit_deadline = 0.0
         self.preparing: dict[str, threading.Event] = {}   # prepare requests awaiting the kernel
         self.writing: str | None = None          # a checkpoint whose kernel runs again, being written
@@ -211,7 +208,7 @@ class Shim:
                 if not isinstance(e, (engine.EngineError, StoreError)):
                     log(traceback.format_exc())
                 log(f"could not start the kernel: {e}")
-                self.start_error = str(e) or type(e).__name__
+                self.start_error = e
                 # the provisioner asks for the outcome; leave soon whether or not it does
                 self.post(lambda: setattr(self, "exit_deadline", time.monotonic() + 5))
             finally:
@@ -324,7 +321,7 @@ class Shim:
                 ev.set()
             return
         if op == "status" and self.start_error:
-            self._reply(ch, {"event": "error", "id": rid, "message": self.start_error})
+            self._reply(ch, control.error(rid, self.start_error))
             self.exit_deadline = time.monotonic() + 0.5
             return
         if op == "status":
@@ -339,9 +336,9 @@ class Shim:
         queued = False
         if not self.busy.acquire(blocking=False):
             if not (self.writing or self.filling):
-                self._reply(ch, {"event": "error", "id": rid,
-                                 "message": "a checkpoint or restore of this kernel is already running; "
-                                            "wait for it to finish and try again"})
+                self._reply(ch, control.error(rid, control.Busy(
+                    "a checkpoint or restore of this kernel is already running; wait for it to finish "
+                    "and try again")))
                 return
             # the kernel already runs on; only the image is being written: take the next
             # turn of the engine thread (which holds `busy` until then) instead of refusing
@@ -361,7 +358,7 @@ class Shim:
             except Exception as e:              # noqa: BLE001 -- every failure goes to the requester
                 if not isinstance(e, (engine.EngineError, StoreError, control.ControlError)):
                     log(traceback.format_exc())
-                self._reply(ch, {"event": "error", "id": rid, "message": str(e)})
+                self._reply(ch, control.error(rid, e))
             finally:
                 self.busy.release()
                 self.post(self._resume_watch)

@@ -25,9 +25,14 @@ import time
 import traceback
 from pathlib import Path
 
+from .. import engine
+from ..engine import Options
+from ..engine.images import files_pb2, imagedir
+from ..engine.sys.proc import pid_alive
 from ..store import Store, StoreError, public_meta
 from . import frontend
 from .life import Life
+from .messages import CheckpointError, helper_mode_note, saved_line
 from .progress import Progress
 
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
@@ -44,20 +49,6 @@ def _connection_file() -> str | None:
     except Exception:
         pass
     return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:                                          # a zombie (not ours: init reaps it soon)
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _guard_parent_poller(kernel_app, life: Life):
@@ -106,7 +97,6 @@ def checkpoint_with_helper(side, name: str | None, quiet: bool, progress_cb) -> 
             kernel_app = IPKernelApp.instance()
     except Exception:
         pass
-    from .core import CheckpointError
     cf = _connection_file()
     if not cf or not os.path.exists(cf):
         raise CheckpointError("%checkpoint needs a Jupyter kernel (this IPython has no connection file)")
@@ -161,13 +151,12 @@ def checkpoint_with_helper(side, name: str | None, quiet: bool, progress_cb) -> 
                 meta = res["checkpoint"]
                 prog.finish("done")
                 if not quiet:
-                    from .core import saved_line
                     print(saved_line(meta))
                     print(helper_mode_note(name, restore_command(store.root / name / "image",
                                                                  bool(meta.get("shell_job")))))
                 shutil.rmtree(work, ignore_errors=True)
                 return side._record({"event": "saved", "checkpoint": meta, "mode": "helper"})
-            if not _alive(helper_pid) and not os.path.exists(done):
+            if not pid_alive(helper_pid) and not os.path.exists(done):
                 # a copy restored from an image frozen after the check above, in this
                 # iteration, finds the helper gone and its workdir removed: not a failure
                 if life.restored():
@@ -201,20 +190,10 @@ def _kernel_id(cf: str) -> str | None:
     return None
 
 
-def helper_mode_note(name: str, command: str) -> str:
-    from .core import CHECKPOINTABLE
-    return (f"note: this kernel is not \"{CHECKPOINTABLE}\", so nbcheckpoint took this checkpoint "
-            "with a helper process: %restore and the \"restored\" return of %checkpoint need the "
-            f"checkpointable kernel. To bring '{name}' back, shut this kernel down and run "
-            f"`{command}` from a terminal (same ports, same connection file; reconnect the "
-            "notebook to it).")
-
-
 # ---------------------------------------------------------------------------- the helper
 
 def _listeners(image: Path, conn: dict) -> dict[str, int]:
     """{channel: socket inode} of the kernel's five listeners in the image."""
-    from ..engine.images import files_pb2, imagedir
     ports = {conn.get(f"{c}_port"): c for c in CHANNELS}
     out = {}
     for f in imagedir.ImageReader(str(image)).messages("files.img", files_pb2.FileEntry):
@@ -224,7 +203,6 @@ def _listeners(image: Path, conn: dict) -> dict[str, int]:
 
 
 def _has_outside_terminal(image: Path) -> bool:
-    from ..engine.images import files_pb2, imagedir
     return any(f.kind == files_pb2.TTY and f.tty.external
                for f in imagedir.ImageReader(str(image)).messages("files.img", files_pb2.FileEntry))
 
@@ -241,8 +219,6 @@ def _write_done(work: Path, result: dict) -> None:
 
 
 def run_helper(work: Path) -> int:
-    from .. import __version__, engine
-    from ..engine import Options
     args = json.loads((work / "args.json").read_text())
     pending = None
     try:
@@ -262,7 +238,8 @@ def run_helper(work: Path) -> int:
             "total_s": round(stats.total_seconds, 4), "parent": None, "lineage": None,
             "pid": args["pid"], "pidns": False, "connection": conn,
             "listeners": _listeners(pending.image, conn), "control_ino": None, "request_id": None,
-            "engine_version": __version__, "mode": "helper", "hostname": socket.gethostname(),
+            "engine_version": imagedir.ImageReader(str(pending.image)).inventory.engine_version,
+            "mode": "helper", "hostname": socket.gethostname(),
             "shell_job": _has_outside_terminal(pending.image),
         }
         ck = pending.commit(meta)
