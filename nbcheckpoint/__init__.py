@@ -5,6 +5,7 @@ from .engine import (  # noqa: E402
     DumpError, EngineError, ImageError, RestoreError, UnsupportedError,
     dump as checkpoint, restore,
 )
+from .engine.errors import NbcheckpointError  # noqa: E402
 from .kernel.hooks import on_checkpoint, on_restore  # noqa: E402
 
 
@@ -14,6 +15,6 @@ def load_ipython_extension(ip):
     load(ip)
 
 
-__all__ = ["checkpoint", "restore", "EngineError", "DumpError", "RestoreError",
+__all__ = ["checkpoint", "restore", "NbcheckpointError", "EngineError", "DumpError", "RestoreError",
            "ImageError", "UnsupportedError", "__version__",
            "load_ipython_extension", "on_checkpoint", "on_restore"]

@@ -10,9 +10,8 @@ import traceback
 from . import engine
 from .cli_progress import Progress
 from .demo import run_demo
-from .engine import EngineError
+from .engine.errors import NbcheckpointError
 from .engine.units import format_size
-from .store import StoreError
 
 
 def _dump_summary(stats) -> str:
@@ -247,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (EngineError, StoreError, OSError) as e:   # OSError: e.g. an unwritable --pidfile
+    except (NbcheckpointError, OSError) as e:   # OSError: e.g. an unwritable --pidfile
         if args.verbose:
             traceback.print_exc()
         print(f"nbcheckpoint: error: {e}", file=sys.stderr)

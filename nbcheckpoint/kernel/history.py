@@ -1,6 +1,7 @@
 """IPython's history database around a checkpoint: no write may be under way in the image."""
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 
@@ -15,13 +16,18 @@ def flush_history(shell) -> None:
     image cannot be restored (the file it had open is gone).  writeout_cache takes the
     lock the saving thread writes under, so when it returns no write is in progress and
     nothing is left for the thread to write.  A failed write raises CheckpointError: it
-    leaves no such guarantee.
+    leaves no such guarantee.  Callable from any thread.
     """
     hm = getattr(shell, "history_manager", None)
-    if hm is None or not getattr(hm, "enabled", False):
+    if hm is None or not getattr(hm, "enabled", False) or str(hm.hist_file) == ":memory:":
         return
     try:
-        hm.writeout_cache()
+        # a connection of our own: IPython's (hm.db) works only in the thread that opened it
+        conn = sqlite3.connect(hm.hist_file, **getattr(hm, "connection_options", {}))
+        try:
+            hm.writeout_cache(conn)
+        finally:
+            conn.close()
     except Exception as e:
         raise CheckpointError(
             f"cannot checkpoint: IPython could not write its history to {hm.hist_file} ({e}); an image "
