@@ -5,6 +5,7 @@ from .engine import (  # noqa: E402
     DumpError, EngineError, ImageError, RestoreError, UnsupportedError,
     dump as checkpoint, restore,
 )
+from .engine.errors import NbcheckpointError  # noqa: E402
 
 
 def __getattr__(name):
@@ -22,6 +23,6 @@ def load_ipython_extension(ip):
     load(ip)
 
 
-__all__ = ["checkpoint", "restore", "EngineError", "DumpError", "RestoreError",
+__all__ = ["checkpoint", "restore", "NbcheckpointError", "EngineError", "DumpError", "RestoreError",
            "ImageError", "UnsupportedError", "__version__",
            "load_ipython_extension", "on_checkpoint", "on_restore"]

@@ -8,49 +8,16 @@ import time
 import traceback
 
 from . import engine
-from .engine import EngineError
+from .cli_progress import Progress
+from .demo import run_demo
+from .engine.errors import NbcheckpointError
 from .engine.sys import waitstatus
-from .store import StoreError
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
-
-
-class Progress:
-    """One self-overwriting stderr line, only when stderr is a terminal."""
-
-    def __init__(self, stream=None):
-        self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty()
-        self.last = 0.0
-        self.shown = False
-
-    def __call__(self, phase: str, done: int, total: int) -> None:
-        now = time.monotonic()
-        if not self.enabled or (now - self.last < 0.1 and done < total):
-            return
-        self.last = now
-        # Large totals are byte counts (pages); small ones are object counts.
-        fmt = _size if total >= 1 << 20 else str
-        self.stream.write(f"\r\x1b[K{phase}: {fmt(done)} / {fmt(total)}")
-        self.stream.flush()
-        self.shown = True
-
-    def clear(self) -> None:
-        if self.shown:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self.shown = False
+from .engine.units import format_size
 
 
 def _dump_summary(stats) -> str:
     return (f"dumped pid {stats.pid}: {stats.threads} threads, {stats.vmas} VMAs, "
-            f"{_size(stats.pages_bytes)} of pages, image {_size(stats.image_bytes)}, "
+            f"{format_size(stats.pages_bytes)} of pages, image {format_size(stats.image_bytes)}, "
             f"frozen {stats.frozen_seconds:.3f}s, total {stats.total_seconds:.2f}s")
 
 
@@ -122,7 +89,7 @@ def cmd_restore(args) -> int:
         finally:
             progress.clear()
         if args.verbose:
-            print(f"lazy pages: {_size(res.lazy.done)} in {time.monotonic() - t0:.2f}s, "
+            print(f"lazy pages: {format_size(res.lazy.done)} in {time.monotonic() - t0:.2f}s, "
                   f"{res.lazy.faults} faults served", file=sys.stderr)
     if args.detach:
         # We exit now; the restored child is reparented to init (or a subreaper).
@@ -190,7 +157,7 @@ def cmd_ls(args) -> int:
         nb = m.get("notebook") or ""
         if m.get("execution_count") is not None:
             nb += f" [{m['execution_count']}]"
-        print(f"{c.name:<28} {when:<19} {_size(m.get('size_bytes', 0)):>10} {m.get('frozen_s', 0):>6.2f}s"
+        print(f"{c.name:<28} {when:<19} {format_size(m.get('size_bytes', 0)):>10} {m.get('frozen_s', 0):>6.2f}s"
               f"  {m.get('parent') or '-':<20} {nb}")
     return 0
 
@@ -205,7 +172,6 @@ def cmd_rm(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
     return run_demo(images=args.images_dir, keep=args.keep, verbose=args.verbose)
 
 
@@ -279,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (EngineError, StoreError, OSError) as e:   # OSError: e.g. an unwritable --pidfile
+    except (NbcheckpointError, OSError) as e:   # OSError: e.g. an unwritable --pidfile
         if args.verbose:
             traceback.print_exc()
         print(f"nbcheckpoint: error: {e}", file=sys.stderr)

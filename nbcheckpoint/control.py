@@ -13,6 +13,8 @@ import os
 import socket
 import uuid
 
+from .engine.errors import NbcheckpointError
+
 MAX_MESSAGE = 1 << 20            # a message is one datagram; metadata stays far below this
 CONTROL_FD_ENV = "NBCHECKPOINT_CONTROL_FD"
 SHIM_SOCKET_ENV = "NBCHECKPOINT_SHIM_SOCKET"
@@ -30,8 +32,18 @@ PROGRESS, TAKEN, SAVED, REPLACED, RESTORED, ERROR = "progress", "taken", "saved"
 PREPARE, PREPARED = "prepare", "prepared"
 
 
-class ControlError(Exception):
+class ControlError(NbcheckpointError):
     """Raised by `Channel` when the peer is gone or sends something that is not a message."""
+
+
+class Busy(NbcheckpointError):
+    """The shim refused a request: a checkpoint or restore of this kernel is already running."""
+
+
+def error(rid: str, e: BaseException) -> dict:
+    """The `error` event answering request RID with E: its message for the user, and the name
+    of its type as `kind`, which the provisioner raises again (provisioner.SHIM_ERRORS)."""
+    return {"event": ERROR, "id": rid, "message": str(e) or type(e).__name__, "kind": type(e).__name__}
 
 
 def new_id() -> str:

@@ -16,10 +16,13 @@ import tempfile
 import time
 
 from . import engine
-from .cli import Progress, _size
+from .cli_progress import Progress
+from .engine.errors import NbcheckpointError
+from .engine.sys.proc import pid_alive
+from .engine.units import format_size
 
 
-class DemoError(RuntimeError):
+class DemoError(NbcheckpointError):
     pass
 
 
@@ -49,32 +52,25 @@ class StateLog:
             time.sleep(0.02)
 
 
-def _alive(pid: int) -> bool:
-    """True while our child pid has not exited (reaps it if it has)."""
-    try:
-        return os.waitpid(pid, os.WNOHANG) == (0, 0)
-    except ChildProcessError:
-        return False
-
-
 def _stop(pid: int) -> None:
-    """SIGTERM, then SIGKILL after 5 s; always reaps."""
+    """SIGTERM, then SIGKILL after 5 s; reaps it (our child)."""
     for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 30.0)):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
+        if not pid_alive(pid):
+            break
+        os.kill(pid, sig)
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not _alive(pid):
-                return
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
 
 
 def _describe(s: dict) -> str:
     return (f"ticks={s['ticks']} beats={s['beats']} generator next={s['gen_next']} "
             f"thread {'alive' if s['thread_alive'] else 'DEAD'} "
-            f"data {_size(s['size'])} sha256={s['sha256'][:16]}...")
+            f"data {format_size(s['size'])} sha256={s['sha256'][:16]}...")
 
 
 def _verify(before: dict, after: dict, later: dict) -> list[tuple[bool, str]]:
@@ -128,7 +124,7 @@ def run_demo(images: str | None = None, keep: bool = False, verbose: int = 0) ->
 
         text = engine.show(images).rstrip("\n").splitlines()
         shown = text if verbose else text[:15]
-        print(f"[3/4] image {images} ({_size(stats.image_bytes)}):")
+        print(f"[3/4] image {images} ({format_size(stats.image_bytes)}):")
         for line in shown:
             print(f"      {line}")
         if len(shown) < len(text):
@@ -142,11 +138,11 @@ def run_demo(images: str | None = None, keep: bool = False, verbose: int = 0) ->
         restored = res.pid
         print(f"[4/4] restored pid {res.pid} in {res.seconds:.2f}s")
         os.kill(restored, signal.SIGUSR1)
-        after = log.next(lambda: _alive(restored))
+        after = log.next(lambda: pid_alive(restored))
         print(f"      state:    {_describe(after)}")
         time.sleep(0.3)                 # let the thread and the counter move on
         os.kill(restored, signal.SIGUSR1)
-        later = log.next(lambda: _alive(restored))
+        later = log.next(lambda: pid_alive(restored))
         print(f"      later:    {_describe(later)}")
 
         checks = _verify(before, after, later)
@@ -155,7 +151,7 @@ def run_demo(images: str | None = None, keep: bool = False, verbose: int = 0) ->
         passed = all(ok for ok, _ in checks)
         print(f"demo {'passed' if passed else 'FAILED'}: dump {stats.total_seconds:.2f}s "
               f"(frozen {stats.frozen_seconds:.2f}s), restore {res.seconds:.2f}s, "
-              f"memory {_size(stats.pages_bytes)}, image {_size(stats.image_bytes)}")
+              f"memory {format_size(stats.pages_bytes)}, image {format_size(stats.image_bytes)}")
         return 0 if passed else 1
     except DemoError as e:
         print(f"nbcheckpoint: error: {e}", file=sys.stderr)
@@ -174,7 +170,7 @@ def run_demo(images: str | None = None, keep: bool = False, verbose: int = 0) ->
 
 
 def _dump_summary_short(stats) -> str:
-    return (f"dumped {stats.threads} threads, {stats.vmas} VMAs, {_size(stats.pages_bytes)} of pages "
+    return (f"dumped {stats.threads} threads, {stats.vmas} VMAs, {format_size(stats.pages_bytes)} of pages "
             f"in {stats.total_seconds:.2f}s (frozen {stats.frozen_seconds:.2f}s); target killed")
 
 

@@ -5,7 +5,7 @@ start (kernel/helper.py).  Uses the engine; imports nothing from Jupyter.
 """
 from __future__ import annotations
 
-from . import __version__
+from ._version import __version__
 from .control import CHANNELS
 from .engine import Options
 from .engine.show import objects

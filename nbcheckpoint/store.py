@@ -21,15 +21,26 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .engine.errors import NbcheckpointError
 from .engine.images import names
+from .engine.sys.proc import pid_alive
 
 DIR_ENV = "NBCHECKPOINT_DIR"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _PARTIAL = re.compile(r"\.(.+)\.partial-(\d+)")
 
 
-class StoreError(Exception):
-    """Raised by Store: a bad name, a missing or damaged checkpoint, a name already taken."""
+class StoreError(NbcheckpointError):
+    """The store or a checkpoint in it does not allow the request: a name already taken, a
+    checkpoint that does not fit the kernel; and the two subclasses below."""
+
+
+class BadName(StoreError):
+    """Not a valid checkpoint name."""
+
+
+class NoSuchCheckpoint(StoreError):
+    """No complete checkpoint of that name: missing, or damaged (not listed either)."""
 
 
 # connection-file fields that never leave meta.json (events, listings, the REST API)
@@ -118,8 +129,8 @@ class Store:
     @staticmethod
     def validate_name(name: str) -> str:
         if not isinstance(name, str) or not _NAME.fullmatch(name) or name.endswith(".") or ".." in name:
-            raise StoreError(f"bad checkpoint name {name!r}: use up to 100 letters, digits, '.', '_' "
-                             "or '-', starting with a letter or digit")
+            raise BadName(f"bad checkpoint name {name!r}: use up to 100 letters, digits, '.', '_' "
+                          "or '-', starting with a letter or digit")
         return name
 
     def new_name(self, prefix: str = "ckpt") -> str:
@@ -137,16 +148,16 @@ class Store:
         p = self.path(name)
         meta_file = p / "meta.json"
         if not p.is_dir():
-            raise StoreError(f"no checkpoint named {name!r} in {self.root} (`nbcheckpoint ls` lists them)")
+            raise NoSuchCheckpoint(f"no checkpoint named {name!r} in {self.root} (`nbcheckpoint ls` lists them)")
         try:
             meta = CheckpointMeta.from_json(json.loads(meta_file.read_text()))
         except FileNotFoundError:
-            raise StoreError(f"checkpoint {name!r} in {self.root} is damaged: its meta.json is missing") from None
+            raise NoSuchCheckpoint(f"checkpoint {name!r} in {self.root} is damaged: its meta.json is missing") from None
         except (ValueError, AttributeError) as e:
-            raise StoreError(f"checkpoint {name!r} in {self.root} is damaged: meta.json is not "
+            raise NoSuchCheckpoint(f"checkpoint {name!r} in {self.root} is damaged: meta.json is not "
                              f"a JSON object ({e})") from None
         if not (p / "image" / names.INVENTORY).is_file():
-            raise StoreError(f"checkpoint {name!r} in {self.root} is damaged: its image is missing")
+            raise NoSuchCheckpoint(f"checkpoint {name!r} in {self.root} is damaged: its image is missing")
         return Checkpoint(name, p, meta)
 
     def list(self) -> list[Checkpoint]:
@@ -168,7 +179,7 @@ class Store:
     def delete(self, name: str) -> None:
         p = self.path(name)
         if not p.is_dir():
-            raise StoreError(f"no checkpoint named {name!r} in {self.root}")
+            raise NoSuchCheckpoint(f"no checkpoint named {name!r} in {self.root}")
         # rename first: a half-deleted directory must not look like a checkpoint
         trash = self.root / f".{name}.partial-{os.getpid()}"
         os.rename(p, trash)
@@ -194,7 +205,7 @@ class Store:
         """Remove partial directories whose writer is dead."""
         for p in self.root.iterdir():
             m = _PARTIAL.fullmatch(p.name)
-            if m and not _alive(int(m.group(2))):
+            if m and not pid_alive(int(m.group(2))):
                 shutil.rmtree(p, ignore_errors=True)
 
 
@@ -231,16 +242,6 @@ class Pending:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _du(path: Path) -> int:
     total = 0
     for dirpath, _dirs, files in os.walk(path):
@@ -250,11 +251,3 @@ def _du(path: Path) -> int:
             except OSError:
                 pass
     return total
-
-
-def format_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"

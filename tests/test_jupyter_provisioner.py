@@ -19,7 +19,10 @@ from jupyter_client import AsyncKernelClient
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
-from nbcheckpoint.store import Store, StoreError
+from nbcheckpoint.control import Busy
+from nbcheckpoint.engine import RestoreError
+from nbcheckpoint.jupyter.provisioner import ShimError
+from nbcheckpoint.store import BadName, NoSuchCheckpoint, Store, StoreError
 
 SPEC = "python3-checkpointable"
 
@@ -257,9 +260,9 @@ def test_errors_leave_the_kernel_untouched(tmp_path, store):
         k = await K(tmp_path).start()
         try:
             await k.ok("x = 1")
-            with pytest.raises(StoreError, match="no checkpoint named 'nope'"):
+            with pytest.raises(NoSuchCheckpoint, match="no checkpoint named 'nope'"):
                 await k.km.provisioner.restore_in_place("nope")
-            with pytest.raises(StoreError, match="bad checkpoint name"):
+            with pytest.raises(BadName, match="bad checkpoint name"):
                 await k.km.provisioner.checkpoint(name="../x")
             await k.km.provisioner.checkpoint(name="a")
             with pytest.raises(StoreError, match="already exists"):
@@ -270,7 +273,7 @@ def test_errors_leave_the_kernel_untouched(tmp_path, store):
             os.chmod(files_img, 0o600)
             data = files_img.read_bytes()
             files_img.write_bytes(data[: len(data) // 2])
-            with pytest.raises(StoreError, match="files.img"):
+            with pytest.raises(ShimError, match="files.img"):
                 await k.km.provisioner.restore_in_place("a")
             # damaged page data (checked only as pages stream in, by restore itself): found
             # before the running kernel is stopped
@@ -282,14 +285,14 @@ def test_errors_leave_the_kernel_untouched(tmp_path, store):
                 b = fh.read(1)
                 fh.seek(-1, 1)
                 fh.write(bytes([b[0] ^ 0xFF]))
-            with pytest.raises(StoreError, match="checksum mismatch"):
+            with pytest.raises(ShimError, match="checksum mismatch"):
                 await k.km.provisioner.restore_in_place("p")
             assert (await k.km.provisioner.status())["restored_from"] is None
             # two at once: the second is refused, the first completes
             r = await asyncio.gather(k.km.provisioner.checkpoint(name="b"), k.km.provisioner.checkpoint(name="c"),
                                      return_exceptions=True)
             errs = [e for e in r if isinstance(e, Exception)]
-            assert len(errs) == 1 and "already running" in str(errs[0]), r
+            assert len(errs) == 1 and isinstance(errs[0], Busy) and "already running" in str(errs[0]), r
             assert {c.name for c in store.list()} >= {"a", "p"} and len([c for c in store.list() if c.name in "bc"]) == 1
             assert not [p for p in store.root.iterdir() if p.name.startswith(".")]   # no partial left
             out = await k.ok("x += 1; print(x)")
@@ -310,7 +313,7 @@ def test_failed_restore_raises(tmp_path, store):
             await k.km.provisioner.checkpoint(name="ck")
             k2 = K(tmp_path, restore="ck")
             try:
-                with pytest.raises(StoreError, match="restoring checkpoint 'ck' failed: .*(address|Address)"):
+                with pytest.raises(RestoreError, match="restoring checkpoint 'ck' failed: .*(address|Address)"):
                     await k2.start()
             finally:
                 await k2.stop()

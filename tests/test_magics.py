@@ -257,6 +257,23 @@ def test_restore_errors_leave_the_kernel_untouched(kernels, store):
     assert k.admin({"op": "status"})["restored_from"] is None
 
 
+def test_checkpoint_refused_when_the_history_cannot_be_written(kernels, store, tmp_path, monkeypatch):
+    """IPython's history database locked by someone else: its pending lines cannot be written,
+    and an image taken now could hold the database mid-write.  %checkpoint says so and names
+    the file; it does not report "saved"."""
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))      # a history file of our own
+    k = kernels()
+    hist = k.ok("hm = get_ipython().history_manager; hm.db_cache_size = 1000; print(hm.hist_file)").strip()
+    assert hist.startswith(str(tmp_path)), hist
+    k.ok("import sqlite3; lock = sqlite3.connect(hm.hist_file, isolation_level=None)\n"
+         "lock.execute('BEGIN EXCLUSIVE')")
+    out = k.error("%checkpoint --wait h")
+    assert "could not write its history" in out and hist in out and "Traceback" not in out, out
+    assert "saved" not in out and not store.list(), out
+    k.ok("lock.execute('ROLLBACK')")
+    assert "saved 'h'" in k.ok("%checkpoint --wait h")
+
+
 def test_concurrent_checkpoints_are_refused(kernels, store):
     k = kernels()
     k.ok("import numpy as np; big = np.ones((512 << 20) // 8)")

@@ -446,3 +446,31 @@ def test_checkpoint_list_restore_delete(server):
     assert r.status_code == 404 and "no checkpoint named" in r.json()["message"]
     server.ok("DELETE", f"/api/kernels/{new}", 204)
     wait_kernel_gone(new)
+
+
+def test_error_statuses(server):
+    """The status says what failed, from the type of the error (before, every failure of the
+    shim came back 500 from a checkpoint and 409 from a restore into a new kernel)."""
+    sess = new_session(server, "work/errors.ipynb")
+    kid = sess["kernel"]["id"]
+    assert run_code(server, kid, "print('ok')") == "ok\n"
+    # the name is being written (the shim's answer; the server sees no such checkpoint): 409
+    partial = server.checkpoints / f".w.partial-{os.getpid()}"
+    partial.mkdir()
+    try:
+        r = server.api("POST", f"{API}/kernels/{kid}/checkpoint", json={"name": "w"})
+        assert r.status_code == 409 and "being written" in r.json()["message"], r.text
+    finally:
+        partial.rmdir()
+    # a damaged checkpoint: its restore into a new kernel fails in the shim, 500; no kernel left
+    server.ok("POST", f"{API}/kernels/{kid}/checkpoint", json={"name": "dmg"})
+    files_img = server.checkpoints / "dmg" / "image" / "files.img"
+    os.chmod(files_img, 0o600)
+    files_img.write_bytes(files_img.read_bytes()[: files_img.stat().st_size // 2])
+    before = {k["id"] for k in server.ok("GET", "/api/kernels")}
+    r = server.api("POST", f"{API}/restore", json={"name": "dmg"})
+    assert r.status_code == 500 and "restoring checkpoint 'dmg' failed" in r.json()["message"], r.text
+    assert "files.img" in r.json()["message"], r.text
+    wait_for_kernels(server, before)
+    server.ok("DELETE", f"/api/sessions/{sess['id']}", 204)
+    wait_kernel_gone(kid)

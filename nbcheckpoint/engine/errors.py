@@ -9,7 +9,12 @@ import errno as _errno
 import os
 
 
-class EngineError(Exception):
+class NbcheckpointError(Exception):
+    """Base class of every error nbcheckpoint raises on purpose (engine, store, shim, kernel
+    side); here because the engine imports nothing above it."""
+
+
+class EngineError(NbcheckpointError):
     """Base class of every error the engine raises on purpose."""
 
 

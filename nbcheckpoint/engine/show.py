@@ -7,16 +7,9 @@ import os
 from .files import KINDS
 from .images import core_pb2, files_pb2, imagedir, mm_pb2, names, pagemap_pb2, pstree_pb2
 from .sys.libc import PAGE_SIZE
+from .units import format_size as _size
 
 _PROT = lambda p: ("r" if p & 1 else "-") + ("w" if p & 2 else "-") + ("x" if p & 4 else "-")  # noqa: E731
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return str(n)
 
 
 def show(images_dir) -> str:

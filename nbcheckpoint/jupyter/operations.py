@@ -22,7 +22,8 @@ from ..control import CHANNELS, Channel
 from ..engine import pstree, seize
 from ..engine.sys import memory, proc
 from ..kernel_image import checkpoint_meta, dump_options, outside_terminals, restore_options
-from ..store import Store, StoreError, format_size, public_meta
+from ..engine.units import format_size
+from ..store import Store, StoreError, public_meta
 
 CONTROL_FD = 3          # the kernel's end of the control socketpair, as the kernel sees it
 

@@ -27,7 +27,18 @@ from traitlets import Bool, Unicode
 
 from .. import control
 from ..control import CHANNELS
-from ..store import Store, StoreError
+from ..engine.errors import NbcheckpointError, RestoreError
+from ..store import BadName, NoSuchCheckpoint, Store, StoreError
+
+
+class ShimError(NbcheckpointError):
+    """The kernel's shim failed a request, could not be reached, or exited; the message is
+    the shim's (for the user)."""
+
+
+# the `kind`s of the shim's error answers (control.error) raised here as that type;
+# any other kind: ShimError
+SHIM_ERRORS = {c.__name__: c for c in (BadName, NoSuchCheckpoint, StoreError, control.Busy, RestoreError)}
 
 
 class CheckpointableProvisioner(LocalProvisioner):
@@ -47,6 +58,7 @@ class CheckpointableProvisioner(LocalProvisioner):
              "PID namespace (pidns). False: restore returns once all memory is in place.")
 
     _restore_name: str | None = None
+    _restarting = False                            # cleanup(restart=True) came: a restart is next
     _listener_fds: list[int]
     _admin_path: str | None = None
 
@@ -57,12 +69,13 @@ class CheckpointableProvisioner(LocalProvisioner):
     # ------------------------------------------------------------------ launch
 
     async def pre_launch(self, **kwargs):
-        self._restore_name = kwargs.pop("nbcheckpoint_restore", None)
+        # "Restart kernel" must give a fresh kernel, not this checkpoint again: the manager
+        # replays its first launch's arguments on restart
+        name = kwargs.pop("nbcheckpoint_restore", None)
+        self._restore_name = None if self._restarting else name
+        self._restarting = False
         self._listener_fds = []
         km = self.parent
-        # "Restart kernel" must give a fresh kernel, not this checkpoint again: the
-        # manager replays its saved launch arguments on restart
-        getattr(km, "_launch_args", {}).pop("nbcheckpoint_restore", None)
         if self._restore_name:
             ck = self.store.get(self._restore_name)
             listeners = self._bind_listeners(km, ck.meta)
@@ -152,26 +165,26 @@ class CheckpointableProvisioner(LocalProvisioner):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
-                raise StoreError(f"restoring checkpoint {name!r} failed: the kernel's shim exited "
-                                 f"with status {self.process.returncode if self.process else '?'} (see the server log)")
+                raise ShimError(f"restoring checkpoint {name!r} failed: the kernel's shim exited "
+                                f"with status {self.process.returncode if self.process else '?'} (see the server log)")
             try:
                 st = await self._request({"op": control.STATUS}, timeout=5)
-            except StoreError as e:
-                raise StoreError(f"restoring checkpoint {name!r} failed: {e}") from None
             except (control.ControlError, OSError, TimeoutError):
                 await asyncio.sleep(0.02)
                 continue
+            except NbcheckpointError as e:                 # the shim's answer: the type it gave
+                raise type(e)(f"restoring checkpoint {name!r} failed: {e}") from None
             if st.get("restored_from") == name:
                 return
             await asyncio.sleep(0.02)
-        raise StoreError(f"restoring checkpoint {name!r} did not finish within {timeout:.0f} s")
+        raise ShimError(f"restoring checkpoint {name!r} did not finish within {timeout:.0f} s")
 
     # ------------------------------------------------------------------ checkpoint / restore
 
     async def _request(self, msg: dict, progress=None, timeout: float | None = None) -> dict:
         path = self._admin_path
         if not path or not self.has_process:
-            raise StoreError("this kernel is not running under nbcheckpoint's shim")
+            raise ShimError("this kernel is not running under nbcheckpoint's shim")
 
         def call():
             for _ in range(200):                        # the shim may still be binding its socket
@@ -185,7 +198,7 @@ class CheckpointableProvisioner(LocalProvisioner):
                 ch.close()
         ans = await asyncio.get_running_loop().run_in_executor(None, call)
         if ans.get("event") == control.ERROR:
-            raise StoreError(ans.get("message") or "the shim reported an error")
+            raise SHIM_ERRORS.get(ans.get("kind"), ShimError)(ans.get("message") or "the shim reported an error")
         return ans
 
     async def checkpoint(self, name: str | None = None, notebook: str | None = None,
@@ -207,6 +220,7 @@ class CheckpointableProvisioner(LocalProvisioner):
         return await self._request({"op": control.STATUS})
 
     async def cleanup(self, restart: bool = False) -> None:
+        self._restarting = restart
         if self._admin_path:
             try:
                 os.unlink(self._admin_path)
@@ -225,5 +239,5 @@ def _admin_path(runtime: str, kid: str) -> str:
     os.makedirs(d, mode=0o700, exist_ok=True)
     st = os.lstat(d)
     if st.st_uid != os.getuid() or st.st_mode & 0o077 or not os.path.isdir(d):
-        raise StoreError(f"{d} must be a directory private to you (mode 0700) for the kernel's admin socket")
+        raise ShimError(f"{d} must be a directory private to you (mode 0700) for the kernel's admin socket")
     return os.path.join(d, f"{kid[:36]}.sock")

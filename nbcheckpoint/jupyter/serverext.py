@@ -23,19 +23,24 @@ import json
 import posixpath
 import re
 
+from jupyter_client.kernelspec import NoSuchKernel
 from jupyter_core.utils import ensure_async
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.utils import url_path_join
 from tornado import web
 
-from ..store import Store, StoreError, public_meta
+from ..control import Busy
+from ..engine.errors import RestoreError
+from ..store import BadName, NoSuchCheckpoint, Store, StoreError, public_meta
 
 AUTH_RESOURCE = "nbcheckpoint"
 API_PREFIX = "nbcheckpoint/api"
 DEFAULT_KERNEL_NAME = "python3-checkpointable"
 RESTORE_TIMEOUT = 600            # s: a restore into a new kernel must be confirmed by then
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# the HTTP status of the project's errors (the first type that matches); any other error: 500
+STATUSES = ((BadName, 400), (NoSuchCheckpoint, 404), (StoreError, 409), (Busy, 409), (RestoreError, 409))
 
 
 def _jupyter_server_extension_points():
@@ -61,14 +66,11 @@ def check_kernel_id(kernel_id: str) -> str:
 def check_name(name) -> str:
     if name is None or name == "":
         raise ApiError(400, "a checkpoint name is required")
-    try:
-        return Store.validate_name(name)
-    except StoreError as e:
-        raise ApiError(400, str(e)) from None
+    return Store.validate_name(name)
 
 
 def _errors(method):
-    """Turn ApiError (and anything unexpected) into a JSON {"message"} answer."""
+    """Turn ApiError and any other error into a JSON {"message"} answer (STATUSES)."""
     @functools.wraps(method)
     async def inner(self, *args, **kwargs):
         try:
@@ -77,9 +79,11 @@ def _errors(method):
             self._fail(e.status, e.message)
         except web.HTTPError:
             raise
-        except Exception as e:                   # the provisioner's or engine's own words
-            self.log.exception("nbcheckpoint: %s %s failed", self.request.method, self.request.path)
-            self._fail(500, str(e) or type(e).__name__)
+        except Exception as e:                   # the provisioner's, store's or engine's own words
+            status = next((s for t, s in STATUSES if isinstance(e, t)), 500)
+            if status == 500:
+                self.log.exception("nbcheckpoint: %s %s failed", self.request.method, self.request.path)
+            self._fail(status, str(e) or type(e).__name__)
     return inner
 
 
@@ -115,11 +119,7 @@ class BaseHandler(APIHandler):
         self.finish(json.dumps(data))
 
     def checkpoint_or_404(self, name: str):
-        check_name(name)
-        try:
-            return self.store.get(name)
-        except StoreError as e:
-            raise ApiError(404, str(e)) from None
+        return self.store.get(check_name(name))
 
     def existing_kernel(self, kernel_id: str):
         check_kernel_id(kernel_id)
@@ -189,10 +189,7 @@ class CheckpointHandler(BaseHandler):
     @_errors
     async def delete(self, name):
         self.checkpoint_or_404(name)
-        try:
-            await asyncio.to_thread(self.store.delete, name)
-        except StoreError as e:
-            raise ApiError(404, str(e)) from None
+        await asyncio.to_thread(self.store.delete, name)
         self.set_status(204)
         self.finish()
 
@@ -207,9 +204,6 @@ class KernelCheckpointHandler(BaseHandler):
         name = body.get("name")
         if name is not None:
             check_name(name)
-            if (self.store.root / name).exists():
-                raise ApiError(409, f"a checkpoint named {name!r} already exists: choose another "
-                                    "name or delete it first")
         if not self.is_checkpointable(km):
             raise ApiError(409, f"kernel {kernel_id} ({getattr(km, 'kernel_name', '?')}) cannot be "
                                 "checkpointed: it was not started with a checkpointable kernelspec; "
@@ -272,13 +266,9 @@ class RestoreMixin:
         try:
             new_id = await mkm.start_kernel(kernel_name=kernel_name, path=cwd,
                                             nbcheckpoint_restore=name)
-        except StoreError as e:
-            raise ApiError(409, str(e)) from None
-        except Exception as e:
-            if type(e).__name__ == "NoSuchKernel":
-                raise ApiError(409, f"checkpoint {name!r} was taken from a kernel of kernelspec "
-                                    f"{kernel_name!r}, which this server does not have") from None
-            raise
+        except NoSuchKernel:
+            raise ApiError(409, f"checkpoint {name!r} was taken from a kernel of kernelspec "
+                                f"{kernel_name!r}, which this server does not have") from None
         await self.confirm_restored(new_id, name)
         switched = None
         if session is not None:

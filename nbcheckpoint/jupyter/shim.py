@@ -58,7 +58,7 @@ class Shim:
         self.pidfd = -1
         self.pidfd_watched = False
         self.starting = True
-        self.start_error: str | None = None
+        self.start_error: BaseException | None = None
         self.exit_deadline = 0.0
         # the requests, by op: status is answered at once, the others run in the engine thread
         self.handlers = {control.STATUS: self._status,
@@ -148,7 +148,7 @@ class Shim:
                 if not isinstance(e, (engine.EngineError, StoreError)):
                     log(traceback.format_exc())
                 log(f"could not start the kernel: {e}")
-                self.start_error = str(e) or type(e).__name__
+                self.start_error = e
                 # the provisioner asks for the outcome; leave soon whether or not it does
                 self.post(lambda: setattr(self, "exit_deadline", time.monotonic() + 5))
             finally:
@@ -263,7 +263,7 @@ class Shim:
 
     def _status(self, msg: dict, rid: str, ch: Channel) -> None:
         if self.start_error:
-            ch.reply({"event": control.ERROR, "id": rid, "message": self.start_error})
+            ch.reply(control.error(rid, self.start_error))
             self.exit_deadline = time.monotonic() + 0.5
             return
         k = self.kernel
@@ -277,9 +277,9 @@ class Shim:
         if not self.busy.acquire(blocking=False):
             writing, filling = self.kernel.writing, self.kernel.filling
             if not (writing or filling):
-                ch.reply({"event": control.ERROR, "id": rid,
-                          "message": "a checkpoint or restore of this kernel is already running; "
-                                     "wait for it to finish and try again"})
+                ch.reply(control.error(rid, control.Busy(
+                    "a checkpoint or restore of this kernel is already running; wait for it to finish "
+                    "and try again")))
                 return
             # the kernel already runs on; only the image is being written: take the next
             # turn of the engine thread (which holds `busy` until then) instead of refusing
@@ -297,7 +297,7 @@ class Shim:
             except Exception as e:              # noqa: BLE001 -- every failure goes to the requester
                 if not isinstance(e, (engine.EngineError, StoreError, control.ControlError)):
                     log(traceback.format_exc())
-                ch.reply({"event": control.ERROR, "id": rid, "message": str(e)})
+                ch.reply(control.error(rid, e))
             finally:
                 self.busy.release()
                 self.post(self._resume_watch)

@@ -12,8 +12,10 @@ import html
 
 import ipywidgets as W
 
+from ..engine.units import format_size
 from ..store import StoreError
-from .progress import format_size, format_time, describe
+from .messages import CheckpointError, helper_restore_message
+from .progress import describe, format_time
 
 last: "Browser | None" = None
 
@@ -116,7 +118,6 @@ class Browser:
         self.refresh_button.disabled = on
 
     def restore(self, name: str) -> None:
-        from .core import CheckpointError, helper_restore_message
         if self.side.mode != "shim":
             self.say(helper_restore_message(name), error=True)
             return

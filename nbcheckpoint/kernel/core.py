@@ -16,23 +16,17 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
 
 from .. import control
 from ..store import Store, StoreError
 from . import frontend, hooks
+from .helper import checkpoint_with_helper
+from .history import flush_history, new_history_session
 from .listener import Listener
-from .progress import Progress, format_size
+from .messages import CheckpointError, helper_restore_message, saved_line, taken_line
+from .progress import Progress
 
-CHECKPOINTABLE = "Python 3 (checkpointable)"
 BUSY = "a checkpoint of this kernel is already running; wait for it to finish and try again"
-
-
-class CheckpointError(Exception):
-    """An operation failed; the message is for the user.  Shown without a traceback."""
-
-    def _render_traceback_(self):
-        return [f"\x1b[0;31mnbcheckpoint:\x1b[0m {self}"]
 
 
 def _seqpacket(fd: int) -> bool:
@@ -119,7 +113,6 @@ class KernelSide:
             flush_history(self.shell)
             if self.mode == "shim":
                 return self._checkpoint_shim(name, quiet, progress, wait)
-            from .helper import checkpoint_with_helper
             return checkpoint_with_helper(self, name, quiet, progress)
         finally:
             self.lock.release()
@@ -244,81 +237,6 @@ class KernelSide:
         return out
 
 
-def flush_history(shell) -> None:
-    """Write IPython's pending history now, so no transaction is open at the checkpoint.
-
-    The history is written by a background thread; caught in the middle of a transaction
-    the image would hold the database's -journal file, deleted right after, and such an
-    image cannot be restored (the file it had open is gone).  writeout_cache takes the
-    lock the saving thread writes under, so when it returns no write is in progress and
-    nothing is left for the thread to write.
-    """
-    hm = getattr(shell, "history_manager", None)
-    if hm is None or not getattr(hm, "enabled", False):
-        return
-    try:
-        hm.writeout_cache()
-    except Exception:
-        pass
-
-
-def quiesce_history(shell):
-    """From any thread: make sure no history write is under way or starts for a while.
-
-    Waits until IPython's history cache is written out and no write holds its locks, then
-    raises the cache size so that new lines stay in memory (the saving thread is not woken).
-    Returns a function that puts things back, or None when there is no history.
-    """
-    hm = getattr(shell, "history_manager", None)
-    if hm is None or not getattr(hm, "enabled", False):
-        return None
-    deadline = time.monotonic() + 5.0
-    while True:
-        with hm.db_input_cache_lock, hm.db_output_cache_lock:
-            if (not hm.db_input_cache and not hm.db_output_cache) or time.monotonic() > deadline:
-                with _quiet_lock:
-                    if _quiet[0] == 0:
-                        _quiet[1] = hm.db_cache_size
-                        hm.db_cache_size = 1 << 30
-                    _quiet[0] += 1
-                break
-        hm.save_flag.set()                   # let the saving thread write what is cached
-        time.sleep(0.01)
-
-    def resume():
-        with _quiet_lock:
-            _quiet[0] -= 1
-            if _quiet[0]:
-                return                       # another quiet period is still on
-            hm.db_cache_size = _quiet[1]
-        if hm.db_input_cache or hm.db_output_cache:
-            hm.save_flag.set()
-    return resume
-
-
-_quiet = [0, 0]                  # quiet periods under way, the cache size to go back to
-_quiet_lock = threading.Lock()
-
-
-def new_history_session(shell) -> None:
-    """A restored kernel writes its history under a new session number.
-
-    The original kernel went on numbering lines in the session the image knows; the
-    restored one would collide with them in IPython's history database.
-    """
-    hm = getattr(shell, "history_manager", None)
-    if hm is None or not getattr(hm, "enabled", False):
-        return
-    try:
-        with hm.db_input_cache_lock:
-            hm.db_input_cache = []
-        with hm.db_output_cache_lock:
-            hm.db_output_cache = []
-        hm.new_session()
-    except Exception:
-        pass
-
-
 def _answers(p, prog: Progress, failure: str):
     """(event, message) of every answer to request `p` but `progress` (shown by `prog`);
     an `error` raises CheckpointError with the shim's message (else `failure`)."""
@@ -334,33 +252,6 @@ def _answers(p, prog: Progress, failure: str):
             raise CheckpointError(msg.get("message") or failure)
         else:
             yield ev, msg
-
-
-def taken_line(msg: dict) -> str:
-    frozen = msg.get("frozen_s")
-    paused = f" (kernel paused {frozen:.2f} s)" if isinstance(frozen, (int, float)) else ""
-    return (f"checkpoint '{msg.get('name', '?')}' taken{paused}; its image is being written in the "
-            "background (%checkpoints lists it once complete; %checkpoint --wait waits for that)")
-
-
-def saved_line(meta: dict) -> str:
-    name = meta.get("name", "?")
-    size = format_size(meta.get("size_bytes"))
-    total = meta.get("total_s")
-    frozen = meta.get("frozen_s")
-    took = f" in {total:.1f} s" if isinstance(total, (int, float)) else ""
-    paused = f" (kernel paused {frozen:.1f} s)" if isinstance(frozen, (int, float)) else ""
-    return f"saved '{name}', {size}{took}{paused}"
-
-
-def helper_restore_message(name: str | None) -> str:
-    what = f"'{name}'" if name else "a checkpoint"
-    return (f"%restore cannot replace this kernel with {what}: only a kernel started as "
-            f"\"{CHECKPOINTABLE}\" can be restored in place (its parent process, nbcheckpoint's shim, "
-            "does the restore; a kernel cannot replace itself). Switch this notebook to the "
-            f"\"{CHECKPOINTABLE}\" kernel, or restore a checkpoint from a shell: "
-            "`nbcheckpoint restore -D <checkpoint dir>/image --tcp-close --file-locks -d` "
-            "once this kernel is shut down (%checkpoints shows where each one is).")
 
 
 _side: KernelSide | None = None

@@ -52,16 +52,15 @@ class SubscriptionWatch:
     def install(self, kernel) -> bool:
         iopub = getattr(kernel, "iopub_thread", None)
         stream = getattr(iopub, "_xpub_stream", None)
-        orig = getattr(stream, "_recv_callback", None)
+        orig = getattr(iopub, "_handle_subscription", None)      # what ipykernel gave on_recv
         if stream is None or orig is None:
             return False
-        if getattr(orig, "_nbcheckpoint_watch", False):
-            self.installed = True
+        if self.installed:
             return True
 
-        def on_subscription(frames, _orig=orig):
+        def on_subscription(frames):
             try:
-                _orig(frames)
+                orig(frames)
             finally:
                 subs = sum(bytes(f)[:1] == b"\x01" for f in frames)
                 if subs:
@@ -69,14 +68,12 @@ class SubscriptionWatch:
                         self.count += subs
                         self.last = time.monotonic()
                         self.cond.notify_all()
-        on_subscription._nbcheckpoint_watch = True
-        # ZMQStream.on_recv would re-arm the poller from the wrong thread: swap the callback
-        stream._recv_callback = on_subscription
 
-        def verbose():
+        def watch_subscriptions():
             import zmq
+            stream.on_recv(on_subscription)
             stream.socket.setsockopt(zmq.XPUB_VERBOSE, 1)
-        iopub.io_loop.add_callback(verbose)          # the socket belongs to the IOPub thread
+        iopub.io_loop.add_callback(watch_subscriptions)     # the stream belongs to the IOPub thread
         self.installed = True
         return True
 

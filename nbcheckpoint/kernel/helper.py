@@ -24,10 +24,14 @@ import time
 import traceback
 from pathlib import Path
 
+from .. import engine
 from ..control import RESTORED, SAVED
+from ..engine.sys.proc import pid_alive
+from ..kernel_image import checkpoint_meta, dump_options, outside_terminals
 from ..store import Store, StoreError, public_meta
 from . import frontend
 from .life import Life
+from .messages import CheckpointError, helper_mode_note, saved_line
 from .progress import Progress
 
 SPAWN_TIMEOUT = 30.0
@@ -43,20 +47,6 @@ def _connection_file() -> str | None:
     except Exception:
         pass
     return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:                                          # a zombie (not ours: init reaps it soon)
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _guard_parent_poller(kernel_app, life: Life):
@@ -105,7 +95,6 @@ def checkpoint_with_helper(side, name: str | None, quiet: bool, progress_cb) -> 
             kernel_app = IPKernelApp.instance()
     except Exception:
         pass
-    from .core import CheckpointError
     cf = _connection_file()
     if not cf or not os.path.exists(cf):
         raise CheckpointError("%checkpoint needs a Jupyter kernel (this IPython has no connection file)")
@@ -160,13 +149,12 @@ def checkpoint_with_helper(side, name: str | None, quiet: bool, progress_cb) -> 
                 meta = res["checkpoint"]
                 prog.finish("done")
                 if not quiet:
-                    from .core import saved_line
                     print(saved_line(meta))
                     print(helper_mode_note(name, restore_command(store.root / name / "image",
                                                                  bool(meta.get("shell_job")))))
                 shutil.rmtree(work, ignore_errors=True)
                 return side._record({"event": SAVED, "checkpoint": meta, "mode": "helper"})
-            if not _alive(helper_pid) and not os.path.exists(done):
+            if not pid_alive(helper_pid) and not os.path.exists(done):
                 # a copy restored from an image frozen after the check above, in this
                 # iteration, finds the helper gone and its workdir removed: not a failure
                 if life.restored():
@@ -200,15 +188,6 @@ def _kernel_id(cf: str) -> str | None:
     return None
 
 
-def helper_mode_note(name: str, command: str) -> str:
-    from .core import CHECKPOINTABLE
-    return (f"note: this kernel is not \"{CHECKPOINTABLE}\", so nbcheckpoint took this checkpoint "
-            "with a helper process: %restore and the \"restored\" return of %checkpoint need the "
-            f"checkpointable kernel. To bring '{name}' back, shut this kernel down and run "
-            f"`{command}` from a terminal (same ports, same connection file; reconnect the "
-            "notebook to it).")
-
-
 # ---------------------------------------------------------------------------- the helper
 
 def restore_command(image, shell_job: bool) -> str:
@@ -223,8 +202,6 @@ def _write_done(work: Path, result: dict) -> None:
 
 
 def run_helper(work: Path) -> int:
-    from .. import engine
-    from ..kernel_image import checkpoint_meta, dump_options, outside_terminals
     args = json.loads((work / "args.json").read_text())
     pending = None
     try:

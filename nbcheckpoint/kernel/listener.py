@@ -22,6 +22,7 @@ import threading
 
 from ..control import ERROR, PREPARE, PREPARED, RESTORED, Channel, ControlError, new_id
 from . import frontend, hooks
+from .history import new_history_session, quiesce_history
 
 log = logging.getLogger("nbcheckpoint.kernel")
 
@@ -146,7 +147,6 @@ class Listener:
         the on_checkpoint hooks -- on the main thread when it is idle, here when a cell
         keeps it busy (the checkpoint must not wait for the cell) -- and answer `prepared`.
         """
-        from .core import quiesce_history
         frontend.watch.mark()
         shell = getattr(self.kernel, "shell", None)
         resume = quiesce_history(shell)
@@ -197,7 +197,6 @@ class Listener:
 
 def _unsolicited_restore(kernel, msg: dict) -> None:
     """A `restored` event no magic was waiting for: hooks, then the origin cell if any."""
-    from .core import new_history_session
     new_history_session(getattr(kernel, "shell", None))
     if msg.get("origin"):
         frontend.finish_origin(kernel, msg, True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from IPython.core.magic import Magics, line_magic, magics_class
 
 from . import core
+from .messages import CheckpointError
 
 
 @magics_class
@@ -23,7 +24,7 @@ class CheckpointMagics(Magics):
         wait = "--wait" in args
         args = [a for a in args if a != "--wait"]
         if len(args) > 1 or any(a.startswith("-") for a in args):
-            raise core.CheckpointError(f"usage: %checkpoint [--wait] [NAME] (got {line.strip()!r})")
+            raise CheckpointError(f"usage: %checkpoint [--wait] [NAME] (got {line.strip()!r})")
         core.get(self.shell).checkpoint(args[0] if args else None, wait=wait)
 
     @line_magic

@@ -1,9 +1,11 @@
-"""A progress line in the cell's output, updated in place (display_id), and size/time formats."""
+"""A progress line in the cell's output, updated in place (display_id), and the time format."""
 from __future__ import annotations
 
 import html
 import sys
 import time
+
+from ..engine.units import format_size
 
 PHASES = {
     "frozen": "kernel frozen",
@@ -11,15 +13,6 @@ PHASES = {
     "stopping": "stopping the kernel",
     "restoring": "restoring",
 }
-
-
-def format_size(n) -> str:
-    n = float(n or 0)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def format_time(epoch) -> str:

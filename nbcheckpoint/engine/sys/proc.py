@@ -215,6 +215,11 @@ def pid_state(pid: int) -> str:
         return ""
 
 
+def pid_alive(pid: int) -> bool:
+    """Does process PID exist and run (not a zombie)?"""
+    return pid_state(pid) not in ("", "Z", "X")
+
+
 def ppid(pid: int) -> int:
     return int(stat(pid)[4])
 
