@@ -77,6 +77,22 @@ def test_engine_imports_nothing_above_it():
     assert not bad, bad
 
 
+JUPYTER = ("jupyter_client", "jupyter_server", "jupyter_core", "ipykernel", "IPython", "zmq", "tornado",
+           "traitlets", "ipywidgets", "nbclient", "nbformat")
+
+
+def test_engine_imports_no_jupyter_package():
+    bad = []
+    for name, path in _modules().items():
+        if not name.startswith("nbcheckpoint.engine"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and not node.level else []
+            bad += [(name, m) for m in mods if m and m.split(".")[0] in JUPYTER]
+    assert not bad, bad
+
+
 def test_the_graph_sees_hidden_imports():
     g = graph()
     assert "nbcheckpoint.kernel.core" in g["nbcheckpoint.kernel.magics"]
