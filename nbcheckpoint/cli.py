@@ -110,6 +110,13 @@ def cmd_show(args) -> int:
     if not path:
         args.parser.error("give the image directory (DIR or -D DIR)")
     print(engine.show(path))
+    if args.verify:
+        progress = Progress()
+        try:
+            files, pages = engine.verify(path, options=_options(args), progress=progress)
+        finally:
+            progress.clear()
+        print(f"verified: {files} files, {format_size(pages)} of page data, all checksums match")
     return 0
 
 
@@ -211,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("show", parents=[common], help="describe an image")
     s.add_argument("dir", nargs="?", metavar="DIR", help="image directory")
     s.add_argument("-D", "--images-dir", "--images", **images)
+    s.add_argument("--verify", action="store_true",
+                   help="also make every check a restore makes, with the restore options given here, "
+                        "and read all page data against its checksums (creates nothing)")
+    _add_criu_options(s, restore=True)
     s.set_defaults(func=cmd_show, parser=s)
 
     u = sub.add_parser("unlock", parents=[common],

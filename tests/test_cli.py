@@ -1,7 +1,7 @@
 """The `nbcheckpoint` command: feature probes, argument parsing, error output.
 
-Nothing here needs a working engine: dump/restore are replaced where a test
-goes through them.
+Nothing here needs a working engine (dump/restore are replaced where a test
+goes through them), except `show --verify`, which reads a real image.
 """
 import io
 import os
@@ -106,6 +106,25 @@ def test_restore_detach_prints_pid(monkeypatch, capsys):
     assert cli.main(["restore", "-D", "d", "--detach"]) == 0
     assert capsys.readouterr().out == f"{proc.pid}\n"
     proc.wait()
+
+
+def test_show_verify_reads_every_page_checksum(launch, images, capsys):
+    """Plain show reads no page data; --verify checks it all and names the damaged file."""
+    t = launch("counter")
+    img = images()
+    t.checkpoint(img)
+    assert cli.main(["show", "--verify", str(img)]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert re.fullmatch(r"verified: \d+ files, [\d.]+ \S+ of page data, all checksums match", last), last
+    pages = img / f"pages-{t.pid}.img"
+    data = bytearray(pages.read_bytes())
+    data[len(data) // 2] ^= 0x20
+    pages.write_bytes(bytes(data))
+    assert cli.main(["show", str(img)]) == 0
+    assert not capsys.readouterr().err
+    assert cli.main(["show", str(img), "--verify"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("nbcheckpoint: error: image file ") and f"{pages.name} is corrupted" in err, err
 
 
 def test_progress_only_on_a_tty():

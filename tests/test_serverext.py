@@ -242,6 +242,7 @@ def test_installed_by_pip(server):
     ("POST", f"/kernels/{uuid.uuid4()}/checkpoint"),
     ("POST", f"/kernels/{uuid.uuid4()}/restore"),
     ("POST", "/restore"),
+    ("GET", f"/kernels/{uuid.uuid4()}/status"),
 ])
 def test_unauthenticated_rejected(server, method, path):
     for token in (None, "wrong-" + server.token):
@@ -277,6 +278,8 @@ def test_cookie_auth_needs_xsrf(server):
     ("POST", "/kernels/..%2F..%2Fapi/checkpoint", {}, 400, "bad kernel id"),
     ("POST", "/kernels/NOT-A-UUID-AT-ALL-x/restore", {"name": "c"}, 400, "bad kernel id"),
     ("GET", "/checkpoints?kernel_id=123", None, 400, "bad kernel id"),
+    ("GET", "/kernels/not-a-uuid/status", None, 400, "bad kernel id"),
+    ("GET", "/kernels/{uuid}/status", None, 404, "no kernel"),
     ("POST", "/kernels/{uuid}/checkpoint", {}, 404, "no kernel"),
     ("POST", "/kernels/{uuid}/checkpoint", {"name": "../x"}, 404, "no kernel"),
     ("POST", "/kernels/{uuid}/restore", {"name": "../x"}, 400, "bad checkpoint name"),
@@ -474,3 +477,42 @@ def test_error_statuses(server):
     wait_for_kernels(server, before)
     server.ok("DELETE", f"/api/sessions/{sess['id']}", 204)
     wait_kernel_gone(kid)
+
+
+def idle_status(server: Server, kid: str, timeout: float = 60) -> dict:
+    """GET kernels/KID/status once the shim is done (it holds `busy` a moment after a
+    checkpoint's answer, and while a lazily restored kernel's memory comes in)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = server.ok("GET", f"{API}/kernels/{kid}/status")
+        assert set(st) == {"busy", "starting", "restored_from", "lineage", "parent"}, st   # no pids, no paths
+        if not (st["busy"] or st["starting"]) or time.monotonic() > deadline:
+            return st
+        time.sleep(0.1)
+
+
+def test_kernel_status(server):
+    sess = new_session(server, "work/status.ipynb")
+    kid = sess["kernel"]["id"]
+    assert run_code(server, kid, "y = 5\nprint('ok')") == "ok\n"
+    assert idle_status(server, kid) == {"busy": False, "starting": False, "restored_from": None,
+                                        "lineage": kid, "parent": None}
+    server.ok("POST", f"{API}/kernels/{kid}/checkpoint", json={"name": "st1"})
+    assert idle_status(server, kid) == {"busy": False, "starting": False, "restored_from": None,
+                                        "lineage": kid, "parent": "st1"}
+    # restored into a new kernel (the original goes first: one live copy per machine)
+    server.ok("DELETE", f"/api/sessions/{sess['id']}", 204)
+    wait_kernel_gone(kid)
+    new = server.ok("POST", f"{API}/restore", json={"name": "st1"})["kernel_id"]
+    assert idle_status(server, new) == {"busy": False, "starting": False, "restored_from": "st1",
+                                        "lineage": kid, "parent": "st1"}
+    assert run_code(server, new, "print(y)") == "5\n"
+    server.ok("DELETE", f"/api/kernels/{new}", 204)
+    wait_kernel_gone(new)
+    # a plain ipykernel has no shim to ask
+    plain = new_session(server, "work/plain-status.ipynb", kernel="python3")
+    r = server.api("GET", f"{API}/kernels/{plain['kernel']['id']}/status")
+    assert r.status_code == 409 and "has no checkpoint status" in r.json()["message"], r.text
+    assert "checkpointable" in r.json()["message"], r.text
+    server.ok("DELETE", f"/api/sessions/{plain['id']}", 204)
+    server.ok("DELETE", f"{API}/checkpoints/st1", 204)

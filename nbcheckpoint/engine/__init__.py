@@ -4,14 +4,15 @@ Public API::
 
     dump(pid, images_dir, leave_running=False, progress=None, options=None) -> DumpStats
     restore(images_dir, progress=None, options=None) -> RestoreResult
-    verify(images_dir, options=None)          # all of restore's checks, no process created
+    verify(images_dir, options=None, progress=None) -> (files, page bytes)
+                                              # all of restore's checks, no process created
     show(images_dir) -> str
 
 ``progress``, when given, is called as ``progress(phase, done, total)``; a dump
 reports ``frozen``, ``pages`` (bytes), ``no-snapshot`` (a process of a
 leave-running dump could not be forked: it is copied while frozen),
 ``thawed`` (leave-running: the tree runs again while the image is written)
-and ``sync``.
+and ``sync``; verify reports ``verify`` (bytes of page data checked).
 The restored process is a child of the calling process (reap it, or let the
 CLI's ``--detach`` hand it to init).
 

@@ -134,26 +134,32 @@ def _one(msgs, name):
     return msgs[0]
 
 
-def verify(images_dir, options: Options | None = None) -> None:
+def verify(images_dir, options: Options | None = None, progress=None) -> tuple[int, int]:
     """Every check restore makes before it creates a process (metadata, the files behind
     mappings, external objects against `options`), plus the checksums of the page data,
     which restore itself checks only as the pages stream into the new processes.
 
     For a caller that must destroy something to make room for the restore -- the Jupyter
     shim replacing a live kernel in place: a damaged image fails here, with nothing
-    touched.  Raises ImageError / RestoreError."""
+    touched -- and for `nbcheckpoint show --verify`.  `progress(phase, done, total)` sees
+    `verify` (bytes of page data checked).  Returns (files, bytes of page data) checked.
+    Raises ImageError / RestoreError."""
     options = options or Options()
     img = _Image(os.fspath(images_dir), options)
     try:
-        for name in img.reader.sums:
-            if name.startswith("pages-"):
-                src = img.reader.open_pages(name)
-                try:
-                    src.verify()
-                finally:
-                    src.close()
+        sums = img.reader.sums
+        pages = [name for name in sums if name.startswith("pages-")]
+        total, done = sum(sums[name].size for name in pages), 0
+        for name in pages:
+            src = img.reader.open_pages(name)
+            try:
+                src.verify(progress and (lambda n: progress("verify", done + n, total)))
+            finally:
+                src.close()
+            done += src.size
     finally:
         img.files.close()
+    return len(sums), total
 
 
 def restore(images_dir, progress=None, options: Options | None = None) -> RestoreResult:

@@ -9,6 +9,7 @@ into <prefix>/etc/jupyter.  Endpoints, under <base_url>/nbcheckpoint/api/:
     POST   kernels/KERNEL_ID/checkpoint  {name?, notebook?, execution_count?}
     POST   kernels/KERNEL_ID/restore     {name, session_id?, path?}
     POST   restore                       {name, session_id?, path?}   (always a new kernel)
+    GET    kernels/KERNEL_ID/status      what the kernel's shim knows (KERNEL_STATUS)
 
 Every handler is an APIHandler (token or cookie auth; XSRF enforced for cookies) with
 @web.authenticated and @authorized on the resource "nbcheckpoint".  Errors are JSON
@@ -41,6 +42,8 @@ RESTORE_TIMEOUT = 600            # s: a restore into a new kernel must be confir
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 # the HTTP status of the project's errors (the first type that matches); any other error: 500
 STATUSES = ((BadName, 400), (NoSuchCheckpoint, 404), (StoreError, 409), (Busy, 409), (RestoreError, 409))
+# what a client sees of the shim's status answer: not its pids, nor the store's path on the server
+KERNEL_STATUS = ("busy", "starting", "restored_from", "lineage", "parent")
 
 
 def _jupyter_server_extension_points():
@@ -133,6 +136,12 @@ class BaseHandler(APIHandler):
         return prov is not None and callable(getattr(prov, "checkpoint", None)) \
             and callable(getattr(prov, "restore_in_place", None))
 
+    def require_checkpointable(self, kernel_id: str, km, cannot: str) -> None:
+        if not self.is_checkpointable(km):
+            raise ApiError(409, f"kernel {kernel_id} ({getattr(km, 'kernel_name', '?')}) {cannot}: "
+                                "it was not started with a checkpointable kernelspec; "
+                                "switch the notebook to 'Python 3 (checkpointable)'")
+
     async def session_for(self, *, session_id=None, path=None, kernel_id=None) -> dict | None:
         """The session named by id, else the one of notebook PATH, else the one using KERNEL_ID."""
         sm = self.session_manager
@@ -204,10 +213,7 @@ class KernelCheckpointHandler(BaseHandler):
         name = body.get("name")
         if name is not None:
             check_name(name)
-        if not self.is_checkpointable(km):
-            raise ApiError(409, f"kernel {kernel_id} ({getattr(km, 'kernel_name', '?')}) cannot be "
-                                "checkpointed: it was not started with a checkpointable kernelspec; "
-                                "switch the notebook to 'Python 3 (checkpointable)'")
+        self.require_checkpointable(kernel_id, km, "cannot be checkpointed")
         notebook = body.get("notebook")
         if notebook is not None and not isinstance(notebook, str):
             raise ApiError(400, "notebook must be a string (the notebook's path)")
@@ -222,6 +228,19 @@ class KernelCheckpointHandler(BaseHandler):
             kwargs["execution_count"] = count
         meta = await km.provisioner.checkpoint(**kwargs)
         self.reply(public_meta(meta))
+
+
+class KernelStatusHandler(BaseHandler):
+    @web.authenticated
+    @authorized
+    @_errors
+    async def get(self, kernel_id):
+        km = self.existing_kernel(kernel_id)
+        self.require_checkpointable(kernel_id, km, "has no checkpoint status")
+        if not await ensure_async(km.is_alive()):
+            raise ApiError(409, f"kernel {kernel_id} is not running (it died, or is being restarted)")
+        st = await km.provisioner.status()
+        self.reply({k: st.get(k) for k in KERNEL_STATUS})
 
 
 class RestoreMixin:
@@ -341,6 +360,7 @@ def _load_jupyter_server_extension(serverapp):
         (url_path_join(base, "checkpoints", name), CheckpointHandler),
         (url_path_join(base, "kernels", kid, "checkpoint"), KernelCheckpointHandler),
         (url_path_join(base, "kernels", kid, "restore"), KernelRestoreHandler),
+        (url_path_join(base, "kernels", kid, "status"), KernelStatusHandler),
         (url_path_join(base, "restore"), RestoreHandler),
     ]
     serverapp.web_app.settings["nbcheckpoint_dir"] = _checkpoint_dir(serverapp)

@@ -361,11 +361,14 @@ class PagesReader:
         self.pos += len(buf)
         return len(buf)
 
-    def verify(self, chunk: int = 16 << 20) -> None:
-        """Check every block (restore.verify)."""
+    def verify(self, progress=None, chunk: int = 16 << 20) -> None:
+        """Check every block (restore.verify); progress(bytes checked so far) after each chunk."""
         buf = bytearray(chunk)
         for off in range(0, self.size, chunk):
-            self.read_at(off, memoryview(buf)[:min(chunk, self.size - off)])
+            n = min(chunk, self.size - off)
+            self.read_at(off, memoryview(buf)[:n])
+            if progress:
+                progress(off + n)
         self.close()
 
     def finish(self) -> None:
