@@ -122,11 +122,8 @@ def _socket_family(pid: int, fd: int) -> int:
             dup = pidfd_getfd(pidfd, fd, pid)
         finally:
             os.close(pidfd)
-        sk = socket.socket(fileno=dup)
-        try:
+        with socket.socket(fileno=dup) as sk:
             return int(sk.family)
-        finally:
-            sk.close()
 
 
 def _adopt(fd: int, f: files_pb2.FileEntry) -> int:

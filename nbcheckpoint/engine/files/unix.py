@@ -818,9 +818,7 @@ class Unix(BuiltTogether):
     dump = staticmethod(_dump)
     dump_done = staticmethod(_dump_done)
     check = staticmethod(_check)
-
-    def build(self, ctx) -> None:
-        _Restorer(ctx).run()
+    restorer = _Restorer
 
     def name(self, f) -> str:
         return f"unix socket:[{f.unix.ino}]"
