@@ -181,6 +181,16 @@ class DumpContext:
             self._pidfds[pid] = pidfd_open(pid)
         return pidfd_getfd(self._pidfds[pid], fd, pid)
 
+    def getsock(self, pid: int, fd: int):
+        """getfd() of a socket, as a socket object (closing it closes the duplicate)."""
+        import socket
+        dup = self.getfd(pid, fd)
+        try:
+            return socket.socket(fileno=dup)
+        except OSError:
+            os.close(dup)
+            raise
+
     def _identify(self, pid: int, fd: int, s: os.stat_result) -> int | None:
         for opid, ofd, oid in self._seen.get((s.st_dev, s.st_ino), []):
             if syscall(NR["kcmp"], pid, opid, KCMP_FILE, fd, ofd, request="kcmp", pid=pid) == 0:

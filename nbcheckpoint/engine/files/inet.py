@@ -256,12 +256,7 @@ def _dump(ctx, pid: int, fd: int, s: os.stat_result, link: str, info: dict, entr
     st = ctx.state(KIND)
     n = entry.inet
     n.ino = s.st_ino
-    dup = ctx.getfd(pid, fd)
-    try:
-        sk = socket.socket(fileno=dup)
-    except OSError:
-        os.close(dup)
-        raise
+    sk = ctx.getsock(pid, fd)
     keep = False
     try:
         n.family, n.type, n.proto = int(sk.family), int(sk.type), sk.proto
