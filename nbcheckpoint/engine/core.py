@@ -17,7 +17,7 @@ from .sys.libc import get_robust_list
 
 PR_GET_TID_ADDRESS = 40
 PR_SET_NAME = 15
-SS_ONSTACK, SS_DISABLE = 1, 2
+SS_ONSTACK = 1
 RSEQ_FLAG_UNREGISTER = 1
 _STACK_T = struct.Struct("<QiiQ")  # ss_sp, ss_flags, (pad), ss_size
 

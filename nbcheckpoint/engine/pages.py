@@ -61,6 +61,15 @@ def _batches(runs):
         yield kind, batch, total
 
 
+def _via_mem(op, view, batch) -> None:
+    """op(piece of view, addr) for each piece of a batch, packed one after another in view
+    (ProcMem.readinto or .pwrite)."""
+    off = 0
+    for a, n, _ in batch:
+        op(view[off:off + n], a)
+        off += n
+
+
 def _fill(src, view, batch) -> None:
     """Read a batch's bytes from the image into view, one read per contiguous stretch."""
     pos = 0
@@ -141,10 +150,7 @@ class PrivatePages:
                 else:
                     # process_vm_readv honours the target's protections; /proc/PID/mem does not.
                     mem = mem or ProcMem(pid)
-                    off = 0
-                    for a, n, _ in batch:
-                        mem.readinto(buf.view[off:off + n], a)
-                        off += n
+                    _via_mem(mem.readinto, buf.view, batch)
                 pipe.submit(i, self.out.write, buf.view[:total])
                 done += total
                 if progress:
@@ -207,10 +213,7 @@ def _write_runs(pid: int, src, runs, progress) -> int:
                 vm_write(pid, buf.addr, [(a, n) for a, n, _ in batch])
             else:
                 mem = mem or ProcMem(pid, write=True)
-                off = 0
-                for a, n, _ in batch:
-                    mem.pwrite(buf.view[off:off + n], a)
-                    off += n
+                _via_mem(mem.pwrite, buf.view, batch)
             if k + 2 < len(batches):
                 pipe.submit(i, _fill, src, buf.view, batches[k + 2][1])
             done += total

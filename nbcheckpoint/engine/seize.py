@@ -135,10 +135,7 @@ class FrozenTree:
     def thaw(self) -> None:
         """Detach every thread; each resumes where it was (syscalls restart)."""
         for tid in self.all_tids() + [t for t in self._traced if t not in self.all_tids()]:
-            try:
-                ptrace.detach(tid)
-            except SysError:
-                pass
+            detach(tid)
         self.tids, self.order, self._traced = {}, [], set()
 
     def kill(self) -> None:

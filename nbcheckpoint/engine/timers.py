@@ -33,7 +33,7 @@ from .images import names, timers_pb2
 from .sys import proc
 
 ITIMERS = (0, 1, 2)                    # ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF
-SIGEV_NONE, SIGEV_THREAD_ID = 1, 4
+SIGEV_THREAD_ID = 4
 CLOCK_THREAD_CPUTIME_ID = 3
 PR_TIMER_CREATE_RESTORE_IDS, RESTORE_IDS_OFF, RESTORE_IDS_ON = 77, 0, 1
 MAX_ID_GAP = 1 << 16                   # throw-away timers to close one gap, at most

@@ -122,11 +122,8 @@ def _socket_family(pid: int, fd: int) -> int:
             dup = pidfd_getfd(pidfd, fd, pid)
         finally:
             os.close(pidfd)
-        sk = socket.socket(fileno=dup)
-        try:
+        with socket.socket(fileno=dup) as sk:
             return int(sk.family)
-        finally:
-            sk.close()
 
 
 def _adopt(fd: int, f: files_pb2.FileEntry) -> int:
@@ -183,6 +180,16 @@ class DumpContext:
         if pid not in self._pidfds:
             self._pidfds[pid] = pidfd_open(pid)
         return pidfd_getfd(self._pidfds[pid], fd, pid)
+
+    def getsock(self, pid: int, fd: int):
+        """getfd() of a socket, as a socket object (closing it closes the duplicate)."""
+        import socket
+        dup = self.getfd(pid, fd)
+        try:
+            return socket.socket(fileno=dup)
+        except OSError:
+            os.close(dup)
+            raise
 
     def _identify(self, pid: int, fd: int, s: os.stat_result) -> int | None:
         for opid, ofd, oid in self._seen.get((s.st_dev, s.st_ino), []):

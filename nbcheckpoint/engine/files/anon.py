@@ -108,15 +108,7 @@ def _same_epoll_file(pid: int, cand: int, slot: tuple[int, int, int]) -> bool:
 
 def _fds_on(pid: int, ino: int, kdev: int) -> list[int]:
     dev = proc.kernel_dev(kdev)
-    out = []
-    for fd in proc.fds(pid):
-        try:
-            s = os.stat(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if s.st_ino == ino and s.st_dev == dev:
-            out.append(fd)
-    return out
+    return [fd for fd, s in proc.fd_stats(pid) if s.st_ino == ino and s.st_dev == dev]
 
 
 def _dump_timerfd(pid, fd, info, entry) -> None:
@@ -197,10 +189,6 @@ def _open_eventfd(f) -> int:
     return fd
 
 
-def _open_epoll(f) -> int:
-    return anonfd.epoll_create()
-
-
 def _open_timerfd(f) -> int:
     t = f.timerfd
     fd = anonfd.timerfd_create(t.clockid)
@@ -222,10 +210,6 @@ def _open_timerfd(f) -> int:
 
 def _timerfd_settime(fd: int, flags: int, sec: int, nsec: int, t) -> None:
     anonfd.timerfd_settime(fd, flags, (t.interval_sec, t.interval_nsec), (sec, nsec))
-
-
-def _open_signalfd(f) -> int:
-    return anonfd.signalfd(f.signalfd.sigmask)
 
 
 def _open_inotify(f) -> int:
@@ -296,8 +280,9 @@ def _drain(fd: int) -> None:
             return
 
 
-_OPEN = {files_pb2.EVENTFD: _open_eventfd, files_pb2.EPOLL: _open_epoll, files_pb2.TIMERFD: _open_timerfd,
-         files_pb2.SIGNALFD: _open_signalfd, files_pb2.INOTIFY: _open_inotify}
+_OPEN = {files_pb2.EVENTFD: _open_eventfd, files_pb2.EPOLL: lambda f: anonfd.epoll_create(),
+         files_pb2.TIMERFD: _open_timerfd, files_pb2.SIGNALFD: lambda f: anonfd.signalfd(f.signalfd.sigmask),
+         files_pb2.INOTIFY: _open_inotify}
 
 
 def _after_place(ctx, remote, pid: int, fds, f: files_pb2.FileEntry) -> None:

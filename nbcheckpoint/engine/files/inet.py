@@ -236,30 +236,27 @@ def _release(held: list[int], pids: list[int]) -> None:
     or a failed dump), it is simply closed."""
     gone = all(proc.pid_state(p) in ("", "Z", "X") for p in pids)
     for fd in held:
-        try:
-            if gone:
-                with socket.socket(fileno=os.dup(fd)) as sk:
-                    try:
-                        tcprepair.repair(sk, tcprepair.REPAIR_ON)
-                    except OSError:
-                        pass
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        if gone:
+            _silence(fd)
+        os.close(fd)
     held.clear()
+
+
+def _silence(fd: int) -> None:
+    """Repair mode on the connection behind fd (best effort): closing its last reference
+    then sends no FIN or RST and leaves no TIME_WAIT."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sk:
+            tcprepair.repair(sk, tcprepair.REPAIR_ON)
+    except OSError:
+        pass
 
 
 def _dump(ctx, pid: int, fd: int, s: os.stat_result, link: str, info: dict, entry: files_pb2.FileEntry) -> None:
     st = ctx.state(KIND)
     n = entry.inet
     n.ino = s.st_ino
-    dup = ctx.getfd(pid, fd)
-    try:
-        sk = socket.socket(fileno=dup)
-    except OSError:
-        os.close(dup)
-        raise
+    sk = ctx.getsock(pid, fd)
     keep = False
     try:
         n.family, n.type, n.proto = int(sk.family), int(sk.type), sk.proto
@@ -268,7 +265,8 @@ def _dump(ctx, pid: int, fd: int, s: os.stat_result, link: str, info: dict, entr
             raise UnsupportedError(f"process {pid}: fd {fd} is an {'IPv6' if n.family == socket.AF_INET6 else 'IPv4'} "
                                    f"{kind} socket of protocol {n.proto} ({link}), which this version cannot "
                                    "checkpoint (only TCP and UDP)")
-        _addresses(sk, n)
+        n.src_addr, n.src_port, n.src_scope = _sockaddr(sk.getsockname)
+        n.dst_addr, n.dst_port, n.dst_scope = _sockaddr(sk.getpeername)
         opts = _get_opts(sk, n.family, n.proto)
         for name, val in opts.items():
             if isinstance(val, bytes):
@@ -291,21 +289,13 @@ def _dump(ctx, pid: int, fd: int, s: os.stat_result, link: str, info: dict, entr
             sk.close()
 
 
-def _addresses(sk: socket.socket, n) -> None:
+def _sockaddr(get) -> tuple[str, int, int]:
+    """(address, port, IPv6 scope) by getsockname or getpeername; empty if not bound or connected."""
     try:
-        a = sk.getsockname()
-        n.src_addr, n.src_port = a[0], a[1]
-        if len(a) > 3:
-            n.src_scope = a[3]
+        a = get()
     except OSError:
-        pass
-    try:
-        a = sk.getpeername()
-        n.dst_addr, n.dst_port = a[0], a[1]
-        if len(a) > 3:
-            n.dst_scope = a[3]
-    except OSError:
-        pass
+        return "", 0, 0
+    return a[0], a[1], a[3] if len(a) > 3 else 0
 
 
 def _dump_tcp(ctx, st: _DumpState, pid: int, fd: int, sk: socket.socket, n, reuse: int) -> bool:
@@ -580,18 +570,23 @@ class _Restorer:
         except OSError as e:
             raise self._error(ino, "create", e) from None
         self.socks[ino] = s
-        for o in n.opts:
-            spec = _OPTS.get(o.name)
-            if spec is None or not spec[3]:
-                continue
-            level, num, size, _pre, _scope = spec
-            val = bytes(o.raw) if size else o.value
-            if val == self._default(n).get(o.name):
-                continue
+        for name, level, num, val in self._changed_opts(n, before_bind=True):
             try:
                 s.setsockopt(level, num, val)
             except OSError as e:
-                raise self._error(ino, f"set {o.name} on", e) from None
+                raise self._error(ino, f"set {name} on", e) from None
+
+    def _changed_opts(self, n, before_bind: bool):
+        """(name, level, number, value) of the saved options set before bind (or after it, but
+        for the buffer sizes: _finish) whose value differs from a fresh socket's."""
+        for o in n.opts:
+            spec = _OPTS.get(o.name)
+            if spec is None or spec[3] != before_bind or o.name in ("SO_RCVBUF", "SO_SNDBUF"):
+                continue
+            level, num, size, _pre, _scope = spec
+            val = bytes(o.raw) if size else o.value
+            if val != self._default(n).get(o.name):
+                yield o.name, level, num, val
 
     def _default(self, n) -> dict:
         key = (n.family, n.type, n.proto)
@@ -760,24 +755,16 @@ class _Restorer:
 
     def _options(self, ino: int) -> None:
         n, s = self.n(ino), self.socks[ino]
-        dflt = self._default(n)
-        for o in n.opts:
-            spec = _OPTS.get(o.name)
-            if spec is None or spec[3] or o.name in ("SO_RCVBUF", "SO_SNDBUF"):
-                continue
-            level, num, size, _pre, _scope = spec
-            val = bytes(o.raw) if size else o.value
-            if val == dflt.get(o.name):
-                continue
-            if o.name == "TCP_CONGESTION":
+        for name, level, num, val in self._changed_opts(n, before_bind=False):
+            if name == "TCP_CONGESTION":
                 val = val.split(b"\0", 1)[0]
             try:
                 s.setsockopt(level, num, val)
             except OSError as e:
-                if o.name in ("SO_MARK", "SO_PRIORITY", "TCP_CONGESTION"):
-                    log.warning("%s: cannot set %s again: %s", _desc(n), o.name, e.strerror or e)
+                if name in ("SO_MARK", "SO_PRIORITY", "TCP_CONGESTION"):
+                    log.warning("%s: cannot set %s again: %s", _desc(n), name, e.strerror or e)
                     continue
-                raise OSError(e.errno, f"{o.name}: {e.strerror}") from None
+                raise OSError(e.errno, f"{name}: {e.strerror}") from None
 
     def _unsent(self, ino: int) -> None:
         n, s = self.n(ino), self.socks[ino]
@@ -845,9 +832,7 @@ class Inet(BuiltTogether):
     new_dump_state = staticmethod(_DumpState)
     dump = staticmethod(_dump)
     check = staticmethod(_check)
-
-    def build(self, ctx) -> None:
-        _Restorer(ctx).run()
+    restorer = _Restorer
 
     def name(self, f) -> str:
         return _desc(f.inet)
@@ -903,11 +888,7 @@ def hold_internal(pids: list[int]) -> list[int]:
     held = []
     for (local, peer), fd in socks.items():
         if (peer, local) in socks:
-            with socket.socket(fileno=os.dup(fd)) as sk:
-                try:
-                    tcprepair.repair(sk, tcprepair.REPAIR_ON)
-                except OSError:
-                    pass
+            _silence(fd)
             held.append(fd)
         else:
             os.close(fd)

@@ -76,13 +76,12 @@ class Built:
 
 class BuiltTogether(FileKind):
     """A kind whose descriptions are all made at its first open() (sockets: a connection
-    needs both ends, and the order matters); ``build`` hands each to ctx.remember()."""
+    needs both ends, and the order matters), by ``restorer(ctx).run()``, which hands each
+    to ctx.remember()."""
+    restorer: type
 
     def new_restore_state(self, ctx) -> Built:
         return Built()
-
-    def build(self, ctx) -> None:
-        raise NotImplementedError
 
     def name(self, f: files_pb2.FileEntry) -> str:
         raise NotImplementedError
@@ -91,7 +90,7 @@ class BuiltTogether(FileKind):
         st = ctx.state(self)
         if not st.built:
             st.built = True         # once, even if it fails
-            self.build(ctx)
+            self.restorer(ctx).run()
         fd = ctx.opened.get(f.id)
         if fd is None:
             raise RestoreError(f"{self.name(f)} (file {f.id}) could not be recreated")

@@ -69,6 +69,7 @@ import time
 from ..errors import DumpError, ImageError, RestoreError, SysError, UnsupportedError
 from ..images import files_pb2, names, pstree_pb2, tty_pb2
 from ..sys import proc
+from ..sys.fd import Fd
 from ..sys.ioctl import get_int, ioctl, ioctl_buf, set_int
 from .kind import FileKind
 
@@ -246,11 +247,8 @@ class _DumpState:
                 if "tty-index" in info:
                     index = int(info["tty-index"])
                 else:
-                    dup = self.ctx.getfd(p, fd)
-                    try:
-                        index = get_int(dup, TIOCGPTN, "TIOCGPTN", p)
-                    finally:
-                        os.close(dup)
+                    with Fd(self.ctx.getfd(p, fd)) as dup:
+                        index = get_int(dup.fileno(), TIOCGPTN, "TIOCGPTN", p)
                 pts_dir, devpts = _master_devpts(p, fd, link, index)
                 pair = self._pair((devpts, index))
                 pair.masters.append((p, fd))
@@ -325,12 +323,9 @@ class _DumpState:
                 f"checkpointed tree{who}: it runs under a shell or terminal emulator. Dump (and "
                 "restore) with --shell-job to checkpoint it as a shell job, restored onto another terminal")
         st = tty_pb2.TtyState()
-        s = self.ctx.getfd(sp, sfd)
-        try:
-            st.termios2 = ioctl_buf(s, TCGETS2, "TCGETS2", TERMIOS2.size, sp)
-            _get_winsize(st, s, sp)
-        finally:
-            os.close(s)
+        with Fd(self.ctx.getfd(sp, sfd)) as s:
+            st.termios2 = ioctl_buf(s.fileno(), TCGETS2, "TCGETS2", TERMIOS2.size, sp)
+            _get_winsize(st, s.fileno(), sp)
         if users:
             _, sid, _, tpgid = self.procs[users[0]]
             st.session = self.v(sid)
@@ -453,17 +448,13 @@ def _holders_outside(tree: set[int], wanted: set[tuple[int, int]]) -> dict[tuple
         if not name.isdigit() or int(name) in tree or int(name) == os.getpid():
             continue
         try:
-            fds = os.listdir(f"/proc/{name}/fd")
-        except OSError:
+            fds = proc.fd_stats(int(name))
+        except SysError:
             continue
-        for fd in fds:
-            try:
-                s = os.stat(f"/proc/{name}/fd/{fd}")
-            except OSError:
-                continue
+        for fd, s in fds:
             key = (s.st_dev, s.st_rdev)
             if key in wanted and stat.S_ISCHR(s.st_mode):
-                out.setdefault(key, (int(name), int(fd)))
+                out.setdefault(key, (int(name), fd))
     return out
 
 
@@ -693,23 +684,19 @@ def _open_pair(ctx, f: files_pb2.FileEntry, group, made: dict[int, int]) -> None
 def _find_in(pid: int, ident: dict) -> int | None:
     """An fd of process `pid` on the restored pair (slave, or master), for an injected ioctl."""
     try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
+        fds = proc.fd_stats(pid)
+    except SysError:
         return None
     master = None
-    for name in fds:
-        try:
-            s = os.stat(f"/proc/{pid}/fd/{name}")
-        except OSError:
-            continue
+    for fd, s in fds:
         if not stat.S_ISCHR(s.st_mode):
             continue
         if s.st_rdev == ident["rdev"] and ident.get("devpts") in (None, s.st_dev):
-            return int(name)
+            return fd
         if ident.get("ptmx") == (s.st_dev, s.st_ino) and master is None:
             try:
-                if int(proc.fdinfo(pid, int(name)).get("tty-index", -1)) == ident["index"]:
-                    master = int(name)
+                if int(proc.fdinfo(pid, fd).get("tty-index", -1)) == ident["index"]:
+                    master = fd
             except SysError:
                 pass                        # closed meanwhile
     return master

@@ -152,12 +152,7 @@ def _dump(ctx, pid: int, fd: int, s: os.stat_result, link: str, info: dict, entr
         u.name = _norm(d.name)
         if u.name[:1] != b"\0":
             _dump_path(pid, u, d)
-    dup = ctx.getfd(pid, fd)
-    try:
-        sk = socket.socket(fileno=dup)
-    except OSError:
-        os.close(dup)
-        raise
+    sk = ctx.getsock(pid, fd)
     try:
         _dump_opts(sk, u)
         if d.listening:
@@ -818,9 +813,7 @@ class Unix(BuiltTogether):
     dump = staticmethod(_dump)
     dump_done = staticmethod(_dump_done)
     check = staticmethod(_check)
-
-    def build(self, ctx) -> None:
-        _Restorer(ctx).run()
+    restorer = _Restorer
 
     def name(self, f) -> str:
         return f"unix socket:[{f.unix.ino}]"

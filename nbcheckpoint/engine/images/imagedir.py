@@ -150,17 +150,15 @@ class ImageWriter:
         return os.path.join(self.tmp, name)
 
     def messages(self, name: str, msg_cls) -> MessageWriter:
-        w = MessageWriter(self.path(name), msg_cls)
-        self._files.append(w)
-        return w
+        return self._keep(MessageWriter(self.path(name), msg_cls))
 
     def raw(self, name: str) -> _HashingFile:
-        w = _HashingFile(self.path(name))
-        self._files.append(w)
-        return w
+        return self._keep(_HashingFile(self.path(name)))
 
     def pages(self, name: str) -> PagesWriter:
-        w = PagesWriter(self.path(name))
+        return self._keep(PagesWriter(self.path(name)))
+
+    def _keep(self, w):
         self._files.append(w)
         return w
 

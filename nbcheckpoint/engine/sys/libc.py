@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import errno as _errno
 import os
 import struct
 
@@ -57,20 +56,4 @@ def get_robust_list(tid: int) -> tuple[int, int]:
     return int.from_bytes(head, "little"), int.from_bytes(ln, "little")
 
 
-def errno_name(err: int) -> str:
-    return _errno.errorcode.get(err, str(err))
-
-
-def retry_eintr(fn, *args):
-    while True:
-        try:
-            return fn(*args)
-        except InterruptedError:
-            continue
-
-
-def getpagesize() -> int:
-    return os.sysconf("SC_PAGE_SIZE")
-
-
-PAGE_SIZE = getpagesize()
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")

@@ -18,8 +18,9 @@ import os
 
 from ..errors import SysError
 from .fd import Fd
-from .libc import check, libc
+from .libc import check, libc, syscall
 from .ptrace import iovec
+from .x86_64 import NR
 
 libc.process_vm_readv.restype = ctypes.c_ssize_t
 libc.process_vm_readv.argtypes = [ctypes.c_int, ctypes.POINTER(iovec), ctypes.c_ulong,
@@ -83,13 +84,13 @@ def write_bytes(pid: int, addr: int, data) -> None:
     vm_write(pid, ctypes.addressof(buf), [(addr, len(data))])
 
 
-class ProcMem:
+class ProcMem(Fd):
     """/proc/PID/mem, for pages that process_vm_* cannot reach."""
 
     def __init__(self, pid: int, write: bool = False):
         self.pid = pid
         try:
-            self.fd = Fd(os.open(f"/proc/{pid}/mem", os.O_RDWR if write else os.O_RDONLY))
+            super().__init__(os.open(f"/proc/{pid}/mem", os.O_RDWR if write else os.O_RDONLY))
         except OSError as e:
             raise SysError(e.errno or 0, f"open /proc/{pid}/mem", pid) from None
 
@@ -97,7 +98,7 @@ class ProcMem:
         view = memoryview(data)
         while view:
             try:
-                n = os.pwrite(self.fd.fileno(), view, addr)
+                n = os.pwrite(self.fileno(), view, addr)
             except OSError as e:
                 raise SysError(e.errno or 0, f"write /proc/{self.pid}/mem", self.pid, f"at {addr:#x}") from None
             view = view[n:]
@@ -105,7 +106,7 @@ class ProcMem:
 
     def pread(self, size: int, addr: int) -> bytes:
         try:
-            data = os.pread(self.fd.fileno(), size, addr)
+            data = os.pread(self.fileno(), size, addr)
         except OSError as e:
             raise SysError(e.errno or 0, f"read /proc/{self.pid}/mem", self.pid, f"at {addr:#x}") from None
         if len(data) != size:
@@ -117,22 +118,13 @@ class ProcMem:
         view = memoryview(buf).cast("B")
         while view:
             try:
-                n = os.preadv(self.fd.fileno(), [view], addr)
+                n = os.preadv(self.fileno(), [view], addr)
             except OSError as e:
                 raise SysError(e.errno or 0, f"read /proc/{self.pid}/mem", self.pid, f"at {addr:#x}") from None
             if n == 0:
                 raise SysError(14, f"read /proc/{self.pid}/mem", self.pid, f"short read at {addr:#x}")
             view = view[n:]
             addr += n
-
-    def close(self) -> None:
-        self.fd.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 # --- PAGEMAP_SCAN ----------------------------------------------------------
@@ -155,7 +147,7 @@ class _PmScanArg(ctypes.Structure):
 PAGEMAP_SCAN = (3 << 30) | (ctypes.sizeof(_PmScanArg) << 16) | (ord("f") << 8) | 16
 
 
-class PagemapScanner:
+class PagemapScanner(Fd):
     """Finds the runs of pages worth saving in a range of another process."""
 
     VEC = 4096
@@ -163,7 +155,7 @@ class PagemapScanner:
     def __init__(self, pid: int):
         self.pid = pid
         try:
-            self.fd = Fd(os.open(f"/proc/{pid}/pagemap", os.O_RDONLY))
+            super().__init__(os.open(f"/proc/{pid}/pagemap", os.O_RDONLY))
         except OSError as e:
             raise SysError(e.errno or 0, f"open /proc/{pid}/pagemap", pid) from None
         self._vec = (_PageRegion * self.VEC)()
@@ -190,7 +182,7 @@ class PagemapScanner:
                              category_anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
                              return_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED)
             try:
-                n = fcntl.ioctl(self.fd.fileno(), PAGEMAP_SCAN, arg)  # type: ignore[arg-type]
+                n = fcntl.ioctl(self.fileno(), PAGEMAP_SCAN, arg)  # type: ignore[arg-type]
             except OSError as e:
                 raise SysError(e.errno or 0, "ioctl PAGEMAP_SCAN", self.pid, f"range {pos:#x}-{end:#x}") from None
             for i in range(n):
@@ -204,25 +196,12 @@ class PagemapScanner:
             pos = arg.walk_end
         return runs
 
-    def close(self) -> None:
-        self.fd.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 # --- pidfd ---------------------------------------------------------------------
 def pidfd_open(pid: int) -> int:
-    from .libc import syscall
-    from .x86_64 import NR
     return syscall(NR["pidfd_open"], pid, 0, request="pidfd_open", pid=pid)
 
 
 def pidfd_getfd(pidfd: int, fd: int, pid: int) -> int:
     """A duplicate, in the engine, of fd `fd` of the process behind pidfd."""
-    from .libc import syscall
-    from .x86_64 import NR
     return syscall(NR["pidfd_getfd"], pidfd, fd, 0, request=f"pidfd_getfd(fd {fd})", pid=pid)

@@ -99,8 +99,7 @@ MM_STAT_FIELDS = dict(start_code=26, end_code=27, start_stack=28, start_data=45,
 
 def mm_fields(pid: int) -> dict[str, int]:
     st = stat(pid)
-    out = {k: int(st[i]) for k, i in MM_STAT_FIELDS.items()}
-    return out
+    return {k: int(st[i]) for k, i in MM_STAT_FIELDS.items()}
 
 
 def auxv(pid: int) -> bytes:
@@ -152,14 +151,6 @@ def all_children(pid: int) -> list[int]:
         return []
 
 
-def tracer(pid: int) -> int:
-    """The pid of the tracer of `pid` (TracerPid), 0 if none or the process is gone."""
-    try:
-        return int(status(pid)["TracerPid"])
-    except SysError:
-        return 0
-
-
 def sysctl_int(name: str) -> int:
     """/proc/sys/NAME as an int, e.g. kernel/pid_max."""
     return int(_read(f"/proc/sys/{name}"))
@@ -193,6 +184,17 @@ def fds(pid: int) -> list[int]:
         raise _error(e, f"list /proc/{pid}/fd", pid) from None
 
 
+def fd_stats(pid: int) -> list[tuple[int, os.stat_result]]:
+    """(fd, stat of the file) of each fd of `pid`, but those closed meanwhile."""
+    out = []
+    for fd in fds(pid):
+        try:
+            out.append((fd, os.stat(f"/proc/{pid}/fd/{fd}")))
+        except OSError:
+            continue
+    return out
+
+
 def fdinfo(pid: int, fd: int) -> dict[str, str]:
     """fdinfo as key -> value; repeated keys (e.g. 'lock') are joined by newlines."""
     out: dict[str, str] = {}
@@ -218,14 +220,6 @@ def pid_state(pid: int) -> str:
 def pid_alive(pid: int) -> bool:
     """Does process PID exist and run (not a zombie)?"""
     return pid_state(pid) not in ("", "Z", "X")
-
-
-def ppid(pid: int) -> int:
-    return int(stat(pid)[4])
-
-
-def mnt_root_ok(pid: int) -> bool:
-    return os.path.samefile(f"/proc/{pid}/root", "/")
 
 
 # --- anonymous-inode files (files/anon.py) and POSIX timers (timers.py) ---------------

@@ -18,16 +18,12 @@ from ptrace.error import PtraceError
 from ..errors import SysError
 from . import x86_64
 
-PTRACE_PEEKDATA = 2
-PTRACE_POKEDATA = 5
 PTRACE_CONT = 7
-PTRACE_KILL = 8
 PTRACE_SINGLESTEP = 9
 PTRACE_SYSCALL = 24
 PTRACE_DETACH = 17
 PTRACE_SETOPTIONS = 0x4200
 PTRACE_GETEVENTMSG = 0x4201
-PTRACE_GETSIGINFO = 0x4202
 PTRACE_GETREGSET = 0x4204
 PTRACE_SETREGSET = 0x4205
 PTRACE_SEIZE = 0x4206
@@ -114,12 +110,6 @@ def geteventmsg(tid: int) -> int:
     v = ctypes.c_ulong()
     _ptrace(PTRACE_GETEVENTMSG, tid, 0, v)
     return v.value
-
-
-def getsiginfo(tid: int) -> bytes:
-    buf = ctypes.create_string_buffer(SIGINFO_SIZE)
-    _ptrace(PTRACE_GETSIGINFO, tid, 0, buf)
-    return buf.raw
 
 
 def getregset(tid: int, nt: int, size: int) -> bytes:

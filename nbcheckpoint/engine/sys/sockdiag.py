@@ -1,8 +1,8 @@
 """sock_diag(7) netlink: what the kernel knows about sockets that userspace cannot ask a socket.
 
-Only AF_UNIX (unix_diag) for now: one dump of every unix socket of the engine's network
-namespace, with name, bound file, peer, pending connections (icons), queue lengths and
-shutdown state.  Failures raise :class:`SysError` (request "sock_diag").
+AF_UNIX (unix_diag): one dump of every unix socket of the engine's network namespace, with
+name, bound file, peer, pending connections (icons), queue lengths and shutdown state; TCP
+and UDP (inet_diag) below.  Failures raise :class:`SysError` (request "sock_diag").
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import struct
 from dataclasses import dataclass, field
 
 from ..errors import SysError
-from . import proc
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -22,9 +21,9 @@ NLMSG_ERROR, NLMSG_DONE = 2, 3
 
 # linux/unix_diag.h
 UDIAG_SHOW_NAME, UDIAG_SHOW_VFS, UDIAG_SHOW_PEER, UDIAG_SHOW_ICONS = 0x1, 0x2, 0x4, 0x8
-UDIAG_SHOW_RQLEN, UDIAG_SHOW_MEMINFO, UDIAG_SHOW_UID = 0x10, 0x20, 0x40
-(UNIX_DIAG_NAME, UNIX_DIAG_VFS, UNIX_DIAG_PEER, UNIX_DIAG_ICONS, UNIX_DIAG_RQLEN,
- UNIX_DIAG_MEMINFO, UNIX_DIAG_SHUTDOWN, UNIX_DIAG_UID) = range(8)
+UDIAG_SHOW_RQLEN, UDIAG_SHOW_UID = 0x10, 0x40
+UNIX_DIAG_NAME, UNIX_DIAG_VFS, UNIX_DIAG_PEER, UNIX_DIAG_ICONS, UNIX_DIAG_RQLEN = range(5)
+UNIX_DIAG_SHUTDOWN, UNIX_DIAG_UID = 6, 7
 
 # sk_state values unix sockets use (net/tcp_states.h)
 TCP_ESTABLISHED, TCP_CLOSE, TCP_LISTEN = 1, 7, 10
@@ -41,8 +40,7 @@ class UnixDiag:
     type: int                  # SOCK_STREAM / SOCK_DGRAM / SOCK_SEQPACKET
     state: int                 # TCP_LISTEN, TCP_ESTABLISHED (connected), TCP_CLOSE
     name: bytes | None = None  # bound address: a path, or b"\0..." for an abstract name
-    vfs_ino: int = 0           # inode (and dev) of the socket file a path name is bound to
-    vfs_dev: int = 0
+    vfs_ino: int = 0           # inode of the socket file a path name is bound to
     peer: int = 0              # inode of the peer (0: see has_peer)
     has_peer: bool = False     # it has a peer; with peer 0, one without an inode: closed, or the
                                # embryo of a connection not accepted yet (listeners' icons name it)
@@ -73,7 +71,7 @@ def _parse(data: bytes, off: int, end: int) -> UnixDiag:
         if atype == UNIX_DIAG_NAME:
             d.name = val
         elif atype == UNIX_DIAG_VFS:
-            d.vfs_ino, d.vfs_dev = struct.unpack_from("=II", val)
+            d.vfs_ino = struct.unpack_from("=I", val)[0]
         elif atype == UNIX_DIAG_PEER:
             d.peer = struct.unpack_from("=I", val)[0]
             d.has_peer = True
@@ -141,62 +139,16 @@ def unix_sockets(ino: int = 0) -> dict[int, UnixDiag]:
     return out
 
 
-def socket_inodes(pid: int) -> set[int]:
-    """Inodes of the sockets open in process pid (from its /proc/PID/fd links)."""
-    out = set()
-    for n in proc.fds(pid):
-        try:
-            link = proc.fdlink(pid, n)
-        except SysError:
-            continue
-        if link.startswith("socket:["):
-            out.add(int(link[8:-1]))
-    return out
-
-
-def _traced_by_us(pid: int, ours: set[int]) -> bool:
-    return proc.tracer(pid) in ours
-
-
-def frozen_tree(pid: int) -> list[int]:
-    """The processes of the tree being dumped that pid belongs to: the topmost ancestor of pid
-    that this engine traces, and its descendants that it traces (a dump freezes, i.e.
-    ptrace-stops, every process of its tree).  Just [pid] if pid is not traced by us."""
-    ours = set(proc.tids("self"))
-    if not _traced_by_us(pid, ours):
-        return [pid]
-    root = pid
-    while True:
-        try:
-            ppid = proc.ppid(root)
-        except (SysError, ValueError):
-            break
-        if ppid <= 1 or not _traced_by_us(ppid, ours):
-            break
-        root = ppid
-    out, todo = [], [root]
-    while todo:
-        p = todo.pop()
-        if p in out:
-            continue
-        out.append(p)
-        todo.extend(c for c in proc.all_children(p) if _traced_by_us(c, ours))
-    return out
-
-
 # ============================================================================ inet_diag
 # TCP and UDP sockets (AF_INET, AF_INET6) of the engine's network namespace: addresses, state,
 # queue lengths, owner inode -- including the sockets no process holds an fd of: connections
 # waiting in a listener's accept queue (inode 0), orphans and TIME_WAIT.  Used by files/inet.py.
 
-INET_DIAG_SHUTDOWN, INET_DIAG_SKV6ONLY = 8, 11
+INET_DIAG_SHUTDOWN = 8
 
 # sk_state (net/tcp_states.h)
-TCP_SYN_SENT, TCP_SYN_RECV, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_TIME_WAIT = 2, 3, 4, 5, 6
-TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_CLOSING, TCP_NEW_SYN_RECV = 8, 9, 11, 12
-TCP_STATE_NAMES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
-                   6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN",
-                   11: "CLOSING", 12: "NEW_SYN_RECV"}
+TCP_SYN_SENT, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_TIME_WAIT = 2, 4, 5, 6
+TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_CLOSING = 8, 9, 11
 
 _INET_REQ = struct.Struct("=BBBBI48s")     # family, protocol, ext, pad, states, sockid
 _INET_MSG = struct.Struct("=BBBB48sIIIII")  # family, state, timer, retrans, sockid, expires,
@@ -219,7 +171,6 @@ class InetDiag:
     uid: int = 0
     ifindex: int = 0           # bound device (SO_BINDTODEVICE) or IPv6 scope
     shutdown: int = 0          # RCV_SHUTDOWN 1 | SEND_SHUTDOWN 2
-    v6only: bool | None = None
 
     @property
     def local(self) -> tuple[int, str, int]:
@@ -252,8 +203,6 @@ def _inet_parse(data: bytes, off: int, end: int, protocol: int) -> InetDiag:
     for atype, val in _nla(data, off + _INET_MSG.size, end):
         if atype == INET_DIAG_SHUTDOWN and val:
             d.shutdown = val[0]
-        elif atype == INET_DIAG_SKV6ONLY and val:
-            d.v6only = bool(val[0])
     return d
 
 

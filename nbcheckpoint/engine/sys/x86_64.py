@@ -34,7 +34,6 @@ NR = dict(
     # the --leave-running snapshot (snapshot.py)
     clone=56,
 )
-SYSCALL_NAMES = {v: k for k, v in NR.items()}
 
 SYSCALL_INSN = b"\x0f\x05"
 SYSCALL_INSN_LEN = 2
