@@ -94,12 +94,12 @@ def test_dump_into_nonempty_dir_refused(engine, launch, tmp_path):
     t.expect_pass()
 
 
-def _cli(*args, timeout=120):
+def _cli(*args, timeout=120, preexec_fn=None):
     exe = shutil.which("nbcheckpoint")
     cmd = [exe] if exe else [sys.executable, "-c",
                              "import sys; from nbcheckpoint.cli import main; sys.exit(main())"]
     return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+                          timeout=timeout, stdin=subprocess.DEVNULL, preexec_fn=preexec_fn)
 
 
 def test_cli_dump_restore_detached(engine, launch, images, tmp_path):
@@ -118,3 +118,22 @@ def test_cli_dump_restore_detached(engine, launch, images, tmp_path):
     t.adopt_restored(pid, is_child=False)
     assert t.alive(), t.log()
     t.expect_pass()                   # verdict from the log; exit status is not ours to see
+
+
+def _disable_thp():
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(41, 1, 0, 0, 0)     # PR_SET_THP_DISABLE
+
+
+def test_engine_thp_disable_not_inherited(engine, launch, images, tmp_path):
+    """The stubs inherit the engine's mm flags by fork: an engine with THP disabled must
+    still give prctl_flags's grandchild (THP enabled in the image) THP back."""
+    t = launch("prctl_flags")
+    time.sleep(RUN_BEFORE_DUMP)
+    img = images()
+    t.checkpoint(img)
+    pidfile = tmp_path / "restored.pid"
+    r = _cli("restore", "--images", img, "--detach", "--pidfile", pidfile, preexec_fn=_disable_thp)
+    assert r.returncode == 0, f"restore failed\n{r.stdout}\n{r.stderr}"
+    t.adopt_restored(int(pidfile.read_text().strip()), is_child=False)
+    t.expect_pass()

@@ -12,10 +12,11 @@ Phases, in order (why, where it matters):
    into their parent; session leaders setsid() at once; then process groups;
 4. per process, by injected syscalls: unregister the inherited rseq, unmap
    the engine's memory, move the vDSO, PR_SET_MM_MAP (after the unmap: EBUSY
-   while the old exe is mapped), map every VMA, write the pages (with
+   while the old exe is mapped), THP disable (the stub has the engine's; before
+   any page is written), map every VMA, write the pages (with
    --lazy-pages, not those of the big anonymous VMAs: lazy.py);
 5. fds into place (dup3), everything else closed; cwd, umask, personality,
-   signal handlers, rlimits, pdeathsig;
+   signal handlers, rlimits, pdeathsig, child subreaper;
 6. threads by injected clone3(set_tid=[tid]); per-thread state injected into
    each thread; with --lazy-pages, the userfaultfd registered (after every
    step that may touch the process's memory, before the credentials);
@@ -362,6 +363,7 @@ def _rebuild(stub: pstree.Stub, pr: _Proc, img: _Image, p: _Prepared, progress, 
         r.map_scratch(PAGE_SIZE + BATCH_AREA, addr=mmmod.free_hole(mm, PAGE_SIZE + BATCH_AREA), prot=7)
         r.batch_area = r.scratch + PAGE_SIZE
         mmmod.set_mm_map(r, mm, p.exe[mm.exe.path])
+        taskmod.restore_thp_disable(r, t)   # before the pages are written: they fault in by it
         mmmod.map_vmas(r, mm, p.maps, p.shmem)
         npages, later = pages.restore_private(pid, img.reader, str(pr.pid), mmmod.VmaIndex(mm.vmas), progress,
                                               lazy=server is not None)

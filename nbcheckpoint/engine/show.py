@@ -30,7 +30,10 @@ def show(images_dir) -> str:
         task = rd.messages(names.task(p.pid), core_pb2.TaskCore)[0]
         out.append(f"process {p.pid} (ppid {p.ppid}, pgid {p.pgid}, sid {p.sid}), cwd {task.cwd}, "
                    f"uid {list(task.creds.uids)[:1]}, {len(task.sigactions)} signal handlers, "
-                   f"{len(task.shared_pending)} pending signals")
+                   f"{len(task.shared_pending)} pending signals"
+                   + (", child subreaper" if task.child_subreaper else "")
+                   + (", THP disabled" if task.thp_disable else "")
+                   + (" except where advised" if task.thp_disable & 2 else ""))
         for t in rd.messages(names.core(p.pid), core_pb2.ThreadCore):
             from .sys.x86_64 import regs_from_bytes
             r = regs_from_bytes(t.regs)

@@ -1,5 +1,6 @@
 """Per-process state: signal handlers and process-directed pending signals,
-rlimits, credentials, cwd/root, umask, personality, pdeathsig, dumpable.
+rlimits, credentials, cwd/root, umask, personality, pdeathsig, dumpable,
+child subreaper, THP disable.
 
 Signal handlers have no /proc interface: rt_sigaction(2) is injected, one call
 per signal.  Credentials are per thread in Linux (glibc's setuid() signals
@@ -21,6 +22,8 @@ NSIG = 64
 _SIGACTION = struct.Struct("<QQQQ")     # handler, flags, restorer, mask (kernel struct sigaction)
 PR_GET_PDEATHSIG, PR_SET_PDEATHSIG = 2, 1
 PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
+PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
+PR_SET_THP_DISABLE, PR_GET_THP_DISABLE = 41, 42
 RLIM_NLIMITS = 16
 
 
@@ -49,6 +52,9 @@ def dump_task(pid: int, remote: Remote) -> core_pb2.TaskCore:
     remote.syscall("prctl", PR_GET_PDEATHSIG, s)
     t.pdeathsig = struct.unpack("<i", remote.read(s, 4))[0]
     t.dumpable = remote.syscall("prctl", PR_GET_DUMPABLE) == 1
+    remote.syscall("prctl", PR_GET_CHILD_SUBREAPER, s)
+    t.child_subreaper = struct.unpack("<i", remote.read(s, 4))[0] != 0
+    t.thp_disable = remote.syscall("prctl", PR_GET_THP_DISABLE)
     t.shared_pending.extend(ptrace.peek_pending(pid, shared=True))
     return t
 
@@ -92,6 +98,16 @@ def restore_sigactions(remote: Remote, t: core_pb2.TaskCore) -> None:
 def restore_misc(remote: Remote, t: core_pb2.TaskCore) -> None:
     remote.syscall("prctl", PR_SET_PDEATHSIG, t.pdeathsig)
     remote.syscall("prctl", PR_SET_DUMPABLE, 1 if t.dumpable else 0)
+    # not inherited by fork; setting it also marks the descendants (the stubs exist already)
+    remote.syscall("prctl", PR_SET_CHILD_SUBREAPER, 1 if t.child_subreaper else 0)
+
+
+def restore_thp_disable(remote: Remote, t: core_pb2.TaskCore) -> None:
+    """Set (or clear) the mm's THP disable: the stub inherited the engine's by fork.
+
+    Before the memory is mapped and filled, so that its pages fault in (and khugepaged
+    treats them) as the original's did.  An image without the field (0) clears it."""
+    remote.syscall("prctl", PR_SET_THP_DISABLE, t.thp_disable & 1, t.thp_disable & ~1)
 
 
 def restore_rlimits(pid: int, t: core_pb2.TaskCore) -> None:
