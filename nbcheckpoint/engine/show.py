@@ -27,6 +27,9 @@ def show(images_dir) -> str:
                    "it is restored, or `nbcheckpoint unlock` is run")
     files = {f.id: f for f in rd.messages(names.FILES, files_pb2.FileEntry)}
     for p in rd.messages(names.PSTREE, pstree_pb2.Process):
+        if p.zombie:                    # it has no task, core, mm or fds files
+            out.append(f"process {p.pid} (ppid {p.ppid}): zombie {p.comm!r}, wait status {p.exit_status:#x}")
+            continue
         task = rd.messages(names.task(p.pid), core_pb2.TaskCore)[0]
         out.append(f"process {p.pid} (ppid {p.ppid}, pgid {p.pgid}, sid {p.sid}), cwd {task.cwd}, "
                    f"uid {list(task.creds.uids)[:1]}, {len(task.sigactions)} signal handlers, "

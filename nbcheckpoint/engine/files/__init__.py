@@ -31,7 +31,7 @@ from ..sys import proc
 from ..sys.libc import syscall
 from ..sys.memory import pidfd_getfd, pidfd_open
 from ..sys.x86_64 import NR
-from . import anon, inet, pipe, regfile, tty, unix
+from . import anon, inet, pidfd, pipe, regfile, tty, unix
 from .kind import FileKind
 
 O_CLOEXEC = 0o2000000
@@ -48,15 +48,17 @@ KINDS: dict[int, FileKind] = {
     files_pb2.UNIX: unix.KIND,
     files_pb2.INET: inet.KIND,
     files_pb2.TTY: tty.KIND,
+    files_pb2.PIDFD: pidfd.KIND,
 }
 
 _ANON_KINDS = {"[eventfd]": files_pb2.EVENTFD, "[eventpoll]": files_pb2.EPOLL, "[timerfd]": files_pb2.TIMERFD,
-               "[signalfd]": files_pb2.SIGNALFD, "inotify": files_pb2.INOTIFY}
+               "[signalfd]": files_pb2.SIGNALFD, "inotify": files_pb2.INOTIFY, "[pidfd]": files_pb2.PIDFD}
 
 
 # What the engine can save when it is only in flight (held by no process, just queued on a
 # unix socket): kinds whose dump needs nothing of a holder.  An epoll's registrations name
-# fds of its holder; ttys and inet sockets are classified against the tree's processes.
+# fds of its holder; ttys and inet sockets are classified against the tree's processes; a
+# pidfd is opened again inside its holder.
 IN_FLIGHT_KINDS = {files_pb2.REG, files_pb2.CHR, files_pb2.PIPE, files_pb2.FIFO, files_pb2.EVENTFD,
                    files_pb2.TIMERFD, files_pb2.SIGNALFD, files_pb2.UNIX}
 

@@ -28,21 +28,22 @@ from nbcheckpoint.engine.images import anon_pb2 as nbcheckpoint_dot_engine_dot_i
 from nbcheckpoint.engine.images import unix_pb2 as nbcheckpoint_dot_engine_dot_images_dot_unix__pb2
 from nbcheckpoint.engine.images import inet_pb2 as nbcheckpoint_dot_engine_dot_images_dot_inet__pb2
 from nbcheckpoint.engine.images import tty_pb2 as nbcheckpoint_dot_engine_dot_images_dot_tty__pb2
+from nbcheckpoint.engine.images import pidfd_pb2 as nbcheckpoint_dot_engine_dot_images_dot_pidfd__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&nbcheckpoint/engine/images/files.proto\x12\x13nbcheckpoint.images\x1a#nbcheckpoint/engine/images/mm.proto\x1a%nbcheckpoint/engine/images/pipe.proto\x1a%nbcheckpoint/engine/images/anon.proto\x1a%nbcheckpoint/engine/images/unix.proto\x1a%nbcheckpoint/engine/images/inet.proto\x1a$nbcheckpoint/engine/images/tty.proto\"T\n\x07RegFile\x12+\n\x04stat\x18\x01 \x01(\x0b\x32\x1d.nbcheckpoint.images.FileStat\x12\x0b\n\x03pos\x18\x02 \x01(\x04\x12\x0f\n\x07\x64\x65leted\x18\x03 \x01(\x08\"\xaf\x04\n\tFileEntry\x12\n\n\x02id\x18\x01 \x01(\x04\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.nbcheckpoint.images.FdKind\x12\r\n\x05\x66lags\x18\x03 \x01(\r\x12)\n\x03reg\x18\x04 \x01(\x0b\x32\x1c.nbcheckpoint.images.RegFile\x12+\n\x04pipe\x18\x05 \x01(\x0b\x32\x1d.nbcheckpoint.images.PipeFile\x12\x31\n\x07\x65ventfd\x18\x06 \x01(\x0b\x32 .nbcheckpoint.images.EventfdFile\x12-\n\x05\x65poll\x18\x07 \x01(\x0b\x32\x1e.nbcheckpoint.images.EpollFile\x12\x31\n\x07timerfd\x18\x08 \x01(\x0b\x32 .nbcheckpoint.images.TimerfdFile\x12\x33\n\x08signalfd\x18\t \x01(\x0b\x32!.nbcheckpoint.images.SignalfdFile\x12\x31\n\x07inotify\x18\n \x01(\x0b\x32 .nbcheckpoint.images.InotifyFile\x12-\n\x04unix\x18\x0b \x01(\x0b\x32\x1f.nbcheckpoint.images.UnixSocket\x12-\n\x04inet\x18\x0c \x01(\x0b\x32\x1f.nbcheckpoint.images.InetSocket\x12)\n\x03tty\x18\r \x01(\x0b\x32\x1c.nbcheckpoint.images.TtyFile\"2\n\x07\x46\x64\x45ntry\x12\n\n\x02\x66\x64\x18\x01 \x01(\r\x12\x0f\n\x07\x63loexec\x18\x02 \x01(\x08\x12\n\n\x02id\x18\x03 \x01(\x04*\x8b\x01\n\x06\x46\x64Kind\x12\x07\n\x03REG\x10\x00\x12\x07\n\x03\x43HR\x10\x01\x12\x08\n\x04PIPE\x10\x02\x12\x08\n\x04\x46IFO\x10\x03\x12\x0b\n\x07\x45VENTFD\x10\x04\x12\t\n\x05\x45POLL\x10\x05\x12\x0b\n\x07TIMERFD\x10\x06\x12\x0c\n\x08SIGNALFD\x10\x07\x12\x0b\n\x07INOTIFY\x10\x08\x12\x08\n\x04UNIX\x10\t\x12\x08\n\x04INET\x10\n\x12\x07\n\x03TTY\x10\x0b\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&nbcheckpoint/engine/images/files.proto\x12\x13nbcheckpoint.images\x1a#nbcheckpoint/engine/images/mm.proto\x1a%nbcheckpoint/engine/images/pipe.proto\x1a%nbcheckpoint/engine/images/anon.proto\x1a%nbcheckpoint/engine/images/unix.proto\x1a%nbcheckpoint/engine/images/inet.proto\x1a$nbcheckpoint/engine/images/tty.proto\x1a&nbcheckpoint/engine/images/pidfd.proto\"T\n\x07RegFile\x12+\n\x04stat\x18\x01 \x01(\x0b\x32\x1d.nbcheckpoint.images.FileStat\x12\x0b\n\x03pos\x18\x02 \x01(\x04\x12\x0f\n\x07\x64\x65leted\x18\x03 \x01(\x08\"\xde\x04\n\tFileEntry\x12\n\n\x02id\x18\x01 \x01(\x04\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.nbcheckpoint.images.FdKind\x12\r\n\x05\x66lags\x18\x03 \x01(\r\x12)\n\x03reg\x18\x04 \x01(\x0b\x32\x1c.nbcheckpoint.images.RegFile\x12+\n\x04pipe\x18\x05 \x01(\x0b\x32\x1d.nbcheckpoint.images.PipeFile\x12\x31\n\x07\x65ventfd\x18\x06 \x01(\x0b\x32 .nbcheckpoint.images.EventfdFile\x12-\n\x05\x65poll\x18\x07 \x01(\x0b\x32\x1e.nbcheckpoint.images.EpollFile\x12\x31\n\x07timerfd\x18\x08 \x01(\x0b\x32 .nbcheckpoint.images.TimerfdFile\x12\x33\n\x08signalfd\x18\t \x01(\x0b\x32!.nbcheckpoint.images.SignalfdFile\x12\x31\n\x07inotify\x18\n \x01(\x0b\x32 .nbcheckpoint.images.InotifyFile\x12-\n\x04unix\x18\x0b \x01(\x0b\x32\x1f.nbcheckpoint.images.UnixSocket\x12-\n\x04inet\x18\x0c \x01(\x0b\x32\x1f.nbcheckpoint.images.InetSocket\x12)\n\x03tty\x18\r \x01(\x0b\x32\x1c.nbcheckpoint.images.TtyFile\x12-\n\x05pidfd\x18\x0e \x01(\x0b\x32\x1e.nbcheckpoint.images.PidfdFile\"2\n\x07\x46\x64\x45ntry\x12\n\n\x02\x66\x64\x18\x01 \x01(\r\x12\x0f\n\x07\x63loexec\x18\x02 \x01(\x08\x12\n\n\x02id\x18\x03 \x01(\x04*\x96\x01\n\x06\x46\x64Kind\x12\x07\n\x03REG\x10\x00\x12\x07\n\x03\x43HR\x10\x01\x12\x08\n\x04PIPE\x10\x02\x12\x08\n\x04\x46IFO\x10\x03\x12\x0b\n\x07\x45VENTFD\x10\x04\x12\t\n\x05\x45POLL\x10\x05\x12\x0b\n\x07TIMERFD\x10\x06\x12\x0c\n\x08SIGNALFD\x10\x07\x12\x0b\n\x07INOTIFY\x10\x08\x12\x08\n\x04UNIX\x10\t\x12\x08\n\x04INET\x10\n\x12\x07\n\x03TTY\x10\x0b\x12\t\n\x05PIDFD\x10\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nbcheckpoint.engine.images.files_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FDKIND']._serialized_start=995
-  _globals['_FDKIND']._serialized_end=1134
-  _globals['_REGFILE']._serialized_start=294
-  _globals['_REGFILE']._serialized_end=378
-  _globals['_FILEENTRY']._serialized_start=381
-  _globals['_FILEENTRY']._serialized_end=940
-  _globals['_FDENTRY']._serialized_start=942
-  _globals['_FDENTRY']._serialized_end=992
+  _globals['_FDKIND']._serialized_start=1082
+  _globals['_FDKIND']._serialized_end=1232
+  _globals['_REGFILE']._serialized_start=334
+  _globals['_REGFILE']._serialized_end=418
+  _globals['_FILEENTRY']._serialized_start=421
+  _globals['_FILEENTRY']._serialized_end=1027
+  _globals['_FDENTRY']._serialized_start=1029
+  _globals['_FDENTRY']._serialized_end=1079
 # @@protoc_insertion_point(module_scope)

@@ -14,7 +14,7 @@ from . import waitstatus
 from .libc import syscall
 from .x86_64 import NR
 
-CLONE_NEWNS, CLONE_NEWPID = 0x00020000, 0x20000000
+CLONE_NEWNS, CLONE_NEWPID, CLONE_PIDFD = 0x00020000, 0x20000000, 0x00001000
 MS_REC, MS_PRIVATE = 0x4000, 0x40000
 __WALL = 0x40000000
 
@@ -42,14 +42,16 @@ def _sc(name, *a):
     return _pysyscall(ctypes.c_long(NR[name]), *[ctypes.c_long(x) if isinstance(x, int) else x for x in a])
 
 
-def _clone3(child, request: str, detail: str, flags: int = 0, set_tid: int = 0) -> int:
+def _clone3(child, request: str, detail: str, flags: int = 0, set_tid: int = 0, pidfd=None) -> int:
     """clone3 from the engine itself; the child runs `child()`, which never returns.
+    With `pidfd` (a ctypes.c_int32), CLONE_PIDFD: the kernel puts the child's pidfd there.
 
     The child must run no Python code that could act (signal handlers raising into
     the engine's frames): it inherits a fully blocked mask."""
     tids = (ctypes.c_int32 * 1)(set_tid)
-    args = _CloneArgs(flags=flags, exit_signal=signal.SIGCHLD, set_tid=ctypes.addressof(tids) if set_tid else 0,
-                      set_tid_size=1 if set_tid else 0)
+    args = _CloneArgs(flags=flags | (CLONE_PIDFD if pidfd is not None else 0), exit_signal=signal.SIGCHLD,
+                      pidfd=ctypes.addressof(pidfd) if pidfd is not None else 0,
+                      set_tid=ctypes.addressof(tids) if set_tid else 0, set_tid_size=1 if set_tid else 0)
     old = signal.pthread_sigmask(signal.SIG_SETMASK, set(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP})
     try:
         r = _pysyscall(ctypes.c_long(NR["clone3"]), ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args)))
@@ -74,6 +76,21 @@ def stub(pid: int) -> int:
             _sc("pause")
     return _clone3(main, "clone3(set_tid)", "creating a process with a chosen PID needs CAP_SYS_ADMIN "
                    "or CAP_CHECKPOINT_RESTORE", set_tid=pid)
+
+
+def reaped_pidfd() -> int:
+    """A pidfd (close-on-exec) of a child that has exited and been reaped: what a pidfd is once
+    its process is gone (readable, waitid ECHILD, pidfd_send_signal ESRCH)."""
+    fd = ctypes.c_int32(-1)
+    _clone3(lambda: _sc("exit_group", 0), "clone3(CLONE_PIDFD)", "", pidfd=fd)
+    try:
+        os.waitid(os.P_PIDFD, fd.value, os.WEXITED)
+    except ChildProcessError:
+        pass                            # reaped by someone else: just as good
+    except BaseException:
+        os.close(fd.value)
+        raise
+    return fd.value
 
 
 def fork_with_pid(pid: int) -> int:
