@@ -332,8 +332,8 @@ def _create_tree(img: _Image, init) -> dict[int, pstree.Stub]:
             if z.p.zombie:      # while its parent is still a stub (it has scratch memory)
                 pstree.make_zombie(stubs[z.pid], stubs[z.p.ppid], z.p.exit_status, z.p.comm)
     except BaseException:
-        for pid in reversed(list(stubs)):
-            pstree.kill(pid)
+        for st in reversed(list(stubs.values())):
+            pstree.kill(st.pid)
         raise
     return stubs
 
