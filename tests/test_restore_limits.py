@@ -14,6 +14,7 @@ cgroup made is removed at the end.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import subprocess
 import sys
@@ -41,14 +42,14 @@ def _controller_root(name: str) -> Path:
 
 
 @contextlib.contextmanager
-def _cgroup(controller: str, **settings: str):
-    """A new cgroup of `controller` with `settings` (file name with . as _ -> value);
+def _cgroup(controller: str, settings: dict[str, str]):
+    """A new cgroup of `controller` with `settings` ({file name: value}, in order);
     removed on exit (its processes must be gone by then)."""
     cg = _controller_root(controller) / f"nbcheckpoint-test-{os.getpid()}-{time.monotonic_ns()}"
     cg.mkdir()
     try:
         for k, v in settings.items():
-            (cg / k.replace("_", ".", 1)).write_text(v)
+            (cg / k).write_text(v)
         yield cg
     finally:
         deadline = time.monotonic() + 10
@@ -91,15 +92,51 @@ def test_thread_refused_fails_cleanly(launch, images, pidns):
     # the engine (1), the init with --pidns (1), the root stub (1), one thread (1)
     room = 3 + pidns
     argv = [sys.executable, "-m", "nbcheckpoint", "restore", "-D", str(img)] + (["--pidns"] if pidns else [])
-    with _cgroup("pids", pids_max=str(room)) as cg:
+    with _cgroup("pids", {"pids.max": str(room)}) as cg:
         r = _run_in(cg, argv)
         deadline = time.monotonic() + 10
         while _tasks(cg) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not _tasks(cg), f"left in the cgroup: {_tasks(cg)}"
     assert r.returncode != 0, r
-    assert "clone3" in r.stderr and "EAGAIN" in r.stderr, r.stderr
+    assert f"process {t.pid}: cannot create its thread" in r.stderr and "EAGAIN" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr, r.stderr
     wait_pid_free(t.pid, timeout=2)
     t.restore(img)
     t.expect_pass()
+
+
+def test_affinity_outside_cpuset_is_narrowed(launch, images, caplog):
+    """Threads pinned to CPU 1 at the dump, restored by an engine whose cpuset has only
+    CPU 0: the restore succeeds, every thread runs on {0}, a warning names each thread with
+    the dumped and the new mask, and the target passes its own checks."""
+    if not {0, 1} <= os.sched_getaffinity(0):
+        pytest.skip("needs CPUs 0 and 1")
+    t = launch("threads")
+    for tid in os.listdir(f"/proc/{t.pid}/task"):
+        os.sched_setaffinity(int(tid), {1})
+    tids = sorted(int(x) for x in os.listdir(f"/proc/{t.pid}/task"))
+    img = images()
+    t.checkpoint(img)
+    root = _controller_root("cpuset")
+    settings = {"cpuset.cpus": "0"}
+    if (root / "cpuset.mems").exists():           # v1: a cpuset needs its memory nodes
+        settings["cpuset.mems"] = (root / "cpuset.mems").read_text().strip()
+    home = next(line.split(":", 2)[2] for line in Path("/proc/self/cgroup").read_text().splitlines()
+                if line.split(":", 2)[1] in ("cpuset", ""))
+    mine = os.sched_getaffinity(0)
+    with _cgroup("cpuset", settings) as cg:
+        (cg / "cgroup.procs").write_text(str(os.getpid()))
+        try:
+            with caplog.at_level(logging.WARNING, logger="nbcheckpoint"):
+                t.restore(img)
+        finally:
+            (root / home.lstrip("/") / "cgroup.procs").write_text(str(os.getpid()))
+            os.sched_setaffinity(0, mine)
+        assert sorted(int(x) for x in os.listdir(f"/proc/{t.pid}/task")) == tids
+        for tid in tids:
+            assert os.sched_getaffinity(tid) == {0}, tid
+            assert f"process {t.pid} thread {tid}: CPU affinity [1] as dumped, but only CPUs [0] are " \
+                   "allowed here: restored with [0]" in caplog.text, caplog.text
+        t.expect_pass()
+        t.reap()

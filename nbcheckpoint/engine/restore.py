@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import dataclasses
+import errno
 import fcntl
 import os
 import struct
@@ -40,7 +41,7 @@ import time
 from dataclasses import dataclass
 
 from . import core, files, lazy, mm as mmmod, netlock, pages, pstree, task as taskmod, timers
-from .errors import EngineError, ImageError, RestoreError
+from .errors import EngineError, ImageError, RestoreError, SysError
 from .files import locks, tty
 from .images import core_pb2, files_pb2, imagedir, mm_pb2, names, pstree_pb2
 from .inject import BATCH_AREA, Remote
@@ -208,7 +209,7 @@ def restore(images_dir, progress=None, options: Options | None = None) -> Restor
         for p in img.live:
             for th in p.threads:
                 ptrace.setregset(host_tids[th.tid], ptrace.NT_X86_XSTATE, th.xstate)
-                core.restore_sched(th, host_tids[th.tid])
+                core.restore_sched(th, host_tids[th.tid], p.pid)
         if server is not None and not server.spaces:
             server.close()
             server = None                   # nothing was big enough to leave lazy
@@ -417,7 +418,11 @@ def _clone_thread(r: Remote, vtid: int) -> int:
     r.write(s + 256, struct.pack("<i", vtid))
     args = spawn.clone_args(flags=pstree.CLONE_THREAD_FLAGS, set_tid=s + 256, set_tid_size=1)
     r.write(s, args)
-    new = r.syscall("clone3", s, len(args))
+    try:
+        new = r.syscall("clone3", s, len(args))
+    except SysError as e:
+        hint = "; a pids cgroup or RLIMIT_NPROC leaves no room for it" if e.errno == errno.EAGAIN else ""
+        raise RestoreError(f"process {r.vpid}: cannot create its thread {vtid}: {e}{hint}") from None
     if new != vtid:
         raise RestoreError(f"thread {vtid} came back as {new}")
     host = r.clone_tids[-1]
