@@ -251,6 +251,19 @@ def join_groups(stubs: dict[int, Stub], processes) -> None:
             # in the group it inherited (the engine's, for the root).
 
 
+# by default ignored or stopping: raised in a stub, they would not end it
+_NOT_FATAL = {signal.SIGCHLD, signal.SIGCONT, signal.SIGURG, signal.SIGWINCH,
+              signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
+
+
+def ends_a_process(status: int) -> bool:
+    """Is `status` (a zombie's, from an image) one make_zombie can reproduce: an exit, or a
+    death by a signal whose default action kills?"""
+    sig = waitstatus.term_signal(status)
+    return 0 <= status <= 0xFFFF and not waitstatus.stopped(status) and sig not in _NOT_FATAL \
+        and sig <= signal.SIGRTMAX and (not sig or status >> 8 == 0)
+
+
 def make_zombie(stub: Stub, parent: Stub, status: int, comm: str) -> None:
     """End `stub` with the dumped wait status, leaving it unreaped for `parent`."""
     sig = waitstatus.term_signal(status)

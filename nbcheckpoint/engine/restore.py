@@ -37,6 +37,7 @@ import os
 import struct
 import resource
 import signal
+import stat
 import time
 from dataclasses import dataclass
 
@@ -121,6 +122,9 @@ class _Image:
             if p is not self.procs[0] and p.p.ppid not in known:
                 raise ImageError(f"image {rd.dir}: process {p.pid}'s parent {p.p.ppid} comes after it or is missing")
             known.add(p.pid)
+        for p in self.procs:
+            if p.p.zombie and not pstree.ends_a_process(p.p.exit_status):
+                raise ImageError(f"image {rd.dir}: zombie {p.pid}'s wait status {p.p.exit_status:#x} is not a death")
         self.live = [p for p in self.procs if not p.p.zombie]
         self.files = files.RestoreContext(rd, rd.messages(names.FILES, files_pb2.FileEntry), options)
         for p in self.live:
@@ -302,17 +306,27 @@ def _open_everything(img: _Image, engine_fds: list[int]) -> _Prepared:
         for path, flags in mmmod.mapped_files(pr.mm).items():
             if path in p.maps:
                 continue
-            try:
-                p.maps[path] = high(os.open(path, flags | os.O_CLOEXEC))
-            except OSError as e:
-                raise RestoreError(f"cannot open mapped file {path}: {e.strerror}") from None
+            p.maps[path] = high(_open_regular(path, flags, "mapped file"))
         for v in pr.mm.vmas:
             if v.shmem_id and v.shmem_id not in p.shmem:
                 p.shmem[v.shmem_id] = high(pages.restore_shmem(img.reader, v))
         if pr.mm.exe.path not in p.exe:
-            p.exe[pr.mm.exe.path] = high(os.open(pr.mm.exe.path, os.O_RDONLY | os.O_CLOEXEC))
+            p.exe[pr.mm.exe.path] = high(_open_regular(pr.mm.exe.path, os.O_RDONLY, "executable"))
         p.fs[pr.pid] = {k: high(fd) for k, fd in taskmod.fs_fds(pr.task).items()}
     return p
+
+
+def _open_regular(path: str, flags: int, what: str) -> int:
+    """O_NONBLOCK: a FIFO put where the image names a file must not block the open (only mmap
+    uses these fds, and it ignores the flag)."""
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise RestoreError(f"cannot open {what} {path}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RestoreError(f"{what} {path} is not a regular file")
+    return fd
 
 
 def _create_tree(img: _Image, init) -> dict[int, pstree.Stub]:
