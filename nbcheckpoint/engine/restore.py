@@ -25,7 +25,8 @@ Phases, in order (why, where it matters):
    and no process runs before every process is whole (or, lazily, before
    every page still to come is registered with the page server).
 
-Any failure kills every stub: no half-restored process is ever left running.
+Any failure kills every stub and reaps it, every thread with __WALL (pstree.kill, bounded): no
+half-restored process is ever left running, and the image's PIDs are free again.
 """
 from __future__ import annotations
 
