@@ -6,10 +6,10 @@ into the thread itself: sigaltstack(2) and prctl(PR_GET_TID_ADDRESS).
 """
 from __future__ import annotations
 
+import logging
 import os
 import struct
 
-from .errors import RestoreError
 from .images import core_pb2
 from .inject import Remote
 from .sys import proc, ptrace, x86_64
@@ -20,6 +20,8 @@ PR_SET_NAME = 15
 SS_ONSTACK = 1
 RSEQ_FLAG_UNREGISTER = 1
 _STACK_T = struct.Struct("<QiiQ")  # ss_sp, ss_flags, (pad), ss_size
+
+log = logging.getLogger(__name__)
 
 
 def dump_thread(pid: int, tid: int, remote: Remote, xstate_size: int) -> core_pb2.ThreadCore:
@@ -45,13 +47,17 @@ def dump_thread(pid: int, tid: int, remote: Remote, xstate_size: int) -> core_pb
     return t
 
 
-def restore_sched(t: core_pb2.ThreadCore, tid: int) -> None:
-    """Affinity, policy and nice value of thread `tid` (as we see it), set from the engine."""
-    try:
-        os.sched_setaffinity(tid, t.cpus)
-    except OSError as e:
-        raise RestoreError(f"thread {t.tid}: cannot restore its CPU affinity {list(t.cpus)}: {e.strerror} "
-                           "(fewer CPUs here than where it was dumped?)") from None
+def restore_sched(t: core_pb2.ThreadCore, tid: int, pid: int) -> None:
+    """Affinity, policy and nice value of thread `tid` (as we see it) of process `pid`
+    (as it sees itself), set from the engine.  The affinity is the dumped one within the
+    CPUs allowed to us (our cpuset, a SLURM allocation): restored elsewhere, a process
+    runs on what it may use here -- all of it if none of its own CPUs is -- and we say so."""
+    allowed = os.sched_getaffinity(0)
+    cpus = set(t.cpus) & allowed or allowed
+    if cpus != set(t.cpus):
+        log.warning("process %d thread %d: CPU affinity %s as dumped, but only CPUs %s are allowed here: "
+                    "restored with %s", pid, t.tid, sorted(t.cpus), sorted(allowed), sorted(cpus))
+    os.sched_setaffinity(tid, cpus)
     os.sched_setscheduler(tid, t.sched_policy, os.sched_param(t.sched_priority))
     os.setpriority(os.PRIO_PROCESS, tid, t.nice)
 

@@ -17,6 +17,7 @@ Order matters:
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import signal
 import struct
@@ -31,6 +32,8 @@ from .sys.x86_64 import NR
 CLONE_THREAD_FLAGS = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000  # VM FS FILES SIGHAND THREAD SYSVSEM
 TRACE_OPTIONS = (ptrace.PTRACE_O_TRACESYSGOOD | ptrace.PTRACE_O_TRACECLONE | 0x2 | 0x4   # TRACEFORK, TRACEVFORK
                  | ptrace.PTRACE_O_EXITKILL)
+
+log = logging.getLogger(__name__)
 
 
 def describe(pid: int) -> str:
@@ -68,15 +71,21 @@ def wait_event_stop(tid: int) -> None:
         ptrace.cont(tid, 0)    # any signal-stop before ours: drop it, wait for the interrupt
 
 
-def kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    try:
-        os.waitpid(pid, 0)          # our child (the root stub, an init): reap it, so its PID is free
-    except ChildProcessError:
-        pass                        # a grandchild: its stub parent dies too, init reaps it
+def kill(pid: int, timeout: float = 10.0) -> None:
+    """SIGKILL a stub (or an init) and its children, and reap every thread of theirs that
+    is ours: a killed leader can be reaped only once its other threads are, and those we
+    trace wait for our __WALL wait.  A stub's child not reaped by us is its parent's or
+    the init's to reap.  Bounded: what is left after `timeout` is logged, not waited for."""
+    pids, tasks = [pid] + proc.all_children(pid), {pid}
+    for p in pids:
+        try:
+            tasks.update(proc.tids(p))
+            os.kill(p, signal.SIGKILL)
+        except (SysError, ProcessLookupError):
+            pass                        # gone already
+    if left := ptrace.reap(tasks, timeout):
+        log.warning("threads %s of process %d not reaped %.0f s after SIGKILL; "
+                    "its PID stays taken until they are", sorted(left), pid, timeout)
 
 
 class Stub:
@@ -240,6 +249,19 @@ def join_groups(stubs: dict[int, Stub], processes) -> None:
                 stubs[p.pid].syscall("setpgid", 0, p.pgid)
             # else: the group's leader was outside the tree; the process stays
             # in the group it inherited (the engine's, for the root).
+
+
+# by default ignored or stopping: raised in a stub, they would not end it
+_NOT_FATAL = {signal.SIGCHLD, signal.SIGCONT, signal.SIGURG, signal.SIGWINCH,
+              signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
+
+
+def ends_a_process(status: int) -> bool:
+    """Is `status` (a zombie's, from an image) one make_zombie can reproduce: an exit, or a
+    death by a signal whose default action kills?"""
+    sig = waitstatus.term_signal(status)
+    return 0 <= status <= 0xFFFF and not waitstatus.stopped(status) and sig not in _NOT_FATAL \
+        and sig <= signal.SIGRTMAX and (not sig or status >> 8 == 0)
 
 
 def make_zombie(stub: Stub, parent: Stub, status: int, comm: str) -> None:

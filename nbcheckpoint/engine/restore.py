@@ -26,22 +26,25 @@ Phases, in order (why, where it matters):
    and no process runs before every process is whole (or, lazily, before
    every page still to come is registered with the page server).
 
-Any failure kills every stub: no half-restored process is ever left running.
+Any failure kills every stub and reaps it, every thread with __WALL (pstree.kill, bounded): no
+half-restored process is ever left running, and the image's PIDs are free again.
 """
 from __future__ import annotations
 
 import logging
 import dataclasses
+import errno
 import fcntl
 import os
 import struct
 import resource
 import signal
+import stat
 import time
 from dataclasses import dataclass
 
 from . import core, files, lazy, mm as mmmod, netlock, pages, pstree, task as taskmod, timers
-from .errors import EngineError, ImageError, RestoreError
+from .errors import EngineError, ImageError, RestoreError, SysError
 from .files import locks, tty
 from .images import core_pb2, files_pb2, imagedir, mm_pb2, names, pstree_pb2
 from .inject import BATCH_AREA, Remote
@@ -121,6 +124,9 @@ class _Image:
             if p is not self.procs[0] and p.p.ppid not in known:
                 raise ImageError(f"image {rd.dir}: process {p.pid}'s parent {p.p.ppid} comes after it or is missing")
             known.add(p.pid)
+        for p in self.procs:
+            if p.p.zombie and not pstree.ends_a_process(p.p.exit_status):
+                raise ImageError(f"image {rd.dir}: zombie {p.pid}'s wait status {p.p.exit_status:#x} is not a death")
         self.live = [p for p in self.procs if not p.p.zombie]
         self.files = files.RestoreContext(rd, rd.messages(names.FILES, files_pb2.FileEntry), options)
         for p in self.live:
@@ -209,7 +215,7 @@ def restore(images_dir, progress=None, options: Options | None = None) -> Restor
         for p in img.live:
             for th in p.threads:
                 ptrace.setregset(host_tids[th.tid], ptrace.NT_X86_XSTATE, th.xstate)
-                core.restore_sched(th, host_tids[th.tid])
+                core.restore_sched(th, host_tids[th.tid], p.pid)
         if server is not None and not server.spaces:
             server.close()
             server = None                   # nothing was big enough to leave lazy
@@ -302,17 +308,27 @@ def _open_everything(img: _Image, engine_fds: list[int]) -> _Prepared:
         for path, flags in mmmod.mapped_files(pr.mm).items():
             if path in p.maps:
                 continue
-            try:
-                p.maps[path] = high(os.open(path, flags | os.O_CLOEXEC))
-            except OSError as e:
-                raise RestoreError(f"cannot open mapped file {path}: {e.strerror}") from None
+            p.maps[path] = high(_open_regular(path, flags, "mapped file"))
         for v in pr.mm.vmas:
             if v.shmem_id and v.shmem_id not in p.shmem:
                 p.shmem[v.shmem_id] = high(pages.restore_shmem(img.reader, v))
         if pr.mm.exe.path not in p.exe:
-            p.exe[pr.mm.exe.path] = high(os.open(pr.mm.exe.path, os.O_RDONLY | os.O_CLOEXEC))
+            p.exe[pr.mm.exe.path] = high(_open_regular(pr.mm.exe.path, os.O_RDONLY, "executable"))
         p.fs[pr.pid] = {k: high(fd) for k, fd in taskmod.fs_fds(pr.task).items()}
     return p
+
+
+def _open_regular(path: str, flags: int, what: str) -> int:
+    """O_NONBLOCK: a FIFO put where the image names a file must not block the open (only mmap
+    uses these fds, and it ignores the flag)."""
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise RestoreError(f"cannot open {what} {path}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RestoreError(f"{what} {path} is not a regular file")
+    return fd
 
 
 def _create_tree(img: _Image, init) -> dict[int, pstree.Stub]:
@@ -333,8 +349,8 @@ def _create_tree(img: _Image, init) -> dict[int, pstree.Stub]:
             if z.p.zombie:      # while its parent is still a stub (it has scratch memory)
                 pstree.make_zombie(stubs[z.pid], stubs[z.p.ppid], z.p.exit_status, z.p.comm)
     except BaseException:
-        for pid in reversed(list(stubs)):
-            pstree.kill(pid)
+        for st in reversed(list(stubs.values())):
+            pstree.kill(st.pid)
         raise
     return stubs
 
@@ -419,7 +435,11 @@ def _clone_thread(r: Remote, vtid: int) -> int:
     r.write(s + 256, struct.pack("<i", vtid))
     args = spawn.clone_args(flags=pstree.CLONE_THREAD_FLAGS, set_tid=s + 256, set_tid_size=1)
     r.write(s, args)
-    new = r.syscall("clone3", s, len(args))
+    try:
+        new = r.syscall("clone3", s, len(args))
+    except SysError as e:
+        hint = "; a pids cgroup or RLIMIT_NPROC leaves no room for it" if e.errno == errno.EAGAIN else ""
+        raise RestoreError(f"process {r.vpid}: cannot create its thread {vtid}: {e}{hint}") from None
     if new != vtid:
         raise RestoreError(f"thread {vtid} came back as {new}")
     host = r.clone_tids[-1]

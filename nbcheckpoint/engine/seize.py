@@ -214,12 +214,9 @@ def kill_for_restore(root: int, via: int | None = None, timeout: float = 10.0) -
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        if via:
-            try:
-                os.waitpid(via, 0)
-            except ChildProcessError:
-                pass
         deadline = time.monotonic() + timeout
+        if via:
+            ptrace.reap([via], timeout)     # an init waits for its namespace to empty: bounded
         while any(proc.pid_state(p) not in ("", "X", "Z") for p in pids):
             if time.monotonic() > deadline:
                 raise EngineError(f"the tree under {root} did not die within {timeout:.0f} s")

@@ -16,6 +16,7 @@ as with CRIU, that is the user's to judge (docs/engine.md, "Leave running").
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import platform
 import stat
@@ -52,9 +53,15 @@ class RegFile(FileKind):
         if r.deleted:
             return _recreate_deleted(ctx.reader, f, flags)
         try:
-            fd = os.open(r.stat.path, flags)
+            # O_NONBLOCK: a FIFO put there since check() must not block the open
+            fd = os.open(r.stat.path, flags | os.O_NONBLOCK)
         except OSError as ex:
             raise RestoreError(f"cannot reopen {r.stat.path}: {ex.strerror}") from None
+        if stat.S_IFMT(os.fstat(fd).st_mode) != stat.S_IFMT(r.stat.mode):
+            os.close(fd)
+            raise RestoreError(f"{r.stat.path} is no longer a {_ftype(r.stat.mode)}")
+        if not flags & (os.O_PATH | os.O_NONBLOCK):
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         if stat.S_ISREG(r.stat.mode) and not flags & os.O_PATH:
             os.lseek(fd, r.pos, os.SEEK_SET)
         return fd

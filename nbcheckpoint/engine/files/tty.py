@@ -144,16 +144,22 @@ def _canonical(t2: bytes) -> bool:
 
 
 def _write_all(fd: int, data: bytes, what: str) -> None:
+    """Non-blocking (a full line discipline waits for a reader that is not there), 5 s at most."""
     view = memoryview(data)
     deadline = time.monotonic() + 5
-    while view:
-        try:
-            view = view[os.write(fd, view):]
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                raise SysError(errno.EAGAIN, f"write {what}", None,
-                               f"{len(view)} of {len(data)} bytes left") from None
-            time.sleep(_SETTLE)
+    fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, fl | os.O_NONBLOCK)
+    try:
+        while view:
+            try:
+                view = view[os.write(fd, view):]
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise SysError(errno.EAGAIN, f"write {what}", None,
+                                   f"{len(view)} of {len(data)} bytes left") from None
+                time.sleep(_SETTLE)
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fl)
 
 
 def _wait_queued(fd: int, want: int) -> None:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 
 from ptrace.binding.func import ptrace as _raw_ptrace
 from ptrace.error import PtraceError
 
 from ..errors import SysError
-from . import x86_64
+from . import waitstatus, x86_64
 
 PTRACE_CONT = 7
 PTRACE_SINGLESTEP = 9
@@ -173,3 +174,24 @@ def wait(tid: int, nohang: bool = False) -> tuple[int, int]:
             continue
         except ChildProcessError as e:
             raise SysError(e.errno, "waitpid", tid) from None
+
+
+def reap(tids, timeout: float) -> set[int]:
+    """Reap killed tasks, our children or tracees, with __WALL; polls, for at most `timeout`
+    seconds.  Returns the tids still there.  One neither ours nor traced (ECHILD) counts
+    as reaped; a stop reported before the kill does not."""
+    left, deadline = set(tids), time.monotonic() + timeout
+    while left:
+        for tid in list(left):
+            try:
+                got, status = os.waitpid(tid, __WALL | os.WNOHANG)
+            except ChildProcessError:
+                got, status = tid, 0
+            except InterruptedError:
+                continue
+            if got and not waitstatus.stopped(status):
+                left.discard(tid)
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.001)
+    return left
