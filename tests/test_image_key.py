@@ -173,7 +173,7 @@ def test_bad_key_file_refused(good_image, monkeypatch, tmp_path, bad):
     if bad != "missing":                # a dump refuses it too, before it touches the process
         with pytest.raises(engine.ImageError, match=expect):
             imagedir.ImageWriter(str(tmp_path / "new-image"))
-        assert not (tmp_path / "new-image").exists()
+        assert not (tmp_path / "new-image").exists() and not list(tmp_path.glob(".new-image.partial-*"))
 
 
 def test_store_meta_sealed(monkeypatch, tmp_path):

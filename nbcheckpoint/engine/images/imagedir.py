@@ -150,6 +150,7 @@ class ImageWriter:
     """Builds an image in a hidden temporary directory, then commits it."""
 
     def __init__(self, final_dir: str):
+        self._key = keys.load(create=True)      # first: a refused key fails the dump before any work
         self.final = os.path.abspath(final_dir)
         parent = os.path.dirname(self.final)
         if os.path.exists(self.final):
@@ -160,7 +161,6 @@ class ImageWriter:
         _remove_abandoned(parent, os.path.basename(self.final))
         self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.final)}.partial-{os.getpid()}-", dir=parent)
         os.chmod(self.tmp, 0o700)
-        self._key = keys.load(create=True)      # before any work: a refused key fails the dump now
         self._files: list[_HashingFile] = []
         self._sums: list[inventory_pb2.FileSum] = []
 
@@ -287,6 +287,8 @@ class ImageReader:
         except NotADirectoryError:
             what = "a symbolic link: give the directory itself" if os.path.islink(self.dir) else "not a directory"
             raise ImageError(f"no image at {self.dir}: {self.dir} is {what}") from None
+        except OSError as e:
+            raise ImageError(f"cannot open the image directory {self.dir}: {e.strerror}") from None
         inv_path = os.path.join(self.dir, INVENTORY)
         if not os.path.lexists(inv_path):
             raise ImageError(f"{self.dir} holds no {INVENTORY}: not an nbcheckpoint image, "
