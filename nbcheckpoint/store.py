@@ -9,11 +9,17 @@ Layout (docs/jupyter.md)::
 
 A checkpoint is listed only once it is complete: a crash leaves at most a hidden
 partial directory, removed by the next writer once its PID is dead.
+
+meta.json is sealed with the user's image key (engine/images/key.py) as the image is: its
+"seal" is an HMAC-SHA256 of the rest; a checkpoint whose meta.json is not sealed with the
+caller's key (planted by another user, or changed) is neither listed nor restored.
 """
 from __future__ import annotations
 
+import hmac
 import json
 import os
+import stat
 import re
 import shutil
 import socket
@@ -22,12 +28,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .engine.errors import NbcheckpointError
-from .engine.images import names
+from .engine.images import key as keys, names
 from .engine.sys.proc import pid_alive
 
 DIR_ENV = "NBCHECKPOINT_DIR"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _PARTIAL = re.compile(r"\.(.+)\.partial-(\d+)")
+MAX_META = 1 << 20
 
 
 class StoreError(NbcheckpointError):
@@ -146,22 +153,44 @@ class Store:
 
     def get(self, name: str) -> Checkpoint:
         p = self.path(name)
-        meta_file = p / "meta.json"
         if not p.is_dir():
             raise NoSuchCheckpoint(f"no checkpoint named {name!r} in {self.root} (`nbcheckpoint ls` lists them)")
-        try:
-            meta = CheckpointMeta.from_json(json.loads(meta_file.read_text()))
-        except FileNotFoundError:
-            raise NoSuchCheckpoint(f"checkpoint {name!r} in {self.root} is damaged: its meta.json is missing") from None
-        except (ValueError, AttributeError) as e:
-            raise NoSuchCheckpoint(f"checkpoint {name!r} in {self.root} is damaged: meta.json is not "
-                             f"a JSON object ({e})") from None
+        meta = CheckpointMeta.from_json(self._read_meta(name, p / "meta.json"))
         if not (p / "image" / names.INVENTORY).is_file():
             raise NoSuchCheckpoint(f"checkpoint {name!r} in {self.root} is damaged: its image is missing")
         return Checkpoint(name, p, meta)
 
+    def _read_meta(self, name: str, path: Path) -> dict:
+        """meta.json as a dict, once its seal is the caller's (a regular file, bounded: like an image file)."""
+        damaged = f"checkpoint {name!r} in {self.root} is damaged"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NoSuchCheckpoint(f"{damaged}: its meta.json is missing") from None
+        except OSError as e:
+            raise NoSuchCheckpoint(f"{damaged}: its meta.json cannot be opened ({e.strerror})") from None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_META:
+                raise NoSuchCheckpoint(f"{damaged}: its meta.json is not a regular file of at most {MAX_META} bytes")
+            raw = f.read(MAX_META)
+        try:
+            meta = json.loads(raw)
+            seal = bytes.fromhex(meta.pop("seal", ""))
+        except (ValueError, AttributeError, TypeError, RecursionError) as e:
+            raise NoSuchCheckpoint(f"{damaged}: meta.json is not a sealed JSON object ({e})") from None
+        key = keys.load()
+        if not hmac.compare_digest(key.mac(_canonical(meta)), seal):
+            raise NoSuchCheckpoint(f"checkpoint {name!r} in {self.root} was not sealed with your key "
+                                   f"({key.path}): it was written by another user or changed since; "
+                                   "nbcheckpoint restores only checkpoints you wrote")
+        return meta
+
     def list(self) -> list[Checkpoint]:
+        """Complete checkpoints sealed with the caller's key (none if the caller has no key)."""
         out = []
+        if not os.path.exists(keys.key_path()):
+            return out
         try:
             entries = list(self.root.iterdir())
         except FileNotFoundError:
@@ -224,9 +253,11 @@ class Pending:
         meta.hostname = meta.hostname or socket.gethostname()
         meta.size_bytes = _du(self.image)
         f = self.tmp / "meta.json"
+        d = meta.to_json()
+        d["seal"] = keys.load(create=True).mac(_canonical(d)).hex()
         fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
-            json.dump(meta.to_json(), fh, indent=1, sort_keys=True)
+            json.dump(d, fh, indent=1, sort_keys=True)
             fh.flush()
             os.fsync(fh.fileno())
         final = self.store.root / self.name
@@ -240,6 +271,11 @@ class Pending:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _canonical(meta: dict) -> bytes:
+    """The bytes a seal covers: one spelling of META, whatever the file's layout."""
+    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
 
 
 def _du(path: Path) -> int:

@@ -14,15 +14,24 @@ Typical engine test::
 """
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
+
+# Images are sealed with the user's key (engine/images/key.py): the suite uses a key of its
+# own, so the real one is never created nor read; every process it starts inherits it.
+if "NBCHECKPOINT_KEY_FILE" not in os.environ:
+    _KEY_DIR = tempfile.mkdtemp(prefix="nbck-test-key-")
+    os.environ["NBCHECKPOINT_KEY_FILE"] = os.path.join(_KEY_DIR, "image.key")
+    atexit.register(shutil.rmtree, _KEY_DIR, True)
 
 TESTS_DIR = Path(__file__).resolve().parent
 TARGETS_DIR = TESTS_DIR / "targets"

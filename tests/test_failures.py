@@ -273,21 +273,11 @@ def _flip(path: Path, offset: int | None = None) -> None:
 
 
 def _rewrite_inventory(img: Path, edit) -> None:
-    """Rewrite inventory.img through the images module, with a correct checksum."""
+    """Edit the inventory, then reseal the image with our key (imagedir.reseal)."""
     from nbcheckpoint.engine.images import imagedir
     inv = imagedir.ImageReader(str(img)).inventory
     edit(inv)
-    path = img / imagedir.INVENTORY
-    path.unlink()
-    w = imagedir.MessageWriter(str(path), type(inv))
-    w.add(inv)
-    w.write(w.hash.digest())
-    w.close()
-
-
-def _file_sum(path: Path):
-    import xxhash
-    return path.stat().st_size, xxhash.xxh3_128_digest(path.read_bytes())
+    imagedir.reseal(img, inv)
 
 
 def _restore_must_fail(engine, img, pid, exe, exc, before_any_process=True):
@@ -349,17 +339,11 @@ def _damage_mm_from_other_image(img, pid, other):
 
 
 def _damage_mm_is_task_with_fixed_sums(img, pid, other):
-    """A file of another kind put in mm's place, and the inventory 'fixed' to match: only
+    """A file of another kind put in mm's place, and the image resealed to match: only
     the type name inside the file can tell."""
-    mm = img / f"mm-{pid}.img"
-    shutil.copyfile(img / f"task-{pid}.img", mm)
-    size, digest = _file_sum(mm)
-
-    def edit(inv):
-        for s in inv.files:
-            if s.name == mm.name:
-                s.size, s.xxh3_128 = size, digest
-    _rewrite_inventory(img, edit)
+    from nbcheckpoint.engine.images import imagedir
+    shutil.copyfile(img / f"task-{pid}.img", img / f"mm-{pid}.img")
+    imagedir.reseal(img)
     return [f"mm-{pid}.img", "TaskCore", "Mm"]
 
 

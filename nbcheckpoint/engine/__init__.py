@@ -21,6 +21,10 @@ runs, and ``RestoreResult.lazy`` (a lazy.PageServer, or None when nothing was le
 lazy) must then be served at once: ``res.lazy.serve(progress, stream_after=0)``
 returns when every page is in (progress phase ``lazy pages``), raises LazyError
 (tree killed) if it cannot go on.
+
+Images are sealed with the caller's key (images/key.py; ``NBCHECKPOINT_KEY_FILE``):
+dump creates the key if needed; restore, verify and show raise ImageError for an image
+not sealed with it (docs/security.md).
 """
 from .options import Options
 from .errors import DumpError, EngineError, ImageError, LazyError, RestoreError, SysError, UnsupportedError

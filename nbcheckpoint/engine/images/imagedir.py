@@ -24,13 +24,27 @@ Page data files carry one xxh3-64 per BLOCK bytes (in the inventory) instead of 
 checksum of the whole: a sequential reader checks each block as it passes, and lazy
 restore (lazy.py) reads and checks any single block on demand.
 
+inventory.img is sealed with the user's key (key.py): a header (SEAL_MAGIC, the format
+version as u32, the key's id), HMAC-SHA256 under the key of the header and the body, the
+body (a message file holding the Inventory), and an xxh3-128 of all that (damage is then
+told apart from forgery).  A reader checks the MAC before it parses anything, then every
+file against the checksum the inventory holds for it.  `reseal` is for tests that change
+an image on purpose.
+
+Every file is opened without following a symbolic link, relative to the directory opened
+once, non-blocking (a FIFO cannot block), and must be a regular file of the size the
+inventory says (the inventory: at most MAX_INVENTORY bytes) before a byte is read.
+
 Atomicity: everything is written into a hidden sibling directory, fsynced,
 then renamed onto the final name; an image is complete or absent.
 """
 from __future__ import annotations
 
+import contextlib
+import hmac
 import os
 import shutil
+import stat
 import struct
 import tempfile
 import time
@@ -40,13 +54,16 @@ import xxhash
 from ..errors import ImageError
 from ..sys import proc
 from ..sys.fd import Fd
-from . import inventory_pb2
+from . import inventory_pb2, key as keys
 from .names import INVENTORY
 
-FORMAT_VERSION = 2          # 2: page data checked per block
+FORMAT_VERSION = 3          # 2: page data checked per block; 3: the inventory is sealed
 MAGIC = b"NBCKIMG\x01"
+SEAL_MAGIC = b"NBCKSEAL"
+_SEAL = struct.Struct(f"<8sI{keys.ID_SIZE}s")      # magic, format version, key id; then the MAC
 _LEN = struct.Struct("<I")
 MAX_MESSAGE = 64 << 20
+MAX_INVENTORY = MAX_MESSAGE + 4096      # its block sums: 2 TiB of page data
 BLOCK = 256 << 10           # page data checksum block: what lazy restore reads per fault
 
 
@@ -133,6 +150,7 @@ class ImageWriter:
     """Builds an image in a hidden temporary directory, then commits it."""
 
     def __init__(self, final_dir: str):
+        self._key = keys.load(create=True)      # first: a refused key fails the dump before any work
         self.final = os.path.abspath(final_dir)
         parent = os.path.dirname(self.final)
         if os.path.exists(self.final):
@@ -175,13 +193,7 @@ class ImageWriter:
         self.finish_files()
         inv.format_version = FORMAT_VERSION
         inv.files.extend(self._sums)
-        w = MessageWriter(self.path(INVENTORY), inventory_pb2.Inventory)
-        w.add(inv)
-        # The inventory checks itself: a trailing checksum of all bytes before it.
-        digest = w.hash.digest()
-        w.write(digest)
-        os.fsync(w.fd.fileno())
-        w.close()
+        _seal(self.path(INVENTORY), inv, self._key)
         _fsync_dir(self.tmp)
         if os.path.isdir(self.final):
             os.rmdir(self.final)  # empty (checked in __init__)
@@ -196,6 +208,45 @@ class ImageWriter:
         if self.tmp:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = ""
+
+
+def _seal(path: str, inv: inventory_pb2.Inventory, key: keys.Key) -> None:
+    """Write inventory.img, sealed (the layout: the module's docstring), and fsync it."""
+    name = inventory_pb2.Inventory.DESCRIPTOR.full_name.encode()
+    data = inv.SerializeToString()
+    body = MAGIC + struct.pack("<H", len(name)) + name + _LEN.pack(len(data)) + data
+    head = _SEAL.pack(SEAL_MAGIC, FORMAT_VERSION, key.id)
+    raw = head + key.mac(head, body) + body
+    w = _HashingFile(path)
+    w.write(raw + xxhash.xxh3_128_digest(raw))
+    os.fsync(w.fd.fileno())
+    w.close()
+
+
+def reseal(images_dir, inventory: inventory_pb2.Inventory | None = None) -> None:
+    """Make an image changed on purpose whole again, for tests and fuzzing: every file the
+    inventory lists that exists is checksummed anew, then the inventory (or `inventory`, an
+    edited one) is sealed with the caller's key.  Never on a real image: it makes a damaged
+    or forged image restorable."""
+    d = os.path.abspath(images_dir)
+    inv = inventory if inventory is not None else ImageReader(d).inventory
+    for s in inv.files:
+        p = os.path.join(d, s.name)
+        if not os.path.isfile(p):
+            continue
+        with open(p, "rb") as f:
+            data = f.read()
+        s.size = len(data)
+        if s.name.startswith("pages-"):
+            sums = _BlockSums()
+            sums.update(data)
+            s.block_size, s.block_sums = BLOCK, sums.finish()
+            s.xxh3_128 = xxhash.xxh3_128_digest(s.block_sums)
+        else:
+            s.xxh3_128 = xxhash.xxh3_128_digest(data)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(d, INVENTORY))
+    _seal(os.path.join(d, INVENTORY), inv, keys.load(create=True))
 
 
 def _remove_abandoned(parent: str, name: str) -> None:
@@ -218,24 +269,37 @@ def _fsync_dir(path: str) -> None:
 
 
 # --- reading -------------------------------------------------------------------
+_NOT_REGULAR = {stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device",
+                stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket", stat.S_IFLNK: "a symbolic link"}
+
+
 class ImageReader:
-    """Opens an image dir, verifying its inventory; files are verified on use."""
+    """Opens an image dir, verifying its seal; files are verified on use."""
 
     def __init__(self, images_dir: str):
         self.dir = os.path.abspath(images_dir)
-        if not os.path.isdir(self.dir):
-            raise ImageError(f"no image at {self.dir}: not a directory")
+        try:
+            # once, not following a link: every file is opened relative to it, so a
+            # directory renamed or swapped meanwhile cannot redirect a read
+            self._dirfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ImageError(f"no image at {self.dir}: no such directory") from None
+        except NotADirectoryError:
+            what = "a symbolic link: give the directory itself" if os.path.islink(self.dir) else "not a directory"
+            raise ImageError(f"no image at {self.dir}: {self.dir} is {what}") from None
+        except OSError as e:
+            raise ImageError(f"cannot open the image directory {self.dir}: {e.strerror}") from None
         inv_path = os.path.join(self.dir, INVENTORY)
-        if not os.path.exists(inv_path):
+        if not os.path.lexists(inv_path):
             raise ImageError(f"{self.dir} holds no {INVENTORY}: not an nbcheckpoint image, "
                              "or a dump that did not complete")
-        with open(inv_path, "rb") as f:
-            raw = f.read()
-        if len(raw) < 16 + len(MAGIC) or raw[:len(MAGIC)] != MAGIC:
-            raise ImageError(f"{inv_path} is not an nbcheckpoint inventory (bad magic)")
-        body, digest = raw[:-16], raw[-16:]
-        if xxhash.xxh3_128_digest(body) != digest:
-            raise ImageError(f"{inv_path} is corrupted (checksum mismatch)")
+        with self._open(INVENTORY) as fd:
+            size = os.fstat(fd.fileno()).st_size
+            if size > MAX_INVENTORY:
+                raise ImageError(f"image file {inv_path} has {size} bytes, more than an inventory may hold "
+                                 f"({MAX_INVENTORY}): damaged, or not an nbcheckpoint image")
+            raw = _read(fd, size, inv_path)
+        body = self._unseal(raw, inv_path)
         msgs = list(_parse_messages(body, inv_path, inventory_pb2.Inventory))
         if len(msgs) != 1:
             raise ImageError(f"{inv_path} holds {len(msgs)} inventories, expected 1")
@@ -244,6 +308,60 @@ class ImageReader:
             raise ImageError(f"image {self.dir} has format version {self.inventory.format_version}; "
                              f"this nbcheckpoint reads version {FORMAT_VERSION}")
         self.sums = {s.name: s for s in self.inventory.files}
+
+    def _unseal(self, raw: bytes, inv_path: str) -> bytes:
+        """The inventory's body, once its seal is the caller's: nothing is parsed before."""
+        if raw.startswith(MAGIC):
+            raise ImageError(f"image {self.dir} has format version 2 or older (images were not sealed "
+                             f"then); this nbcheckpoint reads version {FORMAT_VERSION}: restore it with the "
+                             "nbcheckpoint that wrote it, or take a new checkpoint")
+        n = _SEAL.size + keys.MAC_SIZE
+        if len(raw) < n + 16 or not raw.startswith(SEAL_MAGIC):
+            raise ImageError(f"{inv_path} is not an nbcheckpoint inventory (bad magic)")
+        if xxhash.xxh3_128_digest(raw[:-16]) != raw[-16:]:
+            raise ImageError(f"{inv_path} is corrupted (checksum mismatch)")
+        _, version, key_id = _SEAL.unpack_from(raw)
+        if version != FORMAT_VERSION:
+            raise ImageError(f"image {self.dir} has format version {version}; "
+                             f"this nbcheckpoint reads version {FORMAT_VERSION}")
+        key = keys.load()
+        head, mac, body = raw[:_SEAL.size], raw[_SEAL.size:n], raw[n:-16]
+        if not hmac.compare_digest(key.mac(head, body), mac):
+            why = ("it was changed since it was written" if key_id == key.id else
+                   "it was written by another user, or with another key")
+            raise ImageError(f"image {self.dir} was not sealed with your key ({key.path}): {why}; "
+                             "nbcheckpoint restores only images you wrote")
+        return body
+
+    def __del__(self):
+        if getattr(self, "_dirfd", -1) >= 0:
+            os.close(self._dirfd)
+            self._dirfd = -1
+
+    def _open(self, name: str, size: int | None = None) -> Fd:
+        """NAME in the image, a regular file (of SIZE bytes if given), opened for reading."""
+        path = os.path.join(self.dir, name)
+        fd = None
+        try:
+            st = os.stat(name, dir_fd=self._dirfd, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode):        # (nothing else is opened: a device could act on open)
+                fd = Fd(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
+                                dir_fd=self._dirfd))
+                st = os.fstat(fd.fileno())      # what was opened, if it was swapped since
+        except FileNotFoundError:
+            raise ImageError(f"image file {path} is missing") from None
+        except OSError as e:                    # ELOOP: swapped for a link meanwhile
+            raise ImageError(f"cannot open image file {path}: {e.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            if fd is not None:
+                fd.close()
+            what = _NOT_REGULAR.get(stat.S_IFMT(st.st_mode), "a special file")
+            raise ImageError(f"image file {path} is {what}, not a regular file")
+        if size is not None and st.st_size != size:
+            fd.close()
+            raise ImageError(f"image file {path} has {st.st_size} bytes, the inventory says {size}: "
+                             "truncated or damaged")
+        return fd
 
     def has(self, name: str) -> bool:
         return name in self.sums
@@ -254,22 +372,12 @@ class ImageReader:
             raise ImageError(f"image {self.dir} lacks {name} (not listed in its inventory)")
         return s
 
-    def check_size(self, name: str) -> str:
+    def read_bytes(self, name: str) -> bytes:
         s = self._sum(name)
         path = os.path.join(self.dir, name)
-        try:
-            size = os.stat(path).st_size
-        except FileNotFoundError:
-            raise ImageError(f"image file {path} is missing") from None
-        if size != s.size:
-            raise ImageError(f"image file {path} is {size} bytes, the inventory says {s.size}: truncated or damaged")
-        return path
-
-    def read_bytes(self, name: str) -> bytes:
-        path = self.check_size(name)
-        with open(path, "rb") as f:
-            data = f.read()
-        if xxhash.xxh3_128_digest(data) != self._sum(name).xxh3_128:
+        with self._open(name, s.size) as fd:
+            data = _read(fd, s.size, path)
+        if xxhash.xxh3_128_digest(data) != s.xxh3_128:
             raise ImageError(f"image file {path} is corrupted (checksum mismatch)")
         return data
 
@@ -279,17 +387,31 @@ class ImageReader:
 
     def open_pages(self, name: str) -> "PagesReader":
         s = self._sum(name)
+        path = os.path.join(self.dir, name)
         if s.block_size != BLOCK or len(s.block_sums) != 8 * ((s.size + BLOCK - 1) // BLOCK):
-            raise ImageError(f"image file {os.path.join(self.dir, name)}: its block checksums are "
+            raise ImageError(f"image file {path}: its block checksums are "
                              "missing or do not match its size: damaged")
-        return PagesReader(self.check_size(name), s.size, s.block_sums)
+        return PagesReader(path, self._open(name, s.size), s.size, s.block_sums)
 
     def verify_all_metadata(self) -> None:
-        """Check every file's size, and the checksum of all but page data (see PagesReader)."""
-        for name in self.sums:
-            self.check_size(name)
-            if not name.startswith("pages-"):
+        """Check every file's type and size, and the checksum of all but page data (see PagesReader)."""
+        for name, s in self.sums.items():
+            if name.startswith("pages-"):
+                self._open(name, s.size).close()
+            else:
                 self.read_bytes(name)
+
+
+def _read(fd: Fd, size: int, path: str) -> bytes:
+    """Exactly SIZE bytes (checked against fstat before): no more, whatever the file does."""
+    buf = bytearray(size)
+    view, got = memoryview(buf), 0
+    while got < size:
+        n = os.readv(fd.fileno(), [view[got:]])
+        if n == 0:
+            raise ImageError(f"image file {path} ends early: truncated")
+        got += n
+    return bytes(buf)
 
 
 class PagesReader:
@@ -302,11 +424,11 @@ class PagesReader:
     whole (to check it) and kept, as the next read usually wants the rest.
     """
 
-    def __init__(self, path: str, size: int, sums: bytes):
+    def __init__(self, path: str, fd: Fd, size: int, sums: bytes):
         self.path = path
         self.size = size
         self.sums = sums
-        self.fd = Fd(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        self.fd = fd
         self.pos = 0                        # readinto's position
         self._blk = bytearray(BLOCK)        # the last block read for a partial request...
         self._blk_index = -1                # ...and its number
