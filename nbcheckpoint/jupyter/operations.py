@@ -322,10 +322,7 @@ class _Plan:
 
     def __init__(self, kernel: Kernel, ck, listeners: dict[str, int]):
         meta = ck.info
-        inherit = {}
-        for c, ino in meta.listeners.items():
-            if c in listeners:
-                inherit[f"socket:[{ino}]"] = listeners[c]
+        inherit = {f"socket:[{ino}]": listeners[c] for c, ino in meta.listeners.items() if c in listeners}
         self.ours, self.theirs = control.socketpair()
         if meta.control_ino:
             inherit[f"socket:[{meta.control_ino}]"] = self.theirs.fileno()

@@ -13,7 +13,7 @@ import html
 import ipywidgets as W
 
 from ..engine.units import format_size
-from ..store import StoreError
+from ..store import Store, StoreError
 from .messages import CheckpointError, helper_restore_message
 from .progress import describe, format_time
 
@@ -75,7 +75,7 @@ class Browser:
 
     @property
     def store(self):
-        return self._store or self.side.store()
+        return self._store or Store()
 
     # ------------------------------------------------------------------ display
 
