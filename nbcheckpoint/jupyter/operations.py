@@ -98,7 +98,7 @@ class Kernel:
         p = subprocess.Popen(argv, env=env, stdin=fds[0], stdout=fds[1], stderr=fds[2],
                              pass_fds=pass_fds, start_new_session=True,
                              preexec_fn=lambda: os.dup2(pass_fds[0], CONTROL_FD))
-        self._popen = p
+        self._popen = p         # kept: subprocess would reap the child of a collected Popen
         return p.pid
 
     # ------------------------------------------------------------------ checkpoint

@@ -204,7 +204,7 @@ class Shim:
             except OSError:
                 pass
 
-    def _on_signal(self, signum, frame) -> None:
+    def _on_signal(self, signum, _frame) -> None:
         if self.kernel.kernel_pid:
             try:
                 os.kill(self.kernel.kernel_pid, signum)

@@ -173,10 +173,8 @@ def current_origin(kernel) -> dict | None:
         header = json.loads(json.dumps(parent.get("header") or {}, default=json_default))
         if not header.get("msg_id"):
             return None
-        idents = []
-        for f in _idents(kernel):
-            b = f.bytes if hasattr(f, "bytes") else bytes(f)
-            idents.append(base64.b64encode(b).decode())
+        idents = [base64.b64encode(f.bytes if hasattr(f, "bytes") else bytes(f)).decode()
+                  for f in _idents(kernel)]
         return {"header": header, "idents": idents}
     except Exception:
         return None
