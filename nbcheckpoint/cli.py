@@ -58,21 +58,15 @@ def _add_criu_options(p, restore: bool) -> None:
 
 # --- subcommands -----------------------------------------------------------------
 def cmd_dump(args) -> int:
-    progress = Progress()
-    try:
+    with Progress() as progress:
         stats = engine.dump(args.pid, args.images_dir, progress=progress, options=_options(args))
-    finally:
-        progress.clear()
     print(_dump_summary(stats))
     return 0
 
 
 def cmd_restore(args) -> int:
-    progress = Progress()
-    try:
+    with Progress() as progress:
         res = engine.restore(args.images_dir, progress=progress, options=_options(args))
-    finally:
-        progress.clear()
     if args.pidfile:
         with open(args.pidfile, "w") as f:
             f.write(f"{res.pid}\n")
@@ -84,10 +78,8 @@ def cmd_restore(args) -> int:
         # The tree runs already; it gets the rest of its memory from us (with -d too:
         # the pid is printed, and we exit once every page is in).
         t0 = time.monotonic()
-        try:
+        with progress:
             res.lazy.serve(progress=progress)
-        finally:
-            progress.clear()
         if args.verbose:
             print(f"lazy pages: {format_size(res.lazy.done)} in {time.monotonic() - t0:.2f}s, "
                   f"{res.lazy.faults} faults served", file=sys.stderr)
@@ -111,11 +103,8 @@ def cmd_show(args) -> int:
         args.parser.error("give the image directory (DIR or -D DIR)")
     print(engine.show(path))
     if args.verify:
-        progress = Progress()
-        try:
+        with Progress() as progress:
             files, pages = engine.verify(path, options=_options(args), progress=progress)
-        finally:
-            progress.clear()
         print(f"verified: {files} files, {format_size(pages)} of page data, all checksums match")
     return 0
 

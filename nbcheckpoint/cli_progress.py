@@ -8,7 +8,8 @@ from .engine.units import format_size
 
 
 class Progress:
-    """One self-overwriting stderr line, only when stderr is a terminal."""
+    """One self-overwriting stderr line, only when stderr is a terminal; cleared when the
+    `with` block that shows it ends."""
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
@@ -26,6 +27,12 @@ class Progress:
         self.stream.write(f"\r\x1b[K{phase}: {fmt(done)} / {fmt(total)}")
         self.stream.flush()
         self.shown = True
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *_exc_info) -> None:
+        self.clear()
 
     def clear(self) -> None:
         if self.shown:

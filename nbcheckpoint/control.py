@@ -17,7 +17,6 @@ from .engine.errors import NbcheckpointError
 
 MAX_MESSAGE = 1 << 20            # a message is one datagram; metadata stays far below this
 CONTROL_FD_ENV = "NBCHECKPOINT_CONTROL_FD"
-SHIM_SOCKET_ENV = "NBCHECKPOINT_SHIM_SOCKET"
 
 # the kernel's five ZeroMQ channels, as in its connection file ("<channel>_port")
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
@@ -55,10 +54,6 @@ class Channel:
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
-
-    @classmethod
-    def from_fd(cls, fd: int) -> "Channel":
-        return cls(socket.socket(fileno=fd))
 
     @classmethod
     def connect(cls, path: str, timeout: float | None = 10) -> "Channel":
@@ -136,18 +131,22 @@ class Channel:
 
 
 def socketpair() -> tuple[socket.socket, socket.socket]:
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    return a, b
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
 
 def control_from_env() -> Channel | None:
-    """The kernel's end of its control socketpair, if it was started by the shim."""
-    v = os.environ.get(CONTROL_FD_ENV)
-    if not v or not v.isdigit():
+    """The kernel's end of its control socketpair, if it was started by the shim (the fd in
+    $NBCHECKPOINT_CONTROL_FD is a SOCK_SEQPACKET socket)."""
+    v = os.environ.get(CONTROL_FD_ENV, "")
+    if not v.isdigit():
         return None
-    fd = int(v)
     try:
-        os.fstat(fd)
-    except OSError:
+        s = socket.socket(fileno=int(v))
+    except OSError:                         # closed, or not a socket
         return None
-    return Channel.from_fd(fd)
+    if s.family != socket.AF_UNIX or s.type != socket.SOCK_SEQPACKET:
+        s.detach()                          # an fd of someone else's: not ours to close
+        return None
+    # our children must not take an unrelated fd of theirs for a control channel
+    os.environ.pop(CONTROL_FD_ENV, None)
+    return Channel(s)

@@ -111,11 +111,8 @@ def run_demo(images: str | None = None, keep: bool = False, verbose: int = 0) ->
         before = log.next(lambda: target.poll() is None)
         print(f"      state:    {_describe(before)}")
 
-        progress = Progress()
-        try:
+        with Progress() as progress:
             stats = engine.dump(target.pid, images, progress=progress)
-        finally:
-            progress.clear()
         try:
             target.wait(timeout=30)     # the dump killed it; reap it so its pid is free
         except subprocess.TimeoutExpired:
@@ -130,11 +127,8 @@ def run_demo(images: str | None = None, keep: bool = False, verbose: int = 0) ->
         if len(shown) < len(text):
             print(f"      ... ({len(text) - len(shown)} more lines; -v shows all)")
 
-        progress = Progress()
-        try:
+        with Progress() as progress:
             res = engine.restore(images, progress=progress)
-        finally:
-            progress.clear()
         restored = res.pid
         print(f"[4/4] restored pid {res.pid} in {res.seconds:.2f}s")
         os.kill(restored, signal.SIGUSR1)

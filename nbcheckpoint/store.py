@@ -103,14 +103,10 @@ class CheckpointMeta:
     mode: str | None = None                    # "helper": taken by kernel/helper.py
     shell_job: bool | None = None              # helper mode: its terminal is outside the image
 
-    def to_json(self) -> dict:
-        return asdict(self)
-
     @classmethod
     def from_json(cls, d: dict) -> "CheckpointMeta":
         """Unknown fields are dropped, missing ones get their default."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
 @dataclass
@@ -122,7 +118,7 @@ class Checkpoint:
     @property
     def meta(self) -> dict:
         """meta.json as a dict (secrets included; public_meta() drops them)."""
-        return self.info.to_json()
+        return asdict(self.info)
 
     @property
     def image(self) -> Path:
@@ -218,24 +214,18 @@ class Store:
         """Reserve NAME for a checkpoint being written (see Pending)."""
         self.validate_name(name)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._sweep()
-        if (self.root / name).exists():
-            raise StoreError(f"a checkpoint named {name!r} already exists in {self.root}: choose another "
-                             f"name or delete it first (`nbcheckpoint rm {name}`)")
-        for p in self.root.iterdir():
-            m = _PARTIAL.fullmatch(p.name)
-            if m and m.group(1) == name:
-                raise StoreError(f"a checkpoint named {name!r} is being written right now (by pid {m.group(2)})")
-        tmp = self.root / f".{name}.partial-{os.getpid()}"
-        tmp.mkdir(mode=0o700)
-        return Pending(self, name, tmp)
-
-    def _sweep(self) -> None:
-        """Remove partial directories whose writer is dead."""
         for p in self.root.iterdir():
             m = _PARTIAL.fullmatch(p.name)
             if m and not pid_alive(int(m.group(2))):
-                shutil.rmtree(p, ignore_errors=True)
+                shutil.rmtree(p, ignore_errors=True)             # its writer died
+            elif m and m.group(1) == name:
+                raise StoreError(f"a checkpoint named {name!r} is being written right now (by pid {m.group(2)})")
+        if (self.root / name).exists():
+            raise StoreError(f"a checkpoint named {name!r} already exists in {self.root}: choose another "
+                             f"name or delete it first (`nbcheckpoint rm {name}`)")
+        tmp = self.root / f".{name}.partial-{os.getpid()}"
+        tmp.mkdir(mode=0o700)
+        return Pending(self, name, tmp)
 
 
 class Pending:
@@ -253,7 +243,7 @@ class Pending:
         meta.hostname = meta.hostname or socket.gethostname()
         meta.size_bytes = _du(self.image)
         f = self.tmp / "meta.json"
-        d = meta.to_json()
+        d = asdict(meta)
         d["seal"] = keys.load(create=True).mac(_canonical(d)).hex()
         fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:

@@ -462,3 +462,26 @@ def images(tmp_path, request):
     if rep is not None and rep.passed:
         for p in made:
             shutil.rmtree(p, ignore_errors=True)
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """An empty checkpoint store, also the default one ($NBCHECKPOINT_DIR) of what the test starts."""
+    from nbcheckpoint.store import Store
+    root = tmp_path / "store"
+    monkeypatch.setenv("NBCHECKPOINT_DIR", str(root))
+    return Store(root)
+
+
+def output_hook(out: list, results: bool = True):
+    """An execute_interactive output_hook: appends to OUT what the cell prints, its tracebacks
+    and, with RESULTS, its execute_result's text."""
+    def hook(msg):
+        t, content = msg["msg_type"], msg["content"]
+        if t == "stream":
+            out.append(content["text"])
+        elif t == "error":
+            out.append("\n".join(content["traceback"]))
+        elif t == "execute_result" and results:
+            out.append(content["data"].get("text/plain", ""))
+    return hook

@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 from jupyter_client import BlockingKernelClient, KernelManager
 
+from conftest import output_hook
+from nbcheckpoint.control import CHANNELS
 from nbcheckpoint.engine.images import files_pb2, imagedir
 
-CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 NBCK = [sys.executable, "-m", "nbcheckpoint"]
 
 
@@ -43,13 +44,8 @@ class Kernel:
     def run(self, code: str, timeout: float = 120, client=None) -> tuple[str, dict]:
         """Execute code; return (stdout text seen on IOPub, execute_reply content)."""
         out = []
-
-        def hook(msg):
-            if msg["msg_type"] == "stream":
-                out.append(msg["content"]["text"])
-            elif msg["msg_type"] == "error":
-                out.append("\n".join(msg["content"]["traceback"]))
-        reply = (client or self.kc).execute_interactive(code, timeout=timeout, output_hook=hook)
+        reply = (client or self.kc).execute_interactive(code, timeout=timeout,
+                                                        output_hook=output_hook(out, results=False))
         return "".join(out), reply["content"]
 
     def checkpoint(self, images: Path) -> None:

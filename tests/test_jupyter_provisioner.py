@@ -19,19 +19,13 @@ from jupyter_client import AsyncKernelClient
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
+from conftest import output_hook
 from nbcheckpoint.control import Busy
 from nbcheckpoint.engine import RestoreError
 from nbcheckpoint.jupyter.provisioner import ShimError
-from nbcheckpoint.store import BadName, NoSuchCheckpoint, Store, StoreError
+from nbcheckpoint.store import BadName, NoSuchCheckpoint, StoreError
 
 SPEC = "python3-checkpointable"
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    root = tmp_path / "store"
-    monkeypatch.setenv("NBCHECKPOINT_DIR", str(root))
-    return Store(root)
 
 
 class K:
@@ -58,16 +52,7 @@ class K:
 
     async def run(self, code: str, timeout: float = 60, kc=None) -> tuple[str, dict]:
         out = []
-
-        def hook(msg):
-            t = msg["msg_type"]
-            if t == "stream":
-                out.append(msg["content"]["text"])
-            elif t == "error":
-                out.append("\n".join(msg["content"]["traceback"]))
-            elif t == "execute_result":
-                out.append(msg["content"]["data"].get("text/plain", ""))
-        reply = await (kc or self.kc).execute_interactive(code, timeout=timeout, output_hook=hook)
+        reply = await (kc or self.kc).execute_interactive(code, timeout=timeout, output_hook=output_hook(out))
         return "".join(out), reply["content"]
 
     async def ok(self, code: str, **kw) -> str:

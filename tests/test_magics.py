@@ -19,18 +19,11 @@ from pathlib import Path
 import pytest
 from jupyter_client import BlockingKernelClient, KernelManager
 
+from conftest import output_hook
 from nbcheckpoint import control
-from nbcheckpoint.store import Store
 
 SPEC = "python3-checkpointable"
 NBCK = [sys.executable, "-m", "nbcheckpoint"]
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    root = tmp_path / "store"
-    monkeypatch.setenv("NBCHECKPOINT_DIR", str(root))
-    return Store(root)
 
 
 class Kernel:
@@ -53,16 +46,7 @@ class Kernel:
     def run(self, code: str, timeout: float = 120, kc=None) -> tuple[str, dict]:
         """Execute code; (stdout+stderr+errors seen on IOPub, execute_reply content)."""
         out = []
-
-        def hook(msg):
-            t = msg["msg_type"]
-            if t == "stream":
-                out.append(msg["content"]["text"])
-            elif t == "error":
-                out.append("\n".join(msg["content"]["traceback"]))
-            elif t == "execute_result":
-                out.append(msg["content"]["data"].get("text/plain", ""))
-        reply = (kc or self.kc).execute_interactive(code, timeout=timeout, output_hook=hook)
+        reply = (kc or self.kc).execute_interactive(code, timeout=timeout, output_hook=output_hook(out))
         return "".join(out), reply["content"]
 
     def ok(self, code: str, **kw) -> str:

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import nbformat
-import pytest
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 
@@ -29,13 +28,6 @@ from nbcheckpoint.store import Store
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 SPEC = "python3-checkpointable"
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    root = tmp_path / "store"
-    monkeypatch.setenv("NBCHECKPOINT_DIR", str(root))
-    return Store(root)
 
 
 def _stream_output(texts: list[str]) -> list:

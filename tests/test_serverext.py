@@ -31,6 +31,8 @@ from jupyter_client import BlockingKernelClient
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
+from conftest import output_hook
+
 KERNEL = "python3-checkpointable"
 START_TIMEOUT = 90
 
@@ -169,13 +171,7 @@ def run_code(server: Server, kernel_id: str, code: str, timeout: float = 120) ->
     try:
         wait_ready(kc)
         out = []
-
-        def hook(msg):
-            if msg["msg_type"] == "stream":
-                out.append(msg["content"]["text"])
-            elif msg["msg_type"] == "error":
-                out.append("\n".join(msg["content"]["traceback"]))
-        reply = kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+        reply = kc.execute_interactive(code, timeout=timeout, output_hook=output_hook(out, results=False))
         assert reply["content"]["status"] == "ok", "".join(out)
         return "".join(out)
     finally:

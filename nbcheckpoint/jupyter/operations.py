@@ -98,7 +98,7 @@ class Kernel:
         p = subprocess.Popen(argv, env=env, stdin=fds[0], stdout=fds[1], stderr=fds[2],
                              pass_fds=pass_fds, start_new_session=True,
                              preexec_fn=lambda: os.dup2(pass_fds[0], CONTROL_FD))
-        self._popen = p
+        self._popen = p         # kept: subprocess would reap the child of a collected Popen
         return p.pid
 
     # ------------------------------------------------------------------ checkpoint
@@ -322,10 +322,7 @@ class _Plan:
 
     def __init__(self, kernel: Kernel, ck, listeners: dict[str, int]):
         meta = ck.info
-        inherit = {}
-        for c, ino in meta.listeners.items():
-            if c in listeners:
-                inherit[f"socket:[{ino}]"] = listeners[c]
+        inherit = {f"socket:[{ino}]": listeners[c] for c, ino in meta.listeners.items() if c in listeners}
         self.ours, self.theirs = control.socketpair()
         if meta.control_ino:
             inherit[f"socket:[{meta.control_ino}]"] = self.theirs.fileno()

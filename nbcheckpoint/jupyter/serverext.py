@@ -101,9 +101,7 @@ class BaseHandler(APIHandler):
         self.log.warning("nbcheckpoint: %s %s -> %d: %s", self.request.method,
                          self.request.path, status, message)
         self.clear()
-        self.set_status(status)
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"message": message}))
+        self.reply({"message": message}, status)
 
     def body(self) -> dict:
         if not self.request.body:
@@ -167,22 +165,12 @@ class CheckpointsHandler(BaseHandler):
     @authorized
     @_errors
     async def get(self):
-        kernel_id = self.get_query_argument("kernel_id", None)
-        notebook = self.get_query_argument("notebook", None)
-        lineage = self.get_query_argument("lineage", None)
-        if kernel_id is not None:
-            check_kernel_id(kernel_id)
-        out = []
-        for ck in await asyncio.to_thread(self.store.list):
-            m = ck.meta
-            if kernel_id is not None and m.get("kernel_id") != kernel_id:
-                continue
-            if notebook is not None and m.get("notebook") != notebook:
-                continue
-            if lineage is not None and m.get("lineage") != lineage:
-                continue
-            out.append(public_meta(dict(m, name=ck.name)))
-        self.reply(out)
+        wanted = {k: self.get_query_argument(k, None) for k in ("kernel_id", "notebook", "lineage")}
+        if wanted["kernel_id"] is not None:
+            check_kernel_id(wanted["kernel_id"])
+        cks = await asyncio.to_thread(self.store.list)
+        self.reply([public_meta(dict(ck.meta, name=ck.name)) for ck in cks
+                    if all(v is None or ck.meta.get(k) == v for k, v in wanted.items())])
 
 
 class CheckpointHandler(BaseHandler):

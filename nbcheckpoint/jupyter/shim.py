@@ -35,7 +35,7 @@ from functools import partial
 
 from .. import control, engine
 from ..control import Channel
-from ..engine.sys import libc, memory
+from ..engine.sys import libc, memory, waitstatus
 from ..engine.sys.x86_64 import NR
 from ..store import StoreError
 from .operations import Kernel, log, progress
@@ -204,7 +204,7 @@ class Shim:
             except OSError:
                 pass
 
-    def _on_signal(self, signum, frame) -> None:
+    def _on_signal(self, signum, _frame) -> None:
         if self.kernel.kernel_pid:
             try:
                 os.kill(self.kernel.kernel_pid, signum)
@@ -224,9 +224,7 @@ class Shim:
             status = 0
         finally:
             self.busy.release()
-        self.exit_code = os.waitstatus_to_exitcode(status)
-        if self.exit_code < 0:
-            self.exit_code = 128 - self.exit_code
+        self.exit_code = waitstatus.exit_code(status)
         log(f"kernel exited with status {self.exit_code}")
 
     def _on_accept(self, admin: socket.socket) -> None:

@@ -13,7 +13,7 @@ import html
 import ipywidgets as W
 
 from ..engine.units import format_size
-from ..store import StoreError
+from ..store import Store, StoreError
 from .messages import CheckpointError, helper_restore_message
 from .progress import describe, format_time
 
@@ -26,17 +26,13 @@ GRID = "minmax(8em,1.5fr) 11em 6em 8em minmax(8em,1.5fr) minmax(8em,1fr) 6em 6em
 class Row:
     def __init__(self, browser: "Browser", ck):
         self.name = ck.name
-        self.meta = ck.meta
         m = ck.meta
-        paused = m.get("frozen_s")
-        total = m.get("total_s")
-        times = " / ".join(f"{t:.1f} s" if isinstance(t, (int, float)) else "?" for t in (paused, total))
+        times = " / ".join(f"{t:.1f} s" if isinstance(t, (int, float)) else "?"
+                           for t in (m.get("frozen_s"), m.get("total_s")))
         nb = m.get("notebook") or ""
         if m.get("execution_count") is not None:
             nb = f"{nb} [{m['execution_count']}]".strip()
-        lineage = (m.get("lineage") or "")[:8]
-        parent = m.get("parent") or ""
-        lin = " / ".join(x for x in (lineage, parent) if x) or "-"
+        lin = " / ".join(x for x in ((m.get("lineage") or "")[:8], m.get("parent")) if x) or "-"
         self.cells = [W.HTML(f"<b>{html.escape(ck.name)}</b>"),
                       W.HTML(html.escape(format_time(m.get("created")))),
                       W.HTML(format_size(m.get("size_bytes"))),
@@ -75,7 +71,7 @@ class Browser:
 
     @property
     def store(self):
-        return self._store or self.side.store()
+        return self._store or Store()
 
     # ------------------------------------------------------------------ display
 

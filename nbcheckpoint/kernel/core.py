@@ -14,7 +14,6 @@ Two modes, chosen once per kernel process:
 from __future__ import annotations
 
 import os
-import socket
 import threading
 
 from .. import control
@@ -23,33 +22,10 @@ from . import frontend, hooks
 from .helper import checkpoint_with_helper
 from .history import flush_history, new_history_session
 from .listener import Listener
-from .messages import CheckpointError, helper_restore_message, saved_line, taken_line
+from .messages import CheckpointError, helper_restore_message, restored_line, saved_line, taken_line
 from .progress import Progress
 
 BUSY = "a checkpoint of this kernel is already running; wait for it to finish and try again"
-
-
-def _seqpacket(fd: int) -> bool:
-    try:
-        s = socket.socket(fileno=os.dup(fd))
-    except OSError:
-        return False
-    try:
-        return s.family == socket.AF_UNIX and s.type == socket.SOCK_SEQPACKET
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
-def _control_channel() -> control.Channel | None:
-    v = os.environ.get(control.CONTROL_FD_ENV, "")
-    if not v.isdigit() or not _seqpacket(int(v)):
-        return None
-    ch = control.control_from_env()
-    # our children must not take an unrelated fd of theirs for a control channel
-    os.environ.pop(control.CONTROL_FD_ENV, None)
-    return ch
 
 
 class KernelSide:
@@ -58,7 +34,7 @@ class KernelSide:
     def __init__(self, shell=None):
         self.shell = shell
         self.kernel = getattr(shell, "kernel", None)
-        ch = _control_channel()
+        ch = control.control_from_env()
         self.listener = Listener(ch, self.kernel).start() if ch else None
         self.lock = threading.Lock()             # one checkpoint/restore at a time from here
         self.last: dict | None = None            # the last result: {"event": "saved"|"restored", ...}
@@ -84,9 +60,6 @@ class KernelSide:
         self.history.append(result)
         return result
 
-    def store(self) -> Store:
-        return Store()
-
     def _acquire(self) -> None:
         if not self.lock.acquire(blocking=False):
             raise CheckpointError(BUSY)
@@ -103,10 +76,7 @@ class KernelSide:
         from the image.
         """
         if name is not None:
-            try:
-                Store.validate_name(name)
-            except StoreError as e:
-                raise CheckpointError(str(e)) from None
+            _check_name(name)
         self._acquire()
         try:
             hooks.run("checkpoint", {"name": name})
@@ -159,7 +129,7 @@ class KernelSide:
             prog.finish("restored")
         hooks.run("restore", meta)
         if not quiet:
-            print(frontend.restored_line(meta))
+            print(restored_line(meta))
         return self._record({"event": control.RESTORED, "checkpoint": meta})
 
     # ------------------------------------------------------------------ restore
@@ -174,12 +144,7 @@ class KernelSide:
             raise CheckpointError(helper_restore_message(name))
         self._acquire()
         try:
-            if not name:
-                name = self._latest_of_lineage()
-            try:
-                Store.validate_name(name)
-            except StoreError as e:
-                raise CheckpointError(str(e)) from None
+            name = _check_name(name or self._latest_of_lineage())
             prog = Progress(f"restore '{name}'", quiet=quiet, callback=progress)
             origin = None
             if self.kernel is not None:
@@ -203,18 +168,11 @@ class KernelSide:
             self.lock.release()
 
     def _latest_of_lineage(self) -> str:
-        lineage = None
         try:
-            p = self.listener.request({"op": control.STATUS})
-            try:
-                ans = p.get(timeout=10)
-            finally:
-                p.close()
-            lineage = (ans or {}).get("lineage")
+            lineage = (self._shim_status() or {}).get("lineage")
         except control.ControlError:
-            pass
-        cks = self.store().list()
-        mine = [c for c in cks if lineage and c.meta.get("lineage") == lineage]
+            lineage = None
+        mine = [c for c in Store().list() if lineage and c.info.lineage == lineage]
         if not mine:
             raise CheckpointError("this kernel has no checkpoint to go back to yet: name one "
                                   "(%restore NAME; %checkpoints lists them)")
@@ -227,14 +185,24 @@ class KernelSide:
         if self.listener is not None:
             out["control_closed"] = self.listener.closed
             try:
-                p = self.listener.request({"op": control.STATUS})
-                try:
-                    out["shim"] = p.get(timeout=10)
-                finally:
-                    p.close()
+                out["shim"] = self._shim_status()
             except control.ControlError as e:
                 out["shim"] = {"error": str(e)}
         return out
+
+    def _shim_status(self) -> dict | None:
+        p = self.listener.request({"op": control.STATUS})
+        try:
+            return p.get(timeout=10)
+        finally:
+            p.close()
+
+
+def _check_name(name: str) -> str:
+    try:
+        return Store.validate_name(name)
+    except StoreError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _answers(p, prog: Progress, failure: str):

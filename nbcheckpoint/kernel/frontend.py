@@ -23,6 +23,7 @@ import time
 
 from . import hooks
 from .life import Life
+from .messages import restored_line
 
 # How long a restored kernel waits for a client to subscribe before it speaks anyway.
 # A frontend resubscribes within a second.
@@ -172,10 +173,8 @@ def current_origin(kernel) -> dict | None:
         header = json.loads(json.dumps(parent.get("header") or {}, default=json_default))
         if not header.get("msg_id"):
             return None
-        idents = []
-        for f in _idents(kernel):
-            b = f.bytes if hasattr(f, "bytes") else bytes(f)
-            idents.append(base64.b64encode(b).decode())
+        idents = [base64.b64encode(f.bytes if hasattr(f, "bytes") else bytes(f)).decode()
+                  for f in _idents(kernel)]
         return {"header": header, "idents": idents}
     except Exception:
         return None
@@ -189,17 +188,6 @@ def _shell_reply_stream(kernel, subshell_id=None):
         streams = getattr(kernel, "shell_streams", None) or [None]
         stream = streams[0]
     return stream
-
-
-def restored_line(meta: dict, in_place: bool = False) -> str:
-    name = meta.get("name", "?")
-    when = meta.get("created")
-    taken = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if when else "an unknown time"
-    where = "" if not meta.get("notebook") else f" in {meta['notebook']}"
-    count = meta.get("execution_count")
-    cell = f" after cell [{count}]" if count is not None else ""
-    verb = "restored in place from" if in_place else "restored from"
-    return f"{verb} '{name}' taken at {taken}{where}{cell}"
 
 
 def flush_std() -> None:

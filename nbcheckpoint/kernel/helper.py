@@ -39,11 +39,11 @@ SPAWN_TIMEOUT = 30.0
 
 # ---------------------------------------------------------------------------- in the kernel
 
-def _connection_file() -> str | None:
+def _kernel_app():
     try:
         from ipykernel.kernelapp import IPKernelApp
         if IPKernelApp.initialized():
-            return IPKernelApp.instance().abs_connection_file
+            return IPKernelApp.instance()
     except Exception:
         pass
     return None
@@ -88,23 +88,13 @@ def _guard_parent_poller(kernel_app, life: Life):
 
 
 def checkpoint_with_helper(side, name: str | None, quiet: bool, progress_cb) -> dict:
-    kernel_app = None
-    try:
-        from ipykernel.kernelapp import IPKernelApp
-        if IPKernelApp.initialized():
-            kernel_app = IPKernelApp.instance()
-    except Exception:
-        pass
-    cf = _connection_file()
+    """NAME is valid (KernelSide.checkpoint checked it) or None."""
+    kernel_app = _kernel_app()
+    cf = kernel_app.abs_connection_file if kernel_app else None
     if not cf or not os.path.exists(cf):
         raise CheckpointError("%checkpoint needs a Jupyter kernel (this IPython has no connection file)")
-    store = side.store()
-    if name is None:
-        name = store.new_name()
-    try:
-        Store.validate_name(name)
-    except StoreError as e:
-        raise CheckpointError(str(e)) from None
+    store = Store()
+    name = name or store.new_name()
     if (store.root / name).exists():
         raise CheckpointError(f"a checkpoint named {name!r} already exists in {store.root}: "
                               "choose another name or delete it first")

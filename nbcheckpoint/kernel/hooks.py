@@ -52,32 +52,20 @@ def on_restore(fn: Callable) -> Callable:
     return _register("restore", fn)
 
 
-def remove(fn: Callable) -> None:
-    """Unregister `fn` from both lists (no error if it was not registered)."""
-    for lst in _hooks.values():
-        lst[:] = [h for h in lst if h is not fn]
-
-
-def hooks(kind: str) -> list[Callable]:
-    return list(_hooks[kind])
-
-
 def _takes_argument(fn) -> bool:
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return False
-    for p in sig.parameters.values():
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL):
-            return True
-    return False
+    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+               for p in sig.parameters.values())
 
 
 def run(kind: str, info: dict | None = None, stream=None) -> list[tuple[Callable, BaseException]]:
     """Run the `kind` hooks; report each failure on `stream` (stderr) and return them."""
     stream = stream or sys.stderr
     failed = []
-    for fn in hooks(kind):
+    for fn in list(_hooks[kind]):            # a hook may register another
         try:
             if _takes_argument(fn):
                 fn(dict(info or {}))

@@ -30,10 +30,9 @@ log = logging.getLogger("nbcheckpoint.kernel")
 class Pending:
     """A request sent on the control channel whose final answer has not come yet."""
 
-    def __init__(self, listener: "Listener", req_id: str, op: str):
+    def __init__(self, listener: "Listener", req_id: str):
         self.listener = listener
         self.id = req_id
-        self.op = op
         self.queue: queue.Queue = queue.Queue()
 
     def get(self, timeout: float | None = None) -> dict | None:
@@ -54,8 +53,6 @@ class Listener:
         self._pending: dict[str, Pending] = {}
         self._lock = threading.Lock()
         self.closed: str | None = None           # why the channel is gone, once it is
-        self.restores = 0                        # `restored` events seen by this process
-        self.last_restored: dict | None = None   # the last `restored` event
         self.thread = threading.Thread(target=self._run, name="nbcheckpoint-control", daemon=True)
 
     def start(self) -> "Listener":
@@ -70,7 +67,7 @@ class Listener:
             raise ControlError(f"the control channel to the kernel's shim is closed ({self.closed})")
         msg = dict(msg)
         msg["id"] = msg.get("id") or new_id()
-        p = Pending(self, msg["id"], msg.get("op", "?"))
+        p = Pending(self, msg["id"])
         with self._lock:
             self._pending[p.id] = p
         try:
@@ -83,10 +80,6 @@ class Listener:
     def _forget(self, req_id: str) -> None:
         with self._lock:
             self._pending.pop(req_id, None)
-
-    def busy(self, op: str | None = None) -> bool:
-        with self._lock:
-            return any(op is None or p.op == op for p in self._pending.values())
 
     # ------------------------------------------------------------------ the thread
 
@@ -116,8 +109,6 @@ class Listener:
     def _dispatch(self, msg: dict) -> None:
         event = msg.get("event")
         if event == RESTORED:
-            self.restores += 1
-            self.last_restored = msg
             self._adopt_key(msg.get("key"))
             # IOPub subscriptions when the image was taken, and how many clients come back
             msg["_subs"] = (frontend.watch.marked(), msg.get("clients", 1))
@@ -169,10 +160,7 @@ class Listener:
             else:
                 run_hooks()
         finally:
-            try:
-                self.channel.send({"event": PREPARED, "id": msg.get("id")})
-            except ControlError:
-                pass
+            self.channel.reply({"event": PREPARED, "id": msg.get("id")})
             if resume is not None:
                 # the checkpoint is taken right after `prepared`; history writes resume later
                 t = threading.Timer(10.0, resume)

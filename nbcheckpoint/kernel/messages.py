@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..engine.errors import NbcheckpointError
 from ..engine.units import format_size
+from .progress import format_time
 
 CHECKPOINTABLE = "Python 3 (checkpointable)"
 
@@ -29,6 +30,14 @@ def saved_line(meta: dict) -> str:
     took = f" in {total:.1f} s" if isinstance(total, (int, float)) else ""
     paused = f" (kernel paused {frozen:.1f} s)" if isinstance(frozen, (int, float)) else ""
     return f"saved '{name}', {size}{took}{paused}"
+
+
+def restored_line(meta: dict, in_place: bool = False) -> str:
+    count = meta.get("execution_count")
+    where = f" in {meta['notebook']}" if meta.get("notebook") else ""
+    cell = f" after cell [{count}]" if count is not None else ""
+    verb = "restored in place from" if in_place else "restored from"
+    return f"{verb} '{meta.get('name', '?')}' taken at {format_time(meta.get('created'))}{where}{cell}"
 
 
 def helper_restore_message(name: str | None) -> str:
