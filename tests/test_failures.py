@@ -527,7 +527,9 @@ class PhasePrinter:          # the CLI's progress line, as timestamped phase cha
         if phase != self.last:
             self.last = phase
             mark(phase)
-    def clear(self):
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
         pass
 
 cli.Progress = PhasePrinter

@@ -128,7 +128,7 @@ class Kernel:
         finally:
             self.preparing.pop(pid, None)
 
-    def checkpoint(self, msg: dict, rid: str, ch: Channel) -> None:
+    def checkpoint(self, msg: dict, rid: str, ch: Channel) -> dict:
         name = msg.get("name") or self.store.new_name()
         pending = self.store.begin(name)
         t0 = time.time()
@@ -151,7 +151,7 @@ class Kernel:
         self.parent = name
         log(f"checkpoint {name!r}: {format_size(ck.info.size_bytes)}, kernel frozen "
             f"{stats.frozen_seconds:.2f} s, {stats.total_seconds:.2f} s in all")
-        ch.reply({"event": control.SAVED, "id": rid, "checkpoint": public_meta(ck.meta)})
+        return {"event": control.SAVED, "id": rid, "checkpoint": public_meta(ck.meta)}
 
     def _progress(self, ch, rid):
         last = [0.0]
@@ -182,7 +182,7 @@ class Kernel:
 
     # ------------------------------------------------------------------ restore
 
-    def restore_in_place(self, msg: dict, rid: str, ch: Channel) -> None:
+    def restore_in_place(self, msg: dict, rid: str, ch: Channel) -> dict:
         name = msg.get("name")
         if not name:
             raise StoreError("restore needs the name of a checkpoint (`nbcheckpoint ls` lists them)")
@@ -230,8 +230,8 @@ class Kernel:
         finally:
             for fd in listeners.values():
                 os.close(fd)
-        ch.reply({"event": control.REPLACED, "id": rid, "checkpoint": public_meta(ck.meta),
-                  "kernel_pid": self.kernel_pid})
+        return {"event": control.REPLACED, "id": rid, "checkpoint": public_meta(ck.meta),
+                "kernel_pid": self.kernel_pid}
 
     def _grab_listeners(self) -> dict[str, int]:
         """Our own copies of the running kernel's five channel listeners (pidfd_getfd)."""

@@ -50,6 +50,7 @@ class Shim:
         self.kernel = Kernel(self, args)
         self.control: Channel | None = None
         self.busy = threading.Lock()              # held by the engine thread while an operation runs
+        self.answered = False                     # ... and once it has sent its final answer
         self.jobs: queue.Queue = queue.Queue()
         self.sel = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -270,33 +271,42 @@ class Shim:
                   "lineage": k.lineage, "parent": k.parent, "store": str(k.store.root)})
 
     def _queue(self, operation, msg: dict, rid: str, ch: Channel) -> None:
-        """Run operation(msg, rid, ch) in the engine thread, or refuse it while another runs."""
+        """Run operation(msg, rid, ch) in the engine thread, or refuse it while another runs.
+        The operation returns its final answer, sent here."""
         queued = False
         if not self.busy.acquire(blocking=False):
             writing, filling = self.kernel.writing, self.kernel.filling
-            if not (writing or filling):
+            if not (writing or filling or self.answered):
                 ch.reply(control.error(rid, control.Busy(
                     "a checkpoint or restore of this kernel is already running; wait for it to finish "
                     "and try again")))
                 return
-            # the kernel already runs on; only the image is being written: take the next
-            # turn of the engine thread (which holds `busy` until then) instead of refusing
+            # the kernel already runs on (only the image is being written, or its memory comes
+            # in), or the running request has been answered: take the next turn of the engine
+            # thread (which holds `busy` until then) instead of refusing
             queued = True
             what = (f"checkpoint '{writing}' to be written" if writing else
-                    f"the memory of the kernel restored from '{filling}' to come in")
+                    f"the memory of the kernel restored from '{filling}' to come in" if filling else
+                    "the previous request to finish")
             progress(ch, rid, f"waiting for {what}")
 
         def job():
             if queued:
                 self.busy.acquire()
             try:
-                operation(msg, rid, ch)
+                try:
+                    answer = operation(msg, rid, ch)
+                except Exception as e:          # noqa: BLE001 -- every failure goes to the requester
+                    if not isinstance(e, (engine.EngineError, StoreError, control.ControlError)):
+                        log(traceback.format_exc())
+                    answer = control.error(rid, e)
+                # answered: a request from the requester now is queued behind the rest of this
+                # job, never refused as busy
+                self.answered = True
+                ch.reply(answer)
                 self.kernel.fill_memory()
-            except Exception as e:              # noqa: BLE001 -- every failure goes to the requester
-                if not isinstance(e, (engine.EngineError, StoreError, control.ControlError)):
-                    log(traceback.format_exc())
-                ch.reply(control.error(rid, e))
             finally:
+                self.answered = False
                 self.busy.release()
                 self.post(self._resume_watch)
         self.jobs.put(job)
