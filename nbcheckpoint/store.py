@@ -229,7 +229,7 @@ class Store:
         except FileNotFoundError:
             return []
         for p in entries:
-            if p.name.startswith(".") or p.is_symlink() or not p.is_dir():
+            if p.name.startswith(".") or not p.is_dir():
                 continue
             try:
                 out.append(self.get(p.name))

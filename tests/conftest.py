@@ -150,15 +150,24 @@ def kill_sessions(sids) -> None:
                 pass
 
 
+# the pids_seen of every Target made: each started a session of its own (start_new_session)
+_TARGET_PIDS: list[set] = []
+
+
 def started_processes(roots) -> dict[int, str]:
-    """Live processes started by the tests: a target (its binary in BIN_DIR, or TARGETS_DIR in
-    its command line) or anything whose command line or cwd is under one of ROOTS: {pid: command}."""
-    marks = [str(BIN_DIR), str(TARGETS_DIR), *map(str, roots)]
+    """Live processes started by this run's tests: in the session of a Target (its children
+    too, re-parented or not), or whose binary, cwd or command line is under one of ROOTS (the
+    session's temp dir); never another run's (other sessions, other temp dirs): {pid: command}."""
+    sids = set().union(*_TARGET_PIDS)
+    marks = [str(r) for r in roots]
     mine = {os.getpid(), os.getppid()}
     out = {}
     for pid in _pids():
         f = _stat_fields(pid)
         if not f or f[0] in "ZX" or pid in mine:
+            continue
+        in_target_session = int(f[3]) in sids
+        if not in_target_session and not marks:
             continue
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as fh:
@@ -166,7 +175,7 @@ def started_processes(roots) -> dict[int, str]:
             where = [os.readlink(f"/proc/{pid}/exe"), os.readlink(f"/proc/{pid}/cwd"), cmd]
         except OSError:
             continue                                    # gone, or a kernel thread
-        if any(m in w for m in marks for w in where):
+        if in_target_session or any(m in w for m in marks for w in where):
             out[pid] = cmd
     return out
 
@@ -253,6 +262,7 @@ class Target:
         self.status: int | None = None    # exit status of the current incarnation, once reaped
         self._mark = 0            # log offset where the current run's output starts
         self.pids_seen: set[int] = set()
+        _TARGET_PIDS.append(self.pids_seen)
 
     def _argv(self, extra_args) -> list[str]:
         if self.name in PY_TARGETS:
@@ -503,7 +513,7 @@ def no_stray_targets(request):
     strays are named and killed. The session's end checks the temp dirs too (below)."""
     before = started_processes(())
     yield
-    left = strays((), before)
+    left = strays((), before)               # the targets' sessions only: module fixtures live on
     if left:
         pytest.fail(f"{request.node.nodeid} left target processes running (killed now): {left}", pytrace=False)
 
