@@ -145,6 +145,9 @@ def cmd_ls(args) -> int:
     cks = st.list()
     if not cks:
         print(f"no checkpoints in {st.root}")
+        why = st.untrusted()
+        if why:
+            print(f"nbcheckpoint: warning: {why}", file=sys.stderr)
         return 0
     print(f"{'NAME':<28} {'TAKEN':<19} {'SIZE':>10} {'FROZEN':>7}  {'PARENT':<20} NOTEBOOK")
     for c in cks:

@@ -13,12 +13,17 @@ partial directory, removed by the next writer once its PID is dead.
 meta.json is sealed with the user's image key (engine/images/key.py) as the image is: its
 "seal" is an HMAC-SHA256 of the rest; a checkpoint whose meta.json is not sealed with the
 caller's key (planted by another user, or changed) is neither listed nor restored.
+Files are trusted as sshd's StrictModes trusts them: ROOT owned by the caller (or root) and
+not writable by group or others unless sticky (as /tmp: others cannot rename nor delete
+what is ours there); every entry, its meta.json, image/ and image files owned by the caller
+and writable by no one else. Anything else is neither listed nor restored.
 """
 from __future__ import annotations
 
 import hmac
 import json
 import os
+import pwd
 import stat
 import re
 import shutil
@@ -147,14 +152,46 @@ class Store:
     def path(self, name: str) -> Path:
         return self.root / self.validate_name(name)
 
+    def untrusted(self) -> str | None:
+        """Why ROOT may not be trusted (sshd's StrictModes), or None; a missing ROOT is trusted."""
+        try:
+            st = os.stat(self.root)
+        except FileNotFoundError:
+            return None
+        why = _not_ours(st, owners=(os.geteuid(), 0), sticky_ok=True)
+        if why:
+            return (f"the checkpoint store {self.root} is {why}: nbcheckpoint neither writes, lists nor "
+                    f"restores checkpoints there; `chmod 700 {self.root}` if it is yours, else use a "
+                    f"store of your own (${DIR_ENV})")
+        return None
+
+    def _trusted_root(self) -> None:
+        why = self.untrusted()
+        if why:
+            raise StoreError(why)
+
     def get(self, name: str) -> Checkpoint:
         p = self.path(name)
+        self._trusted_root()
         if not p.is_dir():
             raise NoSuchCheckpoint(f"no checkpoint named {name!r} in {self.root} (`nbcheckpoint ls` lists them)")
+        self._check_entry(name, [p, p / "meta.json"])
         meta = CheckpointMeta.from_json(self._read_meta(name, p / "meta.json"))
         if not (p / "image" / names.INVENTORY).is_file():
             raise NoSuchCheckpoint(f"checkpoint {name!r} in {self.root} is damaged: its image is missing")
+        self._check_entry(name, [p / "image", *sorted((p / "image").iterdir())])   # what the engine opens
         return Checkpoint(name, p, meta)
+
+    def _check_entry(self, name: str, paths: list[Path]) -> None:
+        """Every one of PATHS is the caller's and writable by no one else (not a symbolic link)."""
+        for q in paths:
+            try:
+                why = _not_ours(os.lstat(q), owners=(os.geteuid(),))
+            except FileNotFoundError:
+                continue                                   # said by the reader
+            if why:
+                raise NoSuchCheckpoint(f"checkpoint {name!r} is not trusted: {q} is {why}; nbcheckpoint "
+                                       "restores only checkpoints that you own and no one else may write")
 
     def _read_meta(self, name: str, path: Path) -> dict:
         """meta.json as a dict, once its seal is the caller's (a regular file, bounded: like an image file)."""
@@ -185,7 +222,7 @@ class Store:
     def list(self) -> list[Checkpoint]:
         """Complete checkpoints sealed with the caller's key (none if the caller has no key)."""
         out = []
-        if not os.path.exists(keys.key_path()):
+        if not os.path.exists(keys.key_path()) or self.untrusted():
             return out
         try:
             entries = list(self.root.iterdir())
@@ -202,22 +239,24 @@ class Store:
         return out
 
     def delete(self, name: str) -> None:
+        """Remove checkpoint NAME; an entry that is a symbolic link: the link only, never its target."""
         p = self.path(name)
-        if not p.is_dir():
+        if not p.is_symlink() and not p.is_dir():
             raise NoSuchCheckpoint(f"no checkpoint named {name!r} in {self.root}")
         # rename first: a half-deleted directory must not look like a checkpoint
         trash = self.root / f".{name}.partial-{os.getpid()}"
         os.rename(p, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        _remove(trash)
 
     def begin(self, name: str) -> "Pending":
         """Reserve NAME for a checkpoint being written (see Pending)."""
         self.validate_name(name)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._trusted_root()
         for p in self.root.iterdir():
             m = _PARTIAL.fullmatch(p.name)
             if m and not pid_alive(int(m.group(2))):
-                shutil.rmtree(p, ignore_errors=True)             # its writer died
+                _remove(p)                                       # its writer died
             elif m and m.group(1) == name:
                 raise StoreError(f"a checkpoint named {name!r} is being written right now (by pid {m.group(2)})")
         if (self.root / name).exists():
@@ -261,6 +300,30 @@ class Pending:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _not_ours(st: os.stat_result, owners: tuple, sticky_ok: bool = False) -> str | None:
+    """Why a file of stat ST may not be trusted (sshd's StrictModes), or None."""
+    mode = f"mode {stat.S_IMODE(st.st_mode):04o}"
+    if stat.S_ISLNK(st.st_mode):
+        return "a symbolic link"
+    if st.st_uid not in owners:
+        try:
+            user = pwd.getpwuid(st.st_uid).pw_name
+        except KeyError:
+            user = "?"
+        return f"owned by uid {st.st_uid} ({user}, {mode}), not by you (uid {os.geteuid()})"
+    if st.st_mode & 0o022 and not (sticky_ok and st.st_mode & stat.S_ISVTX and stat.S_ISDIR(st.st_mode)):
+        return f"writable by group or others ({mode})"
+    return None
+
+
+def _remove(path: Path) -> None:
+    """Remove PATH: a symbolic link (or file) itself, a directory with its content; never a link's target."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _canonical(meta: dict) -> bytes:

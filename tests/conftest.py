@@ -123,6 +123,79 @@ def thread_report(pid: int) -> str:
     return "\n".join(lines)
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after the comm: state, ppid, pgrp, session, ... ([] if gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return []
+    return data[data.rindex(")") + 2:].split()
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def kill_sessions(sids) -> None:
+    """SIGKILL every process of the sessions SIDS: a target's children outlive it, re-parented
+    to init, in its session (targets start one; a restored tree keeps it). A session id is
+    not reused while any process is in that session."""
+    for pid in _pids():
+        f = _stat_fields(pid)
+        if f and int(f[3]) in sids and f[0] not in "ZX":
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+# the pids_seen of every Target made: each started a session of its own (start_new_session)
+_TARGET_PIDS: list[set] = []
+
+
+def started_processes(roots) -> dict[int, str]:
+    """Live processes started by this run's tests: in the session of a Target (its children
+    too, re-parented or not), or whose binary, cwd or command line is under one of ROOTS (the
+    session's temp dir); never another run's (other sessions, other temp dirs): {pid: command}."""
+    sids = set().union(*_TARGET_PIDS)
+    marks = [str(r) for r in roots]
+    mine = {os.getpid(), os.getppid()}
+    out = {}
+    for pid in _pids():
+        f = _stat_fields(pid)
+        if not f or f[0] in "ZX" or pid in mine:
+            continue
+        in_target_session = int(f[3]) in sids
+        if not in_target_session and not marks:
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            where = [os.readlink(f"/proc/{pid}/exe"), os.readlink(f"/proc/{pid}/cwd"), cmd]
+        except OSError:
+            continue                                    # gone, or a kernel thread
+        if in_target_session or any(m in w for m in marks for w in where):
+            out[pid] = cmd
+    return out
+
+
+def strays(roots, before: dict | None = None, grace: float = 5.0) -> dict[int, str]:
+    """started_processes(ROOTS) not in BEFORE still alive after GRACE seconds; killed, and returned."""
+    deadline = time.monotonic() + grace
+    while True:
+        left = {p: c for p, c in started_processes(roots).items() if before is None or p not in before}
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left
+
+
 def force_reap(pid: int, timeout: float = EXIT_TIMEOUT) -> bool:
     """SIGKILL pid (which must be our child) and reap it without ever blocking: also reaps
     zombie threads still ptrace-attached to us, which would otherwise keep the leader
@@ -189,6 +262,7 @@ class Target:
         self.status: int | None = None    # exit status of the current incarnation, once reaped
         self._mark = 0            # log offset where the current run's output starts
         self.pids_seen: set[int] = set()
+        _TARGET_PIDS.append(self.pids_seen)
 
     def _argv(self, extra_args) -> list[str]:
         if self.name in PY_TARGETS:
@@ -273,9 +347,16 @@ class Target:
         self.pids_seen.add(pid)
 
     def kill(self) -> None:
-        """Teardown: SIGKILL and reap whatever incarnation is still ours and alive."""
+        """Teardown: SIGKILL and reap whatever incarnation is still ours and alive, then every
+        process left in its session (children it did not kill before it exited)."""
         if self.pid is None:
             return
+        try:
+            self._kill()
+        finally:
+            kill_sessions(self.pids_seen)
+
+    def _kill(self) -> None:
         if getattr(self, "init_pid", None):         # restore_lazy: the namespace goes with its init
             force_reap(self.init_pid)
             if self.lazy_thread is not None:
@@ -424,6 +505,26 @@ def pytest_runtest_makereport(item, call):
     rep = yield
     setattr(item, f"rep_{rep.when}", rep)
     return rep
+
+
+@pytest.fixture(autouse=True)
+def no_stray_targets(request):
+    """Fails a test that leaves a target process running (after its fixtures' teardown): the
+    strays are named and killed. The session's end checks the temp dirs too (below)."""
+    before = started_processes(())
+    yield
+    left = strays((), before)               # the targets' sessions only: module fixtures live on
+    if left:
+        pytest.fail(f"{request.node.nodeid} left target processes running (killed now): {left}", pytrace=False)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """No process started by the tests may outlive the run: a target, or anything running
+    from the session's temp dir."""
+    left = strays([session.config._tmp_path_factory.getbasetemp()])
+    if left:
+        print(f"\nthe tests left processes running (killed now): {left}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture

@@ -170,3 +170,57 @@ def test_demo_target_passes_verification_when_left_alone(tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(timeout=10) == 0
+
+
+def test_unlock_malformed_lock_name_is_a_clear_error(launch, images, capsys):
+    """A (sealed) image whose network lock is not one of our names: an error, not a traceback."""
+    from nbcheckpoint.engine.images import imagedir
+    t = launch("counter")
+    img = images()
+    t.checkpoint(img, leave_running=True)
+    inv = imagedir.ImageReader(img).inventory
+    inv.network_lock = "nbck_x; flush ruleset"
+    imagedir.reseal(img, inventory=inv)
+    assert cli.main(["unlock", str(img)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("nbcheckpoint: error: the image names the network lock 'nbck_x; flush ruleset', "
+                          "which is not the name of an nbcheckpoint lock"), err
+
+
+def test_disk_full_says_which_file_and_how_much(launch, tmp_path, capsys):
+    """A dump into a full filesystem names the file, the bytes it could not write and what is free."""
+    t = launch("counter")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], check=True)
+    try:
+        assert cli.main(["dump", "-t", str(t.pid), "-D", str(small / "img"), "-R"]) == 1
+        err = capsys.readouterr().err
+        assert re.search(rf"no space left for the image file {small}/\.img\.partial-\S+/\S+\.img "
+                         r"\(No space left on device\): [\d,]+ bytes of a [\d,]+-byte write were not written, "
+                         r"after [\d,]+ bytes of this file; [\d,]+ bytes free on its filesystem", err), err
+        assert os.listdir(small) == []                  # the partial image is gone
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    t.expect_pass()                                      # left running, unharmed
+
+
+def test_lower_hard_rlimit_named(launch, images):
+    """A restore under a lower hard RLIMIT_AS than the image's, without CAP_SYS_RESOURCE (dropped
+    from the bounding set before exec): the limit, both values and what to do; not a bare EPERM."""
+    import ctypes
+    import resource
+
+    def lower():
+        ctypes.CDLL(None, use_errno=True).prctl(24, 24)   # PR_CAPBSET_DROP, CAP_SYS_RESOURCE
+        resource.setrlimit(resource.RLIMIT_AS, (64 << 30, 64 << 30))
+    t = launch("counter")
+    img = images()
+    t.checkpoint(img)
+    assert resource.getrlimit(resource.RLIMIT_AS)[1] == resource.RLIM_INFINITY
+    r = subprocess.run([sys.executable, "-m", "nbcheckpoint", "restore", "-d", "-D", str(img)],
+                       capture_output=True, text=True, timeout=120, preexec_fn=lower)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "the image's RLIMIT_AS (soft unlimited, hard unlimited) is above the hard limit this restore runs " \
+           f"under ({64 << 30}), and raising a hard limit needs CAP_SYS_RESOURCE" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

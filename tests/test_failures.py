@@ -531,6 +531,10 @@ class PhasePrinter:          # the CLI's progress line, as timestamped phase cha
         return self
     def __exit__(self, *exc):
         pass
+    def __enter__(self):      # used as `with Progress() as progress:` (cli.py)
+        return self
+    def __exit__(self, *exc):
+        pass
 
 cli.Progress = PhasePrinter
 # Diagnostics only: also mark the injection phase, if the engine still has one by that name.

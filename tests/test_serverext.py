@@ -285,6 +285,16 @@ def test_cookie_auth_needs_xsrf(server):
     ("POST", "/restore", {"name": 7}, 400, "bad checkpoint name"),
     ("POST", "/restore", {"name": "no-such-checkpoint"}, 404, "no checkpoint named"),
     ("POST", "/restore", "not json", 400, "not JSON"),
+    ("POST", "/restore", "[" * 5000 + "]" * 5000, 400, "not JSON"),        # RecursionError in json
+    ("POST", "/restore", b"\xff\xfe{", 400, "not JSON"),
+    ("POST", "/restore", '"x' + "y" * (64 << 10) + '"', 400, "too large"),
+    ("POST", "/restore", [{"name": "c"}], 400, "must be a JSON object"),
+    ("POST", "/restore", {"name": "no-such-checkpoint", "session_id": 5}, 400, "session_id must be a string"),
+    ("POST", "/restore", {"name": "no-such-checkpoint", "path": ["a"]}, 400, "path must be a string"),
+    ("POST", "/kernels/{uuid}/restore", {"name": "c", "session_id": {}}, 400, "session_id must be a string"),
+    ("POST", "/kernels/{uuid}/restore", "[" * 5000, 400, "not JSON"),
+    ("POST", "/kernels/{uuid}/checkpoint", {"notebook": 5}, 400, "notebook must be a string"),
+    ("POST", "/kernels/{uuid}/checkpoint", {"execution_count": True}, 400, "execution_count must be an integer"),
     ("GET", "/checkpoints/..%2Fx", None, 400, "bad checkpoint name"),
     ("DELETE", "/checkpoints/..%2Fx", None, 400, "bad checkpoint name"),
     ("DELETE", "/checkpoints/%2E%2E", None, 400, "bad checkpoint name"),
@@ -294,7 +304,7 @@ def test_cookie_auth_needs_xsrf(server):
 ])
 def test_bad_requests(server, method, path, body, status, words):
     path = path.replace("{uuid}", str(uuid.uuid4()))
-    kw = {"data": body} if isinstance(body, str) else {"json": body} if body is not None else {}
+    kw = {"data": body} if isinstance(body, (str, bytes)) else {"json": body} if body is not None else {}
     r = server.api(method, API + path, **kw)
     assert r.status_code == status, (r.status_code, r.text)
     assert words in r.json()["message"], r.json()
@@ -445,6 +455,29 @@ def test_checkpoint_list_restore_delete(server):
     assert r.status_code == 404 and "no checkpoint named" in r.json()["message"]
     server.ok("DELETE", f"/api/kernels/{new}", 204)
     wait_kernel_gone(new)
+
+
+def test_bad_request_changes_nothing(server):
+    """A request is checked whole before anything is done: a restore in place with a bad
+    session_id used to restore the kernel and only then answer 400."""
+    sess = new_session(server, "work/bad.ipynb")
+    kid = sess["kernel"]["id"]
+    assert run_code(server, kid, "x = 1\nprint('ok')") == "ok\n"
+    server.ok("POST", f"{API}/kernels/{kid}/checkpoint", json={"name": "v1"})
+    assert run_code(server, kid, "x = 2\nprint('ok')") == "ok\n"
+    store = sorted(os.listdir(server.checkpoints))
+    for body in ({"name": "v1", "session_id": 5}, {"name": "v1", "path": 5}):
+        r = server.api("POST", f"{API}/kernels/{kid}/restore", json=body)
+        assert r.status_code == 400 and "must be a string" in r.json()["message"], r.text
+    for body in ('{"name": "v2", "notebook": ' + "[" * 5000 + "]" * 5000 + "}", '{"name": "v2", "notebook": 5}'):
+        r = server.api("POST", f"{API}/kernels/{kid}/checkpoint", data=body)
+        assert r.status_code == 400, r.text
+    assert idle_status(server, kid)["restored_from"] is None
+    assert run_code(server, kid, "print(x)") == "2\n"                # not rolled back
+    assert sorted(os.listdir(server.checkpoints)) == store            # nothing taken
+    server.ok("DELETE", f"/api/sessions/{sess['id']}", 204)
+    wait_kernel_gone(kid)
+    server.ok("DELETE", f"{API}/checkpoints/v1", 204)
 
 
 def test_error_statuses(server):

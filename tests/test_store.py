@@ -75,3 +75,74 @@ def test_cli_ls_rm(tmp_path):
     assert r.returncode == 0 and not st.list()
     r = subprocess.run(NBCK + ["ls"], capture_output=True, text=True, env=env)
     assert "no checkpoints" in r.stdout
+
+
+NOBODY = 65534
+
+
+def test_store_root_trusted_as_sshd_does(tmp_path):
+    """A store writable by others (not sticky) or owned by another user is refused, naming the
+    path, its owner/mode and the fix; a sticky one (as /tmp) is not: what others plant there
+    is checked entry by entry."""
+    st = Store(tmp_path / "s")
+    _take(st, "mine")
+    os.chmod(st.root, 0o777)
+    with pytest.raises(StoreError, match=rf"{st.root} is writable by group or others \(mode 0777\).*chmod 700 {st.root}"):
+        st.begin("x")
+    with pytest.raises(StoreError, match="writable by group or others"):
+        st.get("mine")
+    assert st.list() == []
+    env = dict(os.environ, NBCHECKPOINT_DIR=str(st.root))
+    r = subprocess.run(NBCK + ["ls"], capture_output=True, text=True, env=env)
+    assert "no checkpoints" in r.stdout and f"chmod 700 {st.root}" in r.stderr, (r.stdout, r.stderr)
+    os.chmod(st.root, 0o770)
+    assert st.list() == [] and "mode 0770" in st.untrusted()
+    os.chmod(st.root, 0o1777)                           # sticky: others cannot move what is ours
+    assert [c.name for c in st.list()] == ["mine"]
+    # another user's store: root neither lists nor restores it, and says why
+    os.chmod(st.root, 0o700)
+    os.chown(st.root, NOBODY, NOBODY)
+    assert st.list() == []
+    with pytest.raises(StoreError, match=rf"{st.root} is owned by uid {NOBODY} .*not by you"):
+        st.get("mine")
+    with pytest.raises(StoreError, match="owned by uid"):
+        st.begin("y")
+
+
+@pytest.mark.parametrize("what,mode", [
+    ("", None), ("", 0o777), ("meta.json", None), ("meta.json", 0o666), ("image", 0o770),
+    ("image", None), ("image/inventory.img", None), ("image/pstree.img", 0o622),
+])
+def test_entry_not_ours_neither_listed_nor_restored(tmp_path, what, mode):
+    """Entry, meta.json, image/ and image files: another owner (mode None) or writable by others."""
+    st = Store(tmp_path / "s")
+    ck = _take(st, "c")
+    target = ck.path / what if what else ck.path
+    os.chmod(target, mode) if mode else os.chown(target, NOBODY, NOBODY)
+    assert st.list() == []
+    with pytest.raises(StoreError, match=rf"checkpoint 'c' is not trusted: {target} is (owned by uid {NOBODY}|writable by group or others)"):
+        st.get("c")
+
+
+def test_rm_symlink_entry_removes_the_link_only(tmp_path):
+    st = Store(tmp_path / "s")
+    _take(st, "real")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_text("x")
+    for name, to in (("link", elsewhere), ("link2", st.root / "real"), ("dangling", tmp_path / "none")):
+        (st.root / name).symlink_to(to)
+    assert [c.name for c in st.list()] == ["real"]             # a link is no checkpoint
+    with pytest.raises(StoreError, match="a symbolic link"):
+        st.get("link2")
+    r = subprocess.run(NBCK + ["rm", "link", "link2", "dangling", "--store", str(st.root)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(st.root)) == ["real"]              # no .NAME.partial-PID left
+    assert (elsewhere / "keep").exists() and st.get("real")
+    # a partial entry left as a link by a dead writer is swept too, its target untouched
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (st.root / f".z.partial-{dead.pid}").symlink_to(elsewhere)
+    st.begin("n").abort()
+    assert sorted(os.listdir(st.root)) == ["real"] and (elsewhere / "keep").exists()

@@ -26,6 +26,7 @@ import logging
 import os
 import secrets
 
+from .errors import ImageError
 from .sys import nftables
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,8 @@ class DumpLock:
 def unlock(name: str) -> bool:
     """Delete a lasting lock table; False if there is none here (restored elsewhere, or gone)."""
     if not name.startswith(PREFIX) or not name[len(PREFIX):].replace("_", "").isalnum():
-        raise ValueError(f"{name!r} is not the name of an nbcheckpoint network lock")
+        raise ImageError(f"the image names the network lock {name!r}, which is not the name of an nbcheckpoint "
+                         f"lock ({PREFIX} then letters, digits or '_'): its inventory is damaged; nothing was removed")
     if nftables.available() is not None:
         return False
     with nftables.Nft() as nft:

@@ -256,7 +256,7 @@ def _unlock(name: str) -> None:
         return
     try:
         netlock.unlock(name)
-    except (EngineError, ValueError) as e:
+    except EngineError as e:
         log.warning("could not remove the network lock %s: %s (nbcheckpoint unlock DIR does)", name, e)
 
 

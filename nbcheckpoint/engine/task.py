@@ -10,6 +10,7 @@ restoring threads with clone3(set_tid) needs our privileges.
 from __future__ import annotations
 
 import os
+import resource
 import struct
 
 from .errors import UnsupportedError
@@ -17,6 +18,7 @@ from .images import core_pb2
 from .inject import Remote
 from .sys import proc, ptrace
 from .sys.libc import prlimit
+from .errors import AccessDenied, RestoreError
 
 NSIG = 64
 _SIGACTION = struct.Struct("<QQQQ")     # handler, flags, restorer, mask (kernel struct sigaction)
@@ -112,7 +114,17 @@ def restore_thp_disable(remote: Remote, t: core_pb2.TaskCore) -> None:
 
 def restore_rlimits(pid: int, t: core_pb2.TaskCore) -> None:
     for r in t.rlimits:
-        prlimit(pid, r.resource, (r.cur, r.max))
+        try:
+            prlimit(pid, r.resource, (r.cur, r.max))
+        except AccessDenied:         # the stub has the engine's limits; raising a hard one needs CAP_SYS_RESOURCE
+            hard = prlimit(pid, r.resource)[1]
+            name = next((n for n in dir(resource) if n.startswith("RLIMIT_") and getattr(resource, n) == r.resource),
+                        f"rlimit {r.resource}")
+            lim = lambda v: "unlimited" if v == (1 << 64) - 1 else str(v)    # noqa: E731 (RLIM64_INFINITY)
+            raise RestoreError(f"the image's {name} (soft {lim(r.cur)}, hard {lim(r.max)}) is above the hard limit "
+                               f"this restore runs under ({lim(hard)}), and raising a hard limit needs "
+                               f"CAP_SYS_RESOURCE: run the restore where the hard {name} is at least {lim(r.max)} "
+                               "(ulimit -H, prlimit, systemd's Limit*= of the service)") from None
 
 
 def queue_signal(remote: Remote, info: bytes, tid: int | None) -> None:

@@ -39,6 +39,10 @@ AUTH_RESOURCE = "nbcheckpoint"
 API_PREFIX = "nbcheckpoint/api"
 DEFAULT_KERNEL_NAME = "python3-checkpointable"
 RESTORE_TIMEOUT = 600            # s: a restore into a new kernel must be confirmed by then
+MAX_BODY = 64 << 10              # bytes: every body the API takes is a few short strings
+# the optional fields of request bodies: their type, and how to say it
+FIELDS = {"session_id": (str, "a string"), "path": (str, "a string (the notebook's path)"),
+          "notebook": (str, "a string (the notebook's path)"), "execution_count": (int, "an integer")}
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 # the HTTP status of the project's errors (the first type that matches); any other error: 500
 STATUSES = ((BadName, 400), (NoSuchCheckpoint, 404), (StoreError, 409), (Busy, 409), (RestoreError, 409))
@@ -103,15 +107,23 @@ class BaseHandler(APIHandler):
         self.clear()
         self.reply({"message": message}, status)
 
-    def body(self) -> dict:
-        if not self.request.body:
-            return {}
+    def body(self, *optional: str) -> dict:
+        """The request's JSON object, each of its OPTIONAL fields (FIELDS) null or of its type:
+        the whole request is checked before anything is done."""
+        raw = self.request.body
+        if len(raw) > MAX_BODY:
+            raise ApiError(400, f"the request body is too large (at most {MAX_BODY} bytes)")
         try:
-            data = json.loads(self.request.body)
-        except ValueError:
-            raise ApiError(400, "the request body is not JSON") from None
+            data = json.loads(raw) if raw else {}
+        except (ValueError, RecursionError):           # RecursionError: nested too deep
+            raise ApiError(400, "the request body is not JSON (or nested too deep)") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the request body must be a JSON object")
+        for k in optional:
+            t, what = FIELDS[k]
+            v = data.get(k)
+            if v is not None and (not isinstance(v, t) or isinstance(v, bool)):
+                raise ApiError(400, f"{k} must be {what}")
         return data
 
     def reply(self, data, status: int = 200) -> None:
@@ -144,8 +156,6 @@ class BaseHandler(APIHandler):
         """The session named by id, else the one of notebook PATH, else the one using KERNEL_ID."""
         sm = self.session_manager
         if session_id:
-            if not isinstance(session_id, str):
-                raise ApiError(400, "session_id must be a string")
             try:
                 return await sm.get_session(session_id=session_id)
             except web.HTTPError:                  # gone, or went away with its kernel
@@ -196,18 +206,13 @@ class KernelCheckpointHandler(BaseHandler):
     @authorized
     @_errors
     async def post(self, kernel_id):
-        body = self.body()
+        body = self.body("notebook", "execution_count")
         km = self.existing_kernel(kernel_id)
         name = body.get("name")
         if name is not None:
             check_name(name)
         self.require_checkpointable(kernel_id, km, "cannot be checkpointed")
-        notebook = body.get("notebook")
-        if notebook is not None and not isinstance(notebook, str):
-            raise ApiError(400, "notebook must be a string (the notebook's path)")
-        count = body.get("execution_count")
-        if count is not None and (not isinstance(count, int) or isinstance(count, bool)):
-            raise ApiError(400, "execution_count must be an integer")
+        notebook, count = body.get("notebook"), body.get("execution_count")
         if notebook is None:
             s = await self.session_for(kernel_id=kernel_id)
             notebook = s.get("path") if s else None
@@ -263,8 +268,6 @@ class RestoreMixin:
         meta = ck.meta
         kernel_name = meta.get("kernel_name") or DEFAULT_KERNEL_NAME
         path = body.get("path")
-        if path is not None and not isinstance(path, str):
-            raise ApiError(400, "path must be a string")
         session = await self.session_for(session_id=body.get("session_id"), path=path,
                                          kernel_id=old_kernel_id)
         nb_path = (session or {}).get("path") or path or meta.get("notebook")
@@ -301,7 +304,7 @@ class KernelRestoreHandler(RestoreMixin, BaseHandler):
     @_errors
     async def post(self, kernel_id):
         check_kernel_id(kernel_id)
-        body = self.body()
+        body = self.body("session_id", "path")
         name = check_name(body.get("name"))
         ck = self.checkpoint_or_404(name)
         mkm = self.kernel_manager
@@ -323,7 +326,7 @@ class RestoreHandler(RestoreMixin, BaseHandler):
     @authorized("execute")
     @_errors
     async def post(self):
-        body = self.body()
+        body = self.body("session_id", "path")
         name = check_name(body.get("name"))
         ck = self.checkpoint_or_404(name)
         self.reply(await self.restore_new_kernel(name, ck, body, None))

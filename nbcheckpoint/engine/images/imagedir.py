@@ -51,7 +51,7 @@ import time
 
 import xxhash
 
-from ..errors import ImageError
+from ..errors import DumpError, ImageError
 from ..sys import proc
 from ..sys.fd import Fd
 from . import inventory_pb2, key as keys
@@ -80,7 +80,12 @@ class _HashingFile:
         self.hash.update(data)
         view = memoryview(data)
         while view:
-            n = os.write(self.fd.fileno(), view)
+            try:
+                n = os.write(self.fd.fileno(), view)
+            except OSError as e:
+                _no_space(e, self.path, f"{len(view):,} bytes of a {len(data):,}-byte write were not written, "
+                                        f"after {self.size + len(data) - len(view):,} bytes of this file")
+                raise
             view = view[n:]
         self.size += len(data)
 
@@ -90,6 +95,17 @@ class _HashingFile:
     def summary(self) -> inventory_pb2.FileSum:
         return inventory_pb2.FileSum(name=os.path.basename(self.path), size=self.size,
                                      xxh3_128=self.hash.digest())
+
+
+def _no_space(e: OSError, path: str, what: str) -> None:
+    """Raise a DumpError that says where and how much if E is a full disk (or quota)."""
+    import errno                 # here: the rest of the module has no use for it
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return
+    st = os.statvfs(os.path.dirname(path))
+    free = "no inode" if st.f_favail == 0 else f"{st.f_bavail * st.f_frsize:,} bytes"
+    raise DumpError(f"no space left for the image file {path} ({e.strerror}): {what}; {free} free on "
+                    f"its filesystem: free some space, or dump into a directory on another filesystem") from None
 
 
 class _BlockSums:
@@ -184,7 +200,11 @@ class ImageWriter:
         """fsync and close every data file (the slow part on a real disk)."""
         for f in self._files:
             if not f.fd.closed:
-                os.fsync(f.fd.fileno())
+                try:
+                    os.fsync(f.fd.fileno())
+                except OSError as e:
+                    _no_space(e, f.path, f"its {f.size:,} bytes could not all be stored")
+                    raise
                 f.close()
             self._sums.append(f.summary())
         self._files = []
@@ -218,9 +238,11 @@ def _seal(path: str, inv: inventory_pb2.Inventory, key: keys.Key) -> None:
     head = _SEAL.pack(SEAL_MAGIC, FORMAT_VERSION, key.id)
     raw = head + key.mac(head, body) + body
     w = _HashingFile(path)
-    w.write(raw + xxhash.xxh3_128_digest(raw))
-    os.fsync(w.fd.fileno())
-    w.close()
+    try:                        # closed even on a full disk: nothing may keep the filesystem busy
+        w.write(raw + xxhash.xxh3_128_digest(raw))
+        os.fsync(w.fd.fileno())
+    finally:
+        w.close()
 
 
 def reseal(images_dir, inventory: inventory_pb2.Inventory | None = None) -> None:
