@@ -527,10 +527,6 @@ class PhasePrinter:          # the CLI's progress line, as timestamped phase cha
         if phase != self.last:
             self.last = phase
             mark(phase)
-    def __enter__(self):
-        return self
-    def __exit__(self, *exc):
-        pass
     def __enter__(self):      # used as `with Progress() as progress:` (cli.py)
         return self
     def __exit__(self, *exc):
