@@ -161,24 +161,21 @@ def _open_eventfd(f) -> int:
 def _open_timerfd(f) -> int:
     t = f.timerfd
     fd = anonfd.timerfd_create(t.clockid)
+    interval = (t.interval_sec, t.interval_nsec)
     try:
         if t.value_sec or t.value_nsec:
-            _timerfd_settime(fd, t.settime_flags, t.value_sec, t.value_nsec, t)
+            anonfd.timerfd_settime(fd, t.settime_flags, interval, (t.value_sec, t.value_nsec))
         if t.ticks:
             try:
                 anonfd.timerfd_set_ticks(fd, t.ticks)
             except SysError as e:
                 if e.errno != errno.ENOTTY:
                     raise
-                _timerfd_settime(fd, 0, 0, 1, t)     # no CONFIG_CHECKPOINT_RESTORE: fire at once
+                anonfd.timerfd_settime(fd, 0, interval, (0, 1))     # no CONFIG_CHECKPOINT_RESTORE: fire at once
     except BaseException:
         os.close(fd)
         raise
     return fd
-
-
-def _timerfd_settime(fd: int, flags: int, sec: int, nsec: int, t) -> None:
-    anonfd.timerfd_settime(fd, flags, (t.interval_sec, t.interval_nsec), (sec, nsec))
 
 
 def _open_inotify(f) -> int:

@@ -21,6 +21,7 @@ import termios
 
 from ..errors import DumpError, ImageError, RestoreError, UnsupportedError
 from ..images import files_pb2, names
+from ..sys import proc
 from ..sys.ioctl import get_int
 from ..sys.libc import syscall
 from ..sys.x86_64 import NR
@@ -138,11 +139,7 @@ def _save_data(ctx, pid: int, fd: int, link: str, entry: files_pb2.FileEntry, fl
 
 def _max_size() -> int:
     try:
-        fd = os.open("/proc/sys/fs/pipe-max-size", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            return int(os.read(fd, 64))
-        finally:
-            os.close(fd)
+        return proc.sysctl_int("fs/pipe-max-size")
     except OSError:
         return 1 << 20
 
