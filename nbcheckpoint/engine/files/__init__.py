@@ -1,22 +1,13 @@
 """File descriptors: classified in ONE place (:func:`classify`), one module per kind.
 
-The model is CRIU's: an *open file description* (what open(2) returns, shared
-by dup(2), fork(2) and SCM_RIGHTS) is one ``FileEntry`` with an id; each
-process has a table of ``FdEntry`` (fd number, close-on-exec, id).  Two fds
-refer to the same description when kcmp(2) KCMP_FILE says so.
-
-Each kind is one object (``files/kind.py``: ``FileKind``, whose methods are the
-contract, with no-op defaults) in the one table :data:`KINDS`.  Once the tree is
-frozen, :meth:`DumpContext.prepare` classifies every fd of every process once
-(``ctx.tree``) and hands that table to each kind's ``prepare``; a kind keeps its own
-per-dump or per-restore state in ``ctx.state(kind)``.
-
-Files in flight (SCM_RIGHTS messages queued on a unix socket) are descriptions too: the
-unix kind peeks them into the engine and :meth:`DumpContext.dump_in_flight` gives them
-their ids, shared with any process that holds the same description.
-
-Restore opens each description once in the engine; the stubs inherit the fds
-and injected dup3() calls put them at their numbers (restore.py).
+The model is CRIU's: an *open file description* (what open(2) returns, shared by dup(2),
+fork(2) and SCM_RIGHTS) is one ``FileEntry`` with an id; each process has a table of
+``FdEntry`` (fd number, close-on-exec, id).  Two fds refer to the same description when
+kcmp(2) KCMP_FILE says so.  Each kind is one ``FileKind`` (``kind.py``; docs/engine.md, "Fd
+kinds") in the one table :data:`KINDS`.  Files in flight (SCM_RIGHTS messages queued on a unix
+socket) are descriptions too (:meth:`DumpContext.dump_in_flight`).  Restore opens each
+description once in the engine; the stubs inherit the fds and injected dup3() calls put them
+at their numbers (restore.py).
 """
 from __future__ import annotations
 

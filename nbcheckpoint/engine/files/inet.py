@@ -17,15 +17,11 @@ socket's peer is the socket with the reverse address 4-tuple:
   its repair state; the peer keeps its end) or ``--tcp-close`` (restore it closed) is given.
 
 A connection's state is read with TCP_REPAIR (``sys/tcprepair.py``; CRIU's libsoccr model)
-through a pidfd_getfd duplicate while the tree is frozen: negotiated options (mss, window
-scale, SACK, timestamps, TCP_TIMESTAMP), the window (TCP_REPAIR_WINDOW), the sequence number
-and the MSG_PEEKed bytes of both queues (SIOCOUTQNSD tells the never-sent tail of the send
-queue).  It is read until two readings agree, and repair mode is left at once
-(TCP_REPAIR_OFF_NO_WP: nothing is sent; SO_REUSEADDR, which leaving repair mode resets, is
-set back).  The engine keeps its duplicate: once the dumped tree has been killed it puts the
-socket into repair mode and closes it, so the old connection ends silently -- no FIN or RST
-reaches an outside peer, and no TIME_WAIT holds the 4-tuple the restore needs.  (That
-happens when the dump closes its DumpContext, at the end of dump().)
+through a pidfd_getfd duplicate while the tree is frozen (what is read: docs/engine.md), until
+two readings agree; repair mode is left at once (TCP_REPAIR_OFF_NO_WP: nothing is sent;
+SO_REUSEADDR, which leaving repair mode resets, is set back).  The engine keeps its duplicate
+until the dump ends (``_release``): once the tree is killed, repair mode then closes the old
+connection silently -- no FIN or RST reaches an outside peer, no TIME_WAIT holds its 4-tuple.
 
 The process is frozen but the kernel is not: a kill-mode dump locks each connection to an
 outside peer (``netlock.py``, as CRIU does with netfilter) before its queues are read, so that
@@ -64,6 +60,7 @@ network namespace than the engine's cannot be dumped.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -777,10 +774,9 @@ class _Restorer:
         if n.HasField("tcp") and n.tcp.fin_sent:
             how |= 2
         if how:
-            try:
+            # ENOTCONN on an unconnected UDP socket, for one, is no failure (the flags are set anyway)
+            with contextlib.suppress(OSError):
                 s.shutdown(_SHUT[how])
-            except OSError:
-                pass        # e.g. ENOTCONN on an unconnected UDP socket (the flags are set anyway)
 
     def _closed(self, ino: int) -> None:
         """A connection the process must find closed: rebuilt in repair mode, then reset."""
@@ -800,10 +796,8 @@ class _Restorer:
         tcprepair.repair(s, tcprepair.REPAIR_OFF_NO_WP)
         if connected:
             tcprepair.disconnect(s)         # RST to the peer; ECONNRESET for the process
-        try:
+        with contextlib.suppress(OSError):
             s.shutdown(socket.SHUT_RDWR)    # then end of file
-        except OSError:
-            pass
 
     def _finish(self, ino: int) -> None:
         n, s = self.n(ino), self.socks[ino]

@@ -60,6 +60,7 @@ import logging
 import os
 import socket
 import stat
+from socket import MSG_CMSG_CLOEXEC, SO_PASSCRED, SO_PASSSEC, SO_RCVLOWAT, SO_RCVTIMEO, SO_SNDTIMEO
 
 from ..errors import DumpError, EngineError, ImageError, RestoreError, UnsupportedError
 from ..images import files_pb2, unix_pb2
@@ -70,15 +71,7 @@ from .kind import Built, BuiltTogether, by_ino, set_status_flags
 log = logging.getLogger(__name__)
 
 SOL_SOCKET = socket.SOL_SOCKET
-SO_PASSCRED = 16
-SO_RCVLOWAT = 18
-SO_RCVTIMEO = 20
-SO_SNDTIMEO = 21
-SO_SNDBUFFORCE = 32
-SO_RCVBUFFORCE = 33
-SO_PASSSEC = 34
-SO_PEEK_OFF = 42
-MSG_CMSG_CLOEXEC = 0x40000000
+SO_SNDBUFFORCE, SO_RCVBUFFORCE, SO_PEEK_OFF = 32, 33, 42     # not in Python's socket module
 _TIMEVAL = 16
 _ANC = socket.CMSG_SPACE(253 * 4) + socket.CMSG_SPACE(12) + 64   # SCM_MAX_FD fds + ucred + secdata
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT | MSG_CMSG_CLOEXEC
@@ -190,10 +183,8 @@ def _dump_path(pid: int, u, d: sockdiag.UnixDiag) -> None:
 def _dump_opts(sk: socket.socket, u) -> None:
     g = sk.getsockopt
     u.passcred = bool(g(SOL_SOCKET, SO_PASSCRED))
-    try:
+    with contextlib.suppress(OSError):
         u.passsec = bool(g(SOL_SOCKET, SO_PASSSEC))
-    except OSError:
-        pass
     u.rcvbuf = g(SOL_SOCKET, socket.SO_RCVBUF)
     u.sndbuf = g(SOL_SOCKET, socket.SO_SNDBUF)
     u.peek_off = g(SOL_SOCKET, SO_PEEK_OFF)
@@ -638,18 +629,14 @@ class _Restorer:
         for ino, s in self.socks.items():
             u = self.u(ino)
             if u.shutdown & 3:
-                try:
+                with contextlib.suppress(OSError):      # e.g. ENOTCONN: nothing to shut down
                     s.shutdown(_SHUT[u.shutdown & 3])
-                except OSError:
-                    pass        # e.g. ENOTCONN: nothing to shut down
             with self._failing(ino, "set the options of"):
                 self._options(ino, s, u)
                 set_status_flags(s.fileno(), self.ents[ino].flags)
         for path in self.unlink_later:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            except FileNotFoundError:
-                pass
 
     # -- helpers ---------------------------------------------------------------------
     def _in_flight(self, p) -> list:
@@ -763,10 +750,8 @@ class _Restorer:
         if u.passcred:
             s.setsockopt(SOL_SOCKET, SO_PASSCRED, 1)
         if u.passsec:
-            try:
+            with contextlib.suppress(OSError):
                 s.setsockopt(SOL_SOCKET, SO_PASSSEC, 1)
-            except OSError:
-                pass
         if u.rcvtimeo:
             s.setsockopt(SOL_SOCKET, SO_RCVTIMEO, bytes(u.rcvtimeo))
         if u.sndtimeo:
