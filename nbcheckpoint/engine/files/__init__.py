@@ -1,40 +1,32 @@
 """File descriptors: classified in ONE place (:func:`classify`), one module per kind.
 
-The model is CRIU's: an *open file description* (what open(2) returns, shared
-by dup(2), fork(2) and SCM_RIGHTS) is one ``FileEntry`` with an id; each
-process has a table of ``FdEntry`` (fd number, close-on-exec, id).  Two fds
-refer to the same description when kcmp(2) KCMP_FILE says so.
-
-Each kind is one object (``files/kind.py``: ``FileKind``, whose methods are the
-contract, with no-op defaults) in the one table :data:`KINDS`.  Once the tree is
-frozen, :meth:`DumpContext.prepare` classifies every fd of every process once
-(``ctx.tree``) and hands that table to each kind's ``prepare``; a kind keeps its own
-per-dump or per-restore state in ``ctx.state(kind)``.
-
-Files in flight (SCM_RIGHTS messages queued on a unix socket) are descriptions too: the
-unix kind peeks them into the engine and :meth:`DumpContext.dump_in_flight` gives them
-their ids, shared with any process that holds the same description.
-
-Restore opens each description once in the engine; the stubs inherit the fds
-and injected dup3() calls put them at their numbers (restore.py).
+The model is CRIU's: an *open file description* (what open(2) returns, shared by dup(2),
+fork(2) and SCM_RIGHTS) is one ``FileEntry`` with an id; each process has a table of
+``FdEntry`` (fd number, close-on-exec, id).  Two fds refer to the same description when
+kcmp(2) KCMP_FILE says so.  Each kind is one ``FileKind`` (``kind.py``; docs/engine.md, "Fd
+kinds") in the one table :data:`KINDS`.  Files in flight (SCM_RIGHTS messages queued on a unix
+socket) are descriptions too (:meth:`DumpContext.dump_in_flight`).  Restore opens each
+description once in the engine; the stubs inherit the fds and injected dup3() calls put them
+at their numbers (restore.py).
 """
 from __future__ import annotations
 
 import os
+import socket
 import stat
 from typing import NamedTuple
 
-from ..errors import DumpError, EngineError, SysError, UnsupportedError
+from ..errors import DumpError, EngineError, ImageError, SysError, UnsupportedError
 from ..images import files_pb2
 from ..netlock import DumpLock
+from ..options import Options
 from ..sys import proc
 from ..sys.libc import syscall
 from ..sys.memory import pidfd_getfd, pidfd_open
 from ..sys.x86_64 import NR
 from . import anon, inet, pidfd, pipe, regfile, tty, unix
-from .kind import FileKind
+from .kind import FileKind, set_status_flags
 
-O_CLOEXEC = 0o2000000
 KCMP_FILE = 0
 
 # The one table of supported kinds.  A kind missing here fails the dump by name.
@@ -113,29 +105,22 @@ def _kind_of(pid: int, fd: int) -> tuple[int | None, os.stat_result, str, str]:
 
 
 def _socket_family(pid: int, fd: int) -> int:
-    import socket
+    # a socket cannot be opened through /proc (ENXIO): ask a duplicate
+    pidfd = pidfd_open(pid)
     try:
-        with socket.socket(fileno=os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY)) as sk:
-            return sk.family
-    except OSError:
-        # sockets cannot be opened through /proc; ask the kernel via a duplicate
-        pidfd = pidfd_open(pid)
-        try:
-            dup = pidfd_getfd(pidfd, fd, pid)
-        finally:
-            os.close(pidfd)
-        with socket.socket(fileno=dup) as sk:
-            return int(sk.family)
+        dup = pidfd_getfd(pidfd, fd, pid)
+    finally:
+        os.close(pidfd)
+    with socket.socket(fileno=dup) as sk:
+        return int(sk.family)
 
 
 def _adopt(fd: int, f: files_pb2.FileEntry) -> int:
     """A caller's fd standing in for `f` (--inherit-fd), with the dumped O_NONBLOCK.
 
     It is the caller's own open file description, so the caller sees the change too."""
-    import fcntl
     try:
-        fl = fcntl.fcntl(fd, fcntl.F_GETFL)
-        fcntl.fcntl(fd, fcntl.F_SETFL, (fl & ~os.O_NONBLOCK) | (f.flags & os.O_NONBLOCK))
+        set_status_flags(fd, f.flags)
     except OSError:
         pass
     return os.dup(fd)
@@ -145,7 +130,6 @@ class DumpContext:
     """What the fd dumpers share: the image, ids, and duplicates of target fds."""
 
     def __init__(self, img, options=None):
-        from ..options import Options
         self.img = img
         self.options = options or Options()
         self.files: list[files_pb2.FileEntry] = []
@@ -185,7 +169,6 @@ class DumpContext:
 
     def getsock(self, pid: int, fd: int):
         """getfd() of a socket, as a socket object (closing it closes the duplicate)."""
-        import socket
         dup = self.getfd(pid, fd)
         try:
             return socket.socket(fileno=dup)
@@ -207,12 +190,12 @@ class DumpContext:
             fid = self._identify(pid, fd, s)
             if fid is None:
                 fid = self._dump_new(pid, fd, kind, s, link, info)
-            out.append(files_pb2.FdEntry(fd=fd, cloexec=bool(flags & O_CLOEXEC), id=fid))
+            out.append(files_pb2.FdEntry(fd=fd, cloexec=bool(flags & os.O_CLOEXEC), id=fid))
         return out
 
     def _dump_new(self, pid: int, fd: int, kind: int, s: os.stat_result, link: str, info: dict) -> int:
         fid = len(self.files) + 1
-        entry = files_pb2.FileEntry(id=fid, kind=kind, flags=int(info["flags"], 8) & ~O_CLOEXEC)
+        entry = files_pb2.FileEntry(id=fid, kind=kind, flags=int(info["flags"], 8) & ~os.O_CLOEXEC)
         # known before its payload is dumped: a unix socket may hold itself in flight
         self._seen.setdefault((s.st_dev, s.st_ino), []).append((pid, fd, fid))
         self.files.append(entry)
@@ -262,7 +245,6 @@ class RestoreContext:
     """Opens each file description once, in the engine; kinds may open peers together."""
 
     def __init__(self, reader, files: list[files_pb2.FileEntry], options=None):
-        from ..options import Options
         self.reader = reader
         self.options = options or Options()
         self.files = {f.id: f for f in files}
@@ -280,7 +262,6 @@ class RestoreContext:
         for e in fds:
             f = self.files.get(e.id)
             if f is None:
-                from ..errors import ImageError
                 raise ImageError(f"process {pid}: fd {e.fd} refers to file {e.id}, which the image lacks")
             self.check_one(pid, e, f)
 
@@ -295,7 +276,6 @@ class RestoreContext:
             f = self.files[fid]
             kind = KINDS.get(f.kind)
             if kind is None:
-                from ..errors import ImageError
                 raise ImageError(f"file {fid} is of kind {files_pb2.FdKind.Name(f.kind)}, "
                                  "which this version cannot restore")
             inherited = self.inherited(f)

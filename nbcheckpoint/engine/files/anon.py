@@ -1,42 +1,13 @@
-"""Anonymous-inode files: eventfd, epoll, timerfd, signalfd, inotify.
+"""Anonymous-inode files: eventfd, epoll, timerfd, signalfd, inotify (docs/engine.md,
+"Anonymous-inode files", says what is kept of each and why).
 
-Everything is read from fdinfo (parsed in sys/proc.py) and recreated in the
-engine, whose fd the restored process inherits (one module for all five kinds;
-the functions dispatch on ``FileEntry.kind``).
-
-eventfd   count (fdinfo shows it in hex) and EFD_SEMAPHORE; O_NONBLOCK from the
-          file flags.  Restore: eventfd2(0), then write(count) (eventfd2 takes
-          only 32 bits).
-epoll     every registration: (tfd, events, 64-bit data).  Registrations are
-          keyed by the *process's* fd numbers, so they are re-added by
-          epoll_ctl(ADD) injected into the restored process (after_place), once
-          its fds are in place.  fdinfo shows the current events mask: a fired
-          EPOLLONESHOT shows only its flag bits and comes back disabled the same
-          way; EPOLLET/EPOLLEXCLUSIVE/EPOLLWAKEUP come back as they were.  A
-          registration whose fd number was closed or reused after the ADD is
-          found by kcmp(KCMP_EPOLL_TFD) among the process's other fds and
-          re-added through a temporary dup3 onto `tfd` (``via_fd``).  Readiness
-          is re-evaluated by the kernel on ADD: an edge-triggered fd that is ready
-          reports one more edge after restore (a spurious wakeup, never a lost one).
-timerfd   clock, settime flags, time remaining, interval, unread ticks.  A
-          TFD_TIMER_ABSTIME timer stays absolute: dump saves now + remaining on its
-          clock, restore arms that absolute time (so a CLOCK_REALTIME deadline
-          holds across the checkpoint; one already past fires at once).  A relative
-          timer gets its remaining time from the moment of restore.  An expired
-          periodic timer not yet read (it_value shows 0) is re-armed one interval
-          ahead.  Unread ticks cannot be given to timerfd_settime: they are put back
-          with the TFD_IOC_SET_TICKS ioctl (CONFIG_CHECKPOINT_RESTORE); a kernel
-          without it gets the timer armed to fire at once, so a reader still sees
-          >= 1 expiration instead of the exact count.
-signalfd  the signal mask (fdinfo "sigmask:", same bit layout as sigset_t).
-inotify   every watch: wd, mask, and the watched inode, which fdinfo gives as a
-          file handle; open_by_handle_at(2) on a mount of that filesystem and
-          readlink of /proc/self/fd turn it back into a path.  Restore adds the
-          watches in the engine, in wd order: the kernel hands out wds
-          sequentially and cannot be told one, so gaps (removed watches) are
-          burned by adding and removing a watch on an unrelated inode, and a wd
-          that still comes back different fails the restore.  Events queued but
-          not read at dump time are not saved (reading them would consume them).
+Everything is read from fdinfo (parsed in sys/proc.py) and recreated in the engine, whose
+fd the restored process inherits; one module for the five kinds, dispatching on
+``FileEntry.kind`` (``_DUMP``, ``_OPEN``).  Epoll registrations name the process's fd
+numbers, so they are re-added by epoll_ctl injected into it (``after_place``).  A
+TFD_TIMER_ABSTIME timer stays absolute (a CLOCK_REALTIME deadline holds across the
+checkpoint; one already past fires at once); an expired periodic timer not read yet
+(it_value 0) is armed one interval ahead.
 """
 from __future__ import annotations
 
@@ -51,8 +22,6 @@ from ..images import anon_pb2, files_pb2
 from ..sys import anonfd, proc
 from .kind import FileKind
 
-O_CLOEXEC = 0o2000000
-O_PATH = 0o10000000
 EFD_SEMAPHORE = 1
 EPOLL_CTL_ADD, EPOLL_CTL_DEL = 1, 2
 EPOLLONESHOT = 1 << 30
@@ -153,9 +122,9 @@ def _watch_path(pid: int, fd: int, w: dict, mounts: dict[int, int]) -> tuple[str
         mnt = proc.mount_for_dev(dev)
         if mnt is None:
             raise UnsupportedError(f"{what}: that filesystem is not mounted where the engine runs")
-        mounts[dev] = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY | O_CLOEXEC)
+        mounts[dev] = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        hfd = anonfd.open_by_handle_at(mounts[dev], w["handle_type"], w["handle"], O_PATH, pid)
+        hfd = anonfd.open_by_handle_at(mounts[dev], w["handle_type"], w["handle"], os.O_PATH, pid)
     except SysError as e:
         if e.errno == errno.ESTALE:
             raise UnsupportedError(f"{what}: the watched file or directory was deleted") from None
@@ -192,24 +161,21 @@ def _open_eventfd(f) -> int:
 def _open_timerfd(f) -> int:
     t = f.timerfd
     fd = anonfd.timerfd_create(t.clockid)
+    interval = (t.interval_sec, t.interval_nsec)
     try:
         if t.value_sec or t.value_nsec:
-            _timerfd_settime(fd, t.settime_flags, t.value_sec, t.value_nsec, t)
+            anonfd.timerfd_settime(fd, t.settime_flags, interval, (t.value_sec, t.value_nsec))
         if t.ticks:
             try:
                 anonfd.timerfd_set_ticks(fd, t.ticks)
             except SysError as e:
                 if e.errno != errno.ENOTTY:
                     raise
-                _timerfd_settime(fd, 0, 0, 1, t)     # no CONFIG_CHECKPOINT_RESTORE: fire at once
+                anonfd.timerfd_settime(fd, 0, interval, (0, 1))     # no CONFIG_CHECKPOINT_RESTORE: fire at once
     except BaseException:
         os.close(fd)
         raise
     return fd
-
-
-def _timerfd_settime(fd: int, flags: int, sec: int, nsec: int, t) -> None:
-    anonfd.timerfd_settime(fd, flags, (t.interval_sec, t.interval_nsec), (sec, nsec))
 
 
 def _open_inotify(f) -> int:
@@ -330,7 +296,7 @@ def _epoll_ctl(remote, efd: int, op: int, t, placed: dict, events: int) -> None:
     if saved is None:
         remote.syscall("close", t.tfd)
     else:
-        remote.syscall("dup3", saved, t.tfd, O_CLOEXEC if placed[t.tfd].cloexec else 0)
+        remote.syscall("dup3", saved, t.tfd, os.O_CLOEXEC if placed[t.tfd].cloexec else 0)
         remote.syscall("close", saved)
 
 

@@ -17,19 +17,16 @@ socket's peer is the socket with the reverse address 4-tuple:
   its repair state; the peer keeps its end) or ``--tcp-close`` (restore it closed) is given.
 
 A connection's state is read with TCP_REPAIR (``sys/tcprepair.py``; CRIU's libsoccr model)
-through a pidfd_getfd duplicate while the tree is frozen: negotiated options (mss, window
-scale, SACK, timestamps, TCP_TIMESTAMP), the window (TCP_REPAIR_WINDOW), the sequence number
-and the MSG_PEEKed bytes of both queues (SIOCOUTQNSD tells the never-sent tail of the send
-queue).  It is read until two readings agree, and repair mode is left at once
-(TCP_REPAIR_OFF_NO_WP: nothing is sent; SO_REUSEADDR, which leaving repair mode resets, is
-set back).  The engine keeps its duplicate: once the dumped tree has been killed it puts the
-socket into repair mode and closes it, so the old connection ends silently -- no FIN or RST
-reaches an outside peer, and no TIME_WAIT holds the 4-tuple the restore needs.  (That
-happens when the dump closes its DumpContext, at the end of dump().)
+through a pidfd_getfd duplicate while the tree is frozen (what is read: docs/engine.md), until
+two readings agree; repair mode is left at once (TCP_REPAIR_OFF_NO_WP: nothing is sent;
+SO_REUSEADDR, which leaving repair mode resets, is set back).  The engine keeps its duplicate
+until the dump ends (``_release``): once the tree is killed, repair mode then closes the old
+connection silently -- no FIN or RST reaches an outside peer, no TIME_WAIT holds its 4-tuple.
 
-The race CRIU closes with netfilter is open here: the process is frozen but the kernel is
-not, so bytes an outside peer sends after the queues were read (and before the kill) are
-acknowledged and lost.  Connections inside the tree are quiet once it is frozen.
+The process is frozen but the kernel is not: a kill-mode dump locks each connection to an
+outside peer (``netlock.py``, as CRIU does with netfilter) before its queues are read, so that
+what the peer sends until the restore is retransmitted to the restored socket, not acknowledged
+and lost.  Connections inside the tree are quiet once it is frozen.
 
 Restore builds every inet socket of the image at the first open(), in the engine:
 
@@ -63,7 +60,8 @@ network namespace than the engine's cannot be dumped.
 """
 from __future__ import annotations
 
-import fcntl
+import contextlib
+import errno
 import logging
 import os
 import socket
@@ -73,7 +71,7 @@ from ..images import files_pb2, inet_pb2
 from ..sys import proc, sockdiag, tcprepair
 from ..sys.sockdiag import TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN
 from . import regfile
-from .kind import BuiltTogether, by_ino
+from .kind import BuiltTogether, by_ino, set_status_flags
 
 log = logging.getLogger(__name__)
 
@@ -515,36 +513,29 @@ class _Restorer:
             for ino in self.ents:
                 if ino not in self.inh:
                     self._create(ino)
-            for ino in self._of(self.LISTEN):
-                self._step(ino, "bind and listen", self._listen, ino)
-            for ino in self._of(self.PLAIN):
-                if self.n(ino).src_port:
-                    self._step(ino, "bind", self.socks[ino].bind, _addr(self.n(ino), True))
+            self._each(self._of(self.LISTEN), "bind and listen", self._listen)
+            self._each([i for i in self._of(self.PLAIN) if self.n(i).src_port], "bind", self._bind)
             self._udp()
-            for ino in self._of(self.REPAIR):
-                self._step(ino, "rebuild (TCP repair)", self._repair, ino)
-            for ino in self._of(self.PENDING):
-                self._step(ino, "connect again", self._pending, ino)
-            for ino in self._of(self.CONNECT):
-                self._step(ino, "connect again", self._connect_again, ino)
-            for ino in self._of(self.REPAIR):
-                self._step(ino, "leave repair mode", self._repair_off, ino)
-            for ino in self.socks:
-                self._step(ino, "set the options of", self._options, ino)
-            for ino in self._of(self.REPAIR) + self._of(self.PENDING):
-                self._step(ino, "write the unsent data of", self._unsent, ino)
+            self._each(self._of(self.REPAIR), "rebuild (TCP repair)", self._repair)
+            self._each(self._of(self.PENDING), "connect again", self._pending)
+            self._each(self._of(self.CONNECT), "connect again", self._connect_again)
+            self._each(self._of(self.REPAIR), "leave repair mode", self._repair_off)
+            self._each(list(self.socks), "set the options of", self._options)
+            self._each(self._of(self.REPAIR) + self._of(self.PENDING), "write the unsent data of", self._unsent)
             for ino in self.socks:
                 self._shutdown(ino)
-            for ino in self._of(self.CLOSED):
-                self._step(ino, "restore closed", self._closed, ino)
-            for ino in self.socks:
-                self._step(ino, "set the buffers and flags of", self._finish, ino)
+            self._each(self._of(self.CLOSED), "restore closed", self._closed)
+            self._each(list(self.socks), "set the buffers and flags of", self._finish)
         except BaseException:
             for s in self.socks.values():
                 s.close()
             raise
         for ino, s in self.socks.items():
             self.ctx.remember(self.ents[ino].id, s.detach())
+
+    def _each(self, inos: list[int], what: str, fn) -> None:
+        for ino in inos:
+            self._step(ino, what, fn, ino)
 
     def _step(self, ino: int, what: str, fn, *args):
         try:
@@ -555,10 +546,10 @@ class _Restorer:
     def _error(self, ino: int, what: str, e: OSError) -> RestoreError:
         n = self.n(ino)
         hint = ""
-        if e.errno == 98 and self.mode[ino] in (self.LISTEN, self.UDP, self.PLAIN):     # EADDRINUSE
+        if e.errno == errno.EADDRINUSE and self.mode[ino] in (self.LISTEN, self.UDP, self.PLAIN):
             hint = (f"; the address is taken by another socket: free it, or hand in a replacement with "
                     f"--inherit-fd fd[N]:socket:[{n.ino}]")
-        elif e.errno == 99:                                                           # EADDRNOTAVAIL
+        elif e.errno == errno.EADDRNOTAVAIL:
             hint = "; the address does not exist here, or the connection still exists (is the dumped process " \
                    "still running?)"
         return RestoreError(f"cannot {what} {_desc(n)}: {e.strerror or e}{hint}")
@@ -601,17 +592,16 @@ class _Restorer:
                 return bytes(o.raw) if _OPTS[name][2] else o.value
         return default
 
+    def _bind(self, ino: int) -> None:
+        self.socks[ino].bind(_addr(self.n(ino), True))
+
     def _listen(self, ino: int) -> None:
-        n, s = self.n(ino), self.socks[ino]
-        s.bind(_addr(n, True))
-        s.listen(n.backlog)
+        self._bind(ino)
+        self.socks[ino].listen(self.n(ino).backlog)
 
     def _udp(self) -> None:
         udp = self._of(self.UDP)
-        for ino in udp:
-            n = self.n(ino)
-            if n.src_port:
-                self._step(ino, "bind", self.socks[ino].bind, _addr(n, True))
+        self._each([i for i in udp if self.n(i).src_port], "bind", self._bind)
         for ino in udp:
             if self.n(ino).queue:
                 self._step(ino, "write back the queued datagrams of", self._fill, ino, udp)
@@ -750,7 +740,7 @@ class _Restorer:
         self._bind_forced(ino)
         s.setblocking(False)
         err = s.connect_ex(_addr(n, False))
-        if err not in (0, 115):     # EINPROGRESS
+        if err not in (0, errno.EINPROGRESS):
             log.warning("%s: connecting again failed: %s", _desc(n), os.strerror(err))
 
     def _options(self, ino: int) -> None:
@@ -784,10 +774,9 @@ class _Restorer:
         if n.HasField("tcp") and n.tcp.fin_sent:
             how |= 2
         if how:
-            try:
+            # ENOTCONN on an unconnected UDP socket, for one, is no failure (the flags are set anyway)
+            with contextlib.suppress(OSError):
                 s.shutdown(_SHUT[how])
-            except OSError:
-                pass        # e.g. ENOTCONN on an unconnected UDP socket (the flags are set anyway)
 
     def _closed(self, ino: int) -> None:
         """A connection the process must find closed: rebuilt in repair mode, then reset."""
@@ -807,10 +796,8 @@ class _Restorer:
         tcprepair.repair(s, tcprepair.REPAIR_OFF_NO_WP)
         if connected:
             tcprepair.disconnect(s)         # RST to the peer; ECONNRESET for the process
-        try:
+        with contextlib.suppress(OSError):
             s.shutdown(socket.SHUT_RDWR)    # then end of file
-        except OSError:
-            pass
 
     def _finish(self, ino: int) -> None:
         n, s = self.n(ino), self.socks[ino]
@@ -821,9 +808,7 @@ class _Restorer:
                 s.setsockopt(SOL_SOCKET, force, val // 2)
         if n.peek_off >= 0:
             s.setsockopt(SOL_SOCKET, SO_PEEK_OFF, n.peek_off)
-        f = self.ents[ino]
-        fl = fcntl.fcntl(s.fileno(), fcntl.F_GETFL)
-        fcntl.fcntl(s.fileno(), fcntl.F_SETFL, (fl & ~os.O_NONBLOCK) | (f.flags & os.O_NONBLOCK))
+        set_status_flags(s.fileno(), self.ents[ino].flags)
 
 
 class Inet(BuiltTogether):

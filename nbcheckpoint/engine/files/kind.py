@@ -5,6 +5,7 @@ default (docs/engine.md, "Fd kinds").  A kind keeps its state across calls in
 """
 from __future__ import annotations
 
+import fcntl
 import os
 
 from ..errors import RestoreError
@@ -61,6 +62,12 @@ class FileKind:
     def facts(self, f: files_pb2.FileEntry) -> dict:
         """Kind-specific fields of ``show.objects`` (e.g. an inet socket's port)."""
         return {}
+
+
+def set_status_flags(fd: int, flags: int, mask: int = os.O_NONBLOCK) -> None:
+    """The status flags of `mask` (F_SETFL) on fd as they are in the dumped `flags`."""
+    fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, (fl & ~mask) | (flags & mask))
 
 
 def by_ino(ctx, kind: int, payload: str) -> tuple[dict[int, files_pb2.FileEntry], set[int]]:

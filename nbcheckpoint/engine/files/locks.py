@@ -1,27 +1,13 @@
-"""File locks (--file-locks): flock(2), POSIX (fcntl F_SETLK) and OFD (F_OFD_SETLK) locks.
+"""File locks (--file-locks): flock(2), POSIX (fcntl F_SETLK) and OFD (F_OFD_SETLK) locks;
+docs/engine.md, "File locks", says what is kept and when a lock is refused.
 
-Who owns what (fs/locks.c):
-
-* flock and OFD locks belong to an *open file description*: they are saved
-  once per description (FileEntry id), however many fds or processes share it,
-  and re-acquired once, through any fd of the first process that has it;
-* POSIX locks belong to a process (its fd table) and a file: each process
-  re-acquires its own, through the fd they were set through.
-
-They are found in the fdinfo ``lock:`` lines (sys/proc.py ``fd_locks``): the
-kernel lists there the granted locks set through that description and owned
-by it (flock, OFD) or by the reading process (POSIX), so the mapping to a
-description is exact.  Waiters (a thread blocked in F_SETLKW or flock) hold
-nothing: their syscall is re-run after restore.  Leases are refused.
-
-Like CRIU, a lock is only safe to checkpoint when every process that uses it
-is in the dump; so a held lock fails the dump unless the user said
---file-locks, and an image with locks is restored only with --file-locks.
-
-Image: locks-PID.img (FileLock messages), written only for a process holding
-locks.  Restore re-acquires each lock by injected flock()/fcntl() on the
-process's own fd numbers, non-blocking: a conflict (e.g. the original still
-running after a --leave-running dump) fails the restore naming the holder.
+Who owns what (fs/locks.c): flock and OFD locks belong to an *open file description*, so
+they are saved and re-acquired once per description (FileEntry id), through any fd of the
+first process that has it; POSIX locks belong to a process and a file, so each process
+re-acquires its own, through the fd it set them through.  The fdinfo ``lock:`` lines list the
+granted locks set through that description and owned by it (flock, OFD) or by the reading
+process (POSIX): the mapping to a description is exact.  Like CRIU, a held lock fails the
+dump unless --file-locks is given (it is safe only if every process using it is in the dump).
 """
 from __future__ import annotations
 

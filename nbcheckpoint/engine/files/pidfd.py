@@ -24,11 +24,9 @@ import fcntl
 import os
 
 from ..errors import RestoreError, SysError, UnsupportedError
-from ..images import files_pb2
 from ..sys import proc, spawn
 from .kind import FileKind
 
-O_CLOEXEC = 0o2000000
 PIDFD_THREAD = 0o200                    # O_EXCL
 PIDFD_FLAGS = os.O_NONBLOCK | PIDFD_THREAD
 
@@ -69,7 +67,7 @@ class Pidfd(FileKind):
                                f"{os.strerror(e.errno)}") from None
         for e in fds:
             if e.id == f.id:
-                remote.syscall("dup3", tmp, e.fd, O_CLOEXEC if e.cloexec else 0)
+                remote.syscall("dup3", tmp, e.fd, os.O_CLOEXEC if e.cloexec else 0)
         remote.syscall("close", tmp)
 
     def describe(self, f) -> str:

@@ -1,65 +1,47 @@
-"""Pipes and FIFOs.
+"""Pipes and FIFOs (docs/engine.md, "Pipes and FIFOs").
 
-Saved per open file description (one ``FileEntry`` per end; dup'd fds share it):
-the pipe's inode (``pipe_id``), the end (access mode), the FIFO's path, the
-pipe size (F_GETPIPE_SZ) and -- once per pipe, not per end -- the queued data,
-in ``pipe-data-PIPE_ID.img`` (FIFOs: ``fifo-data-DEV-INO.img``).
+One ``FileEntry`` per end (per open file description): the pipe's inode, the access mode,
+the FIFO's path, the pipe size; the queued data once per pipe, in ``data_name(f)``.  Dump
+peeks the data without consuming it: its own read end through ``/proc/PID/fd/N`` (an
+independent description, like opening a FIFO) tee(2)s the buffers into a temporary pipe.
 
-Dump peeks the data without consuming it: it opens its own read end through
-``/proc/PID/fd/N`` (O_RDONLY|O_NONBLOCK: an independent description of the
-same pipe, like opening a FIFO) and tee(2)s the queued buffers into a
-temporary pipe of the same size, then reads them from there.  The target's
-pipe is untouched, so ``--leave-running`` dumps are harmless.
-
-A pipe is *internal* when the image holds descriptions of both ends; else it
-is *external* (its other end belonged to a process outside the dump, e.g. a
-stdin pipe from the parent).  Restore creates each pipe once (pipe2), sets
-its size, writes the saved data, opens any further descriptions through
-``/proc/self/fd`` and sets each description's status flags.  An end that no
-description in the image needs is closed, as CRIU does: a restored reader of
-an external pipe reads the saved data then EOF, a restored writer gets EPIPE.
-``--inherit-fd fd[N]:pipe:[PIPE_ID]`` hands in a replacement end instead
-(``external_key``); its content is then the caller's business.
-
-FIFOs are reopened by path: first O_RDWR (which never blocks and keeps the
-pipe alive), then each description with its own mode; the saved data is
-written only if the FIFO is empty (if it is not, the FIFO is still open
-elsewhere and its data never left).
+Restore creates each pipe once (pipe2), sets its size, writes the data, opens further
+descriptions through ``/proc/self/fd`` and closes an end no description needs, as CRIU does:
+the reader of an *external* pipe (one end in the image) reads the data then EOF, a writer
+gets EPIPE -- unless ``--inherit-fd fd[N]:pipe:[INO]`` hands in a replacement end.  A FIFO
+is reopened by path, O_RDWR first (which never blocks), and its data written back only if
+it is empty (else it is still open elsewhere and its data never left).
 """
 from __future__ import annotations
 
 import fcntl
 import os
 import stat
-import struct
 import termios
 
 from ..errors import DumpError, ImageError, RestoreError, UnsupportedError
 from ..images import files_pb2, names
+from ..sys import proc
+from ..sys.ioctl import get_int
 from ..sys.libc import syscall
 from ..sys.x86_64 import NR
-from .kind import FileKind
+from .kind import FileKind, set_status_flags
 
 F_SETPIPE_SZ = 1031
 F_GETPIPE_SZ = 1032
 SPLICE_F_NONBLOCK = 0x02
-O_ACCMODE = 0o3
 # The status flags F_SETFL can restore on a pipe (O_DIRECT, packet mode, only
 # comes from pipe2; O_ASYNC would need its owner, which is not saved).
 _SETFL = os.O_APPEND | os.O_NONBLOCK | os.O_NOATIME
 _DELETED = " (deleted)"
 
 
-def _acc(flags: int) -> int:
-    return flags & O_ACCMODE
-
-
 def _reads(flags: int) -> bool:
-    return _acc(flags) in (os.O_RDONLY, os.O_RDWR)
+    return (flags & os.O_ACCMODE) in (os.O_RDONLY, os.O_RDWR)
 
 
 def _writes(flags: int) -> bool:
-    return _acc(flags) in (os.O_WRONLY, os.O_RDWR)
+    return (flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
 
 
 def _key(f: files_pb2.FileEntry) -> tuple[int, int, int]:
@@ -74,8 +56,7 @@ def data_name(f: files_pb2.FileEntry) -> str:
 
 
 def _queued(fd: int) -> int:
-    buf = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
-    return struct.unpack("i", buf)[0]
+    return get_int(fd, termios.FIONREAD, "FIONREAD")
 
 
 # ----------------------------------------------------------------------------- dump
@@ -97,7 +78,7 @@ def _dump(ctx, pid: int, fd: int, s: os.stat_result, link: str, info: dict, entr
     key = (entry.kind, s.st_dev if fifo else 0, s.st_ino)
     p = pipes.get(key)
     entry.pipe.pipe_id = s.st_ino
-    entry.pipe.write_end = _acc(flags) == os.O_WRONLY
+    entry.pipe.write_end = (flags & os.O_ACCMODE) == os.O_WRONLY
     if fifo:
         entry.pipe.dev = s.st_dev
         entry.pipe.path = link
@@ -158,11 +139,7 @@ def _save_data(ctx, pid: int, fd: int, link: str, entry: files_pb2.FileEntry, fl
 
 def _max_size() -> int:
     try:
-        fd = os.open("/proc/sys/fs/pipe-max-size", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            return int(os.read(fd, 64))
-        finally:
-            os.close(fd)
+        return proc.sysctl_int("fs/pipe-max-size")
     except OSError:
         return 1 << 20
 
@@ -241,9 +218,7 @@ def _write_all(fd: int, data: bytes, f: files_pb2.FileEntry) -> None:
 
 def _set_flags(made: dict[int, int], group) -> None:
     for e in group:
-        fd = made[e.id]
-        fl = fcntl.fcntl(fd, fcntl.F_GETFL)
-        fcntl.fcntl(fd, fcntl.F_SETFL, (fl & ~_SETFL) | (e.flags & _SETFL))
+        set_status_flags(made[e.id], e.flags, _SETFL)
 
 
 def _open_pipe(ctx, f, group, made: dict[int, int]) -> None:
@@ -258,7 +233,7 @@ def _open_pipe(ctx, f, group, made: dict[int, int]) -> None:
             if data:
                 _write_all(w, data, f)
         for e in group:
-            acc = _acc(e.flags)
+            acc = e.flags & os.O_ACCMODE
             if acc == os.O_RDONLY and r in ends and r not in made.values():
                 made[e.id] = r
             elif acc == os.O_WRONLY and w in ends and w not in made.values():
@@ -290,7 +265,7 @@ def _open_fifo(ctx, f, group, made: dict[int, int]) -> None:
             _write_all(helper, data, f)
         for e in group:
             try:
-                made[e.id] = os.open(path, _acc(e.flags) | os.O_NONBLOCK | os.O_CLOEXEC)
+                made[e.id] = os.open(path, (e.flags & os.O_ACCMODE) | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError as ex:
                 raise RestoreError(f"cannot reopen the FIFO {path}: {ex.strerror}") from None
         _set_flags(made, group)

@@ -1,18 +1,10 @@
 """Regular files, directories and the simple character devices.
 
-Saved: path, open flags, offset, and the file's identity.  A file unlinked
-while open ("... (deleted)") has its content saved in file-ID.img; restore
-recreates it next to where it was, opens it, and unlinks it again.
-
-Before any process exists, :func:`check` refuses a file that is gone.  If the
-image was taken with --leave-running, the process went on after the dump and
-may have deleted or replaced its files: a file deleted since, or replaced by
-another inode (same machine, same filesystem: rename over it, an editor's
-save) of another size or mtime, fails the restore naming the file and the
-cause.  A copy put back with the dumped size and mtime (cp -a) is accepted.  Content that changed
-in place is accepted: a file the process keeps writing (a log, a database) is
-expected to move on, and a restored offset may then lie before newer data --
-as with CRIU, that is the user's to judge (docs/engine.md, "Leave running").
+Saved: path, open flags, offset, and the file's identity.  A file unlinked while open
+("... (deleted)") has its content saved in file-ID.img; restore recreates it next to where
+it was, opens it, and unlinks it again.  Before any process exists, :func:`check` refuses a
+file that is gone, and after a --leave-running dump one replaced since by another file
+(docs/engine.md, "Leave running": content that changed in place is accepted).
 """
 from __future__ import annotations
 
@@ -45,7 +37,34 @@ class RegFile(FileKind):
             _save_content(pid, fd, ctx.img, entry.id)
 
     def check(self, ctx, pid, fde, f) -> None:
-        _check(ctx, pid, fde, f)
+        """Before any process is created: is the file still there, and still the same one?"""
+        r = f.reg
+        if r.deleted:
+            return                  # its content is in the image
+        path = r.stat.path
+        running_on = leave_running(ctx)
+        try:
+            s = os.stat(path)
+        except FileNotFoundError:
+            what = f"process {pid}: fd {fde.fd} was {path}, which no longer exists"
+            if running_on:
+                raise leave_running_hazard(what + " (deleted after the dump)", _PUT_BACK) from None
+            raise RestoreError(f"{what}; put it back to restore") from None
+        except OSError:
+            return                  # e.g. EACCES: open() reports it with its reason
+        if stat.S_IFMT(s.st_mode) != stat.S_IFMT(r.stat.mode):
+            what = (f"process {pid}: fd {fde.fd} was {path}, a {_ftype(r.stat.mode)}, "
+                    f"which is now a {_ftype(s.st_mode)}")
+            if running_on:
+                raise leave_running_hazard(what, _PUT_BACK)
+            raise RestoreError(f"{what}; put the original back to restore")
+        if (running_on and (stat.S_ISREG(s.st_mode) or stat.S_ISDIR(s.st_mode)) and same_machine(ctx)
+                and s.st_dev == r.stat.dev and s.st_ino != r.stat.ino
+                and (s.st_size, s.st_mtime_ns) != (r.stat.size, r.stat.mtime_ns)):
+            # (a copy put back with its size and mtime, e.g. cp -a from a snapshot, is accepted)
+            raise leave_running_hazard(
+                f"process {pid}: fd {fde.fd} was {path} (inode {r.stat.ino}), which has been replaced by "
+                f"another file (inode {s.st_ino}) since the dump", _PUT_BACK)
 
     def open(self, ctx, f) -> int:
         r = f.reg
@@ -86,37 +105,6 @@ def _save_content(pid: int, fd: int, img, fid: int) -> None:
             out.write(data)
     finally:
         os.close(src)
-
-
-def _check(ctx, pid: int, fde, f: files_pb2.FileEntry) -> None:
-    """Before any process is created: is the file still there, and still the same one?"""
-    r = f.reg
-    if r.deleted:
-        return                  # its content is in the image
-    path = r.stat.path
-    running_on = leave_running(ctx)
-    try:
-        s = os.stat(path)
-    except FileNotFoundError:
-        what = f"process {pid}: fd {fde.fd} was {path}, which no longer exists"
-        if running_on:
-            raise leave_running_hazard(what + " (deleted after the dump)", _PUT_BACK) from None
-        raise RestoreError(f"{what}; put it back to restore") from None
-    except OSError:
-        return                  # e.g. EACCES: open() reports it with its reason
-    if stat.S_IFMT(s.st_mode) != stat.S_IFMT(r.stat.mode):
-        what = (f"process {pid}: fd {fde.fd} was {path}, a {_ftype(r.stat.mode)}, "
-                f"which is now a {_ftype(s.st_mode)}")
-        if running_on:
-            raise leave_running_hazard(what, _PUT_BACK)
-        raise RestoreError(f"{what}; put the original back to restore")
-    if (running_on and (stat.S_ISREG(s.st_mode) or stat.S_ISDIR(s.st_mode)) and same_machine(ctx)
-            and s.st_dev == r.stat.dev and s.st_ino != r.stat.ino
-            and (s.st_size, s.st_mtime_ns) != (r.stat.size, r.stat.mtime_ns)):
-        # (a copy put back with its size and mtime, e.g. cp -a from a snapshot, is accepted)
-        raise leave_running_hazard(
-            f"process {pid}: fd {fde.fd} was {path} (inode {r.stat.ino}), which has been replaced by "
-            f"another file (inode {s.st_ino}) since the dump", _PUT_BACK)
 
 
 def leave_running(ctx) -> bool:

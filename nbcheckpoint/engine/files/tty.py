@@ -1,58 +1,21 @@
-"""Pseudo-terminals: pty masters (/dev/ptmx), slaves (/dev/pts/N), /dev/tty, shell jobs.
+"""Pseudo-terminals: pty masters (/dev/ptmx), slaves (/dev/pts/N), /dev/tty, shell jobs; what
+is saved and how it comes back: docs/engine.md, "Terminals".
 
-What is saved (one ``TtyFile`` per open file description, the pair's ``TtyState``
-repeated in each description of the pair):
+One ``TtyFile`` per open file description, the pair's ``TtyState`` repeated in each.  The
+slave's termios are read as ``struct termios2`` by TCGETS2 on the master (it reaches the
+slave's), so odd speeds (BOTHER) survive.  Queued data is read and at once written back with
+processing off (``_DumpState._save_data``): the live pty stays as it was.
 
-* the pair's identity: index N, the slave's rdev, the devpts instance (st_dev) and
-  the paths as the processes saw them: the master's ``ptmx_path`` (``/dev/ptmx``, or
-  ``DIR/ptmx`` of a devpts mounted anywhere) and the slave directory ``pts_dir``;
-* termios of the slave side as ``struct termios2`` (TCGETS2 on the master reaches
-  the slave's termios, so odd speeds (BOTHER) survive), the window size, the lock
-  (TIOCGPTLCK), packet mode (TIOCGPKT);
-* a *dead peer*: a master whose slave was opened and closed again (poll says
-  POLLHUP, reads return EIO) -- restore opens the new slave once and closes it;
-* the session the pty controls (TIOCGSID on the master) and its foreground process
-  group (TIOCGPGRP);
-* queued data.  Output the slave side wrote that the master has not read yet
-  (``out_data``) is read from the master and immediately written back through a
-  slave description of our own with OPOST off, so the live pty is as it was (a
-  --leave-running dump, or a dump that fails later, loses nothing).  Input the
-  master wrote that the slave side has not read (``in_data``) is saved only when the
-  slave is in non-canonical (raw) mode: it is read through a slave description of our
-  own and written back through the master with input processing and echo off.  In
-  canonical mode it is not saved (reading a partial line needs ICANON toggled, which
-  would turn the partial line into a complete one); the restored process sees no
-  typed-ahead input then, like CRIU, which saves no queued tty data at all.  In
-  packet mode, pending status bytes (flush/stop/start notices) are dropped.
-
-Restore opens the master through the recorded ``ptmx_path`` until it gets index N
-(Linux allocates the lowest free index and cannot be asked for one, so it opens and
-holds masters until N comes, as CRIU does).  If N is taken, the pair is restored
-with the lowest free index and a warning is logged: ttyname() then names the new
-slave, which is what most programs need; a program that stored the old name keeps
-a stale string.  Slaves are opened with TIOCGPTPEER (relative to the master's
-devpts, wherever it is mounted).  Queued data is put back with processing off, then
-termios, window size, packet mode and the lock.
-
-Controlling terminals: a session leader must acquire its terminal with TIOCSCTTY
-*before* it forks the members of its session (a process's controlling tty is
-inherited at fork and no other way).  :func:`after_setsid` does that in the stub
-right after ``pstree.make_sessions`` (restore.py wires it); :meth:`Tty.after_place`
-does it too for a leader that holds an fd of its terminal (idempotent), sets the
-foreground process group (TIOCSPGRP) from the first process of the session that
-can, and turns restored ``/dev/tty`` descriptions back into opens of /dev/tty.
-
-Shell jobs (``--shell-job``, CRIU's meaning): a process run from an interactive
-shell has its terminal's master and its session leader outside the tree.  Without
-the option that fails the dump, naming the option.  With it the slave descriptions
-are *external* (``tty[RDEV:DEV]``, as CRIU names them, for --inherit-fd); restore
-with --shell-job puts the tree's root into a new session (:func:`after_setsid`) and
-attaches it to a terminal the caller provides: ``--inherit-fd fd[N]:tty[RDEV:DEV]``,
-else the restoring process's stdin if it is a terminal, else its controlling tty
-(/dev/tty).  The root acquires it with TIOCSCTTY (stealing it, CAP_SYS_ADMIN, if
-it is another session's controlling tty -- e.g. the shell's that ran the restore),
-becomes its foreground process group, and the saved termios are applied to it; the
-window size stays the new terminal's.
+Restore: Linux hands out the lowest free pty index and cannot be asked for one, so the master
+is opened through the recorded ``ptmx_path`` until index N comes (:func:`_alloc_master`), the
+slaves by TIOCGPTPEER (the master's devpts, wherever it is mounted).  A controlling terminal
+is inherited at fork and acquired only by a session leader, so the leader takes it (TIOCSCTTY)
+before it forks its session's members: :func:`after_setsid`, in each stub right after
+``pstree.make_sessions`` (restore.py).  ``after_place`` sets the foreground group and turns
+restored ``/dev/tty`` descriptions back into opens of /dev/tty.  A shell job's slaves
+(``--shell-job``: their master was outside the tree) are external, ``tty[RDEV:DEV]``, and
+attached to the terminal handed in with --inherit-fd, else to our stdin if it is a terminal,
+else to our /dev/tty (:func:`_default_terminal`).
 """
 from __future__ import annotations
 
@@ -71,7 +34,7 @@ from ..images import files_pb2, names, pstree_pb2, tty_pb2
 from ..sys import proc
 from ..sys.fd import Fd
 from ..sys.ioctl import get_int, ioctl, ioctl_buf, set_int
-from .kind import FileKind
+from .kind import FileKind, set_status_flags
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +57,6 @@ TIOCGPTPEER = 0x5441
 
 PTY_SLAVE_MAJORS = range(136, 144)          # UNIX98_PTY_SLAVE_MAJOR .. + 7
 TTYAUX_MAJOR = 5                            # /dev/tty (5:0), /dev/console (5:1), /dev/ptmx (5:2)
-O_ACCMODE = 0o3
-O_CLOEXEC = 0o2000000
 N_TTY_BUF_SIZE = 4096
 _SETFL = os.O_APPEND | os.O_NONBLOCK
 TERMIOS2 = struct.Struct("=IIII B 19s II")  # iflag oflag cflag lflag line cc[19] ispeed ospeed
@@ -120,15 +81,6 @@ def slave_rdev(index: int) -> int:
 
 def _slave_index(rdev: int) -> int:
     return (os.major(rdev) - PTY_SLAVE_MAJORS.start) * 256 + os.minor(rdev)
-
-
-def _acc(flags: int) -> int:
-    return flags & O_ACCMODE
-
-
-def _set_flags(fd: int, flags: int) -> None:
-    fl = fcntl.fcntl(fd, fcntl.F_GETFL)
-    fcntl.fcntl(fd, fcntl.F_SETFL, (fl & ~_SETFL) | (flags & _SETFL))
 
 
 def _no_processing(t2: bytes) -> bytes:
@@ -265,9 +217,7 @@ class _DumpState:
                 self.fdmap[(p, fd)] = (tty_pb2.CTTY, None)      # resolved by the process's ctty
 
     def _pair(self, key) -> _DumpPair:
-        if key not in self.pairs:
-            self.pairs[key] = _DumpPair(key)
-        return self.pairs[key]
+        return self.pairs.setdefault(key, _DumpPair(key))
 
     def v(self, host_pid: int) -> int:
         """A pid as the tree's processes see it (they may live in their own PID namespace)."""
@@ -288,8 +238,7 @@ class _DumpState:
         st = tty_pb2.TtyState()
         m = self.ctx.getfd(mp, mfd)
         try:
-            st.termios2 = ioctl_buf(m, TCGETS2, "TCGETS2", TERMIOS2.size, mp)
-            _get_winsize(st, m, mp)
+            _get_termios(st, m, mp)
             st.locked = bool(get_int(m, TIOCGPTLCK, "TIOCGPTLCK", mp))
             st.packet = bool(get_int(m, TIOCGPKT, "TIOCGPKT", mp))
             po = select.poll()
@@ -330,8 +279,7 @@ class _DumpState:
                 "restore) with --shell-job to checkpoint it as a shell job, restored onto another terminal")
         st = tty_pb2.TtyState()
         with Fd(self.ctx.getfd(sp, sfd)) as s:
-            st.termios2 = ioctl_buf(s.fileno(), TCGETS2, "TCGETS2", TERMIOS2.size, sp)
-            _get_winsize(st, s.fileno(), sp)
+            _get_termios(st, s.fileno(), sp)
         if users:
             _, sid, _, tpgid = self.procs[users[0]]
             st.session = self.v(sid)
@@ -348,7 +296,7 @@ class _DumpState:
         if pair.slaves:
             sp, sfd = pair.slaves[0]
             try:
-                slave = os.open(f"/proc/{sp}/fd/{sfd}", os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | O_CLOEXEC)
+                slave = os.open(f"/proc/{sp}/fd/{sfd}", os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError as e:
                 raise DumpError(f"process {sp}: cannot open its fd {sfd} ({name}) to read queued input: "
                                 f"{e.strerror}") from None
@@ -469,13 +417,14 @@ def _peer(master: int, flags: int, locked: bool) -> int:
     if locked:
         set_int(master, TIOCSPTLCK, "TIOCSPTLCK", 0)
     try:
-        return ioctl(master, TIOCGPTPEER, "TIOCGPTPEER", flags | os.O_NOCTTY | O_CLOEXEC)
+        return ioctl(master, TIOCGPTPEER, "TIOCGPTPEER", flags | os.O_NOCTTY | os.O_CLOEXEC)
     finally:
         if locked:
             set_int(master, TIOCSPTLCK, "TIOCSPTLCK", 1)
 
 
-def _get_winsize(st: tty_pb2.TtyState, fd: int, pid: int) -> None:
+def _get_termios(st: tty_pb2.TtyState, fd: int, pid: int) -> None:
+    st.termios2 = ioctl_buf(fd, TCGETS2, "TCGETS2", TERMIOS2.size, pid)
     ws = ioctl_buf(fd, TIOCGWINSZ, "TIOCGWINSZ", WINSIZE.size, pid)
     st.rows, st.cols, st.xpixel, st.ypixel = WINSIZE.unpack(ws)
 
@@ -491,9 +440,7 @@ def _dump(ctx, pid: int, fd: int, s: os.stat_result, link: str, info: dict, entr
                                f"{major}:{minor}); only pseudo-terminals (/dev/ptmx, /dev/pts/N, /dev/tty "
                                "on one) can be checkpointed")
     st = ctx.state(KIND)
-    if (pid, fd) not in st.fdmap:
-        raise DumpError(f"process {pid}: fd {fd} ({link}) appeared while the tree was frozen")
-    typ, key = st.fdmap[(pid, fd)]
+    typ, key = st.fdmap[(pid, fd)]      # prepare saw every tty fd of the frozen tree (none is in flight)
     if typ == tty_pb2.CTTY:
         pair = st.ctty_pair(pid)
         if pair is None:
@@ -506,17 +453,10 @@ def _dump(ctx, pid: int, fd: int, s: os.stat_result, link: str, info: dict, entr
                                    "cannot checkpoint that")
     else:
         pair = st.pairs[key]
-    t = entry.tty
-    t.type = typ
-    t.master = typ == tty_pb2.PTY_MASTER
-    t.path = link
-    t.index = pair.index
-    t.rdev = slave_rdev(pair.index)
-    t.devpts_dev = pair.key[0]
-    t.pts_dir = pair.pts_dir
-    t.ptmx_path = pair.ptmx_path
-    t.external = pair.external
-    t.state.CopyFrom(pair.state)
+    entry.tty.CopyFrom(tty_pb2.TtyFile(
+        type=typ, master=typ == tty_pb2.PTY_MASTER, path=link, index=pair.index, rdev=slave_rdev(pair.index),
+        devpts_dev=pair.key[0], pts_dir=pair.pts_dir, ptmx_path=pair.ptmx_path, external=pair.external,
+        state=pair.state))
 
 
 # ----------------------------------------------------------------------------- restore
@@ -535,12 +475,13 @@ class _RestoreState:
         self.fg_done: set[tuple[int, int]] = set()
         self.termios_done: set[tuple[int, int]] = set()
         self.default_terminal = ""                      # a shell job's (_default_terminal)
-        self._procs = None
+        self._pids: set[int] | None = None
 
-    def procs(self) -> list:
-        if self._procs is None:
-            self._procs = self.ctx.reader.messages(names.PSTREE, pstree_pb2.Process)
-        return self._procs
+    def pids(self) -> set[int]:
+        """The image's processes."""
+        if self._pids is None:
+            self._pids = {p.pid for p in self.ctx.reader.messages(names.PSTREE, pstree_pb2.Process)}
+        return self._pids
 
     def terminals(self) -> dict[tuple[int, int], files_pb2.FileEntry]:
         out = {}
@@ -573,7 +514,7 @@ def _default_terminal(ctx, key: str = "tty[RDEV:DEV]") -> str:
         path = os.ttyname(0)
     else:
         try:
-            fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | O_CLOEXEC)
+            fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
         except OSError:
             raise RestoreError("the image is a shell job (--shell-job) and this restore has no terminal to "
                                "attach it to: run it from a terminal, or hand one in with --inherit-fd "
@@ -597,12 +538,11 @@ def _open(ctx, f: files_pb2.FileEntry) -> int:
 
 def _open_external(ctx, f: files_pb2.FileEntry) -> int:
     path = _default_terminal(ctx, external_key(f))
-    acc = _acc(f.flags)
     try:
-        fd = os.open(path, acc | os.O_NOCTTY | O_CLOEXEC | (f.flags & os.O_NONBLOCK))
+        fd = os.open(path, (f.flags & (os.O_ACCMODE | os.O_NONBLOCK)) | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as e:
         raise RestoreError(f"cannot open the terminal {path} to attach the shell job to: {e.strerror}") from None
-    _set_flags(fd, f.flags)
+    set_status_flags(fd, f.flags, _SETFL)
     return fd
 
 
@@ -613,7 +553,7 @@ def _alloc_master(path: str, want: int) -> int:
     try:
         while True:
             try:
-                m = os.open(path, os.O_RDWR | os.O_NOCTTY | O_CLOEXEC)
+                m = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
             except OSError as e:
                 if held:
                     break                 # out of ptys: the lowest one we hold will do
@@ -624,8 +564,7 @@ def _alloc_master(path: str, want: int) -> int:
             held.append(m)
             if idx > want or len(held) > 4096:
                 break
-        m = held.pop(0)
-        return m
+        return held.pop(0)
     finally:
         for fd in held:
             os.close(fd)
@@ -650,11 +589,11 @@ def _open_pair(ctx, f: files_pb2.FileEntry, group, made: dict[int, int]) -> None
     if need_peer:
         set_int(m, TIOCSPTLCK, "TIOCSPTLCK", 0)
     for e in slaves:
-        made[e.id] = ioctl(m, TIOCGPTPEER, "TIOCGPTPEER", _acc(e.flags) | os.O_NOCTTY | O_CLOEXEC)
+        made[e.id] = ioctl(m, TIOCGPTPEER, "TIOCGPTPEER", (e.flags & os.O_ACCMODE) | os.O_NOCTTY | os.O_CLOEXEC)
     tmp = None
     try:
         if need_peer and (s.slave_closed or s.in_data or s.out_data):
-            tmp = ioctl(m, TIOCGPTPEER, "TIOCGPTPEER", os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | O_CLOEXEC)
+            tmp = ioctl(m, TIOCGPTPEER, "TIOCGPTPEER", os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
         if s.termios2:
             if tmp is not None and (s.in_data or s.out_data):
                 # back into the queues with processing and echo off, then the real termios
@@ -677,7 +616,7 @@ def _open_pair(ctx, f: files_pb2.FileEntry, group, made: dict[int, int]) -> None
     if s.locked:
         set_int(m, TIOCSPTLCK, "TIOCSPTLCK", 1)
     for e in group:
-        _set_flags(made[e.id], e.flags)
+        set_status_flags(made[e.id], e.flags, _SETFL)
     pst = os.fstat(m)
     ident = dict(index=index, rdev=slave_rdev(index), devpts=None, ptmx=(pst.st_dev, pst.st_ino),
                  path=f"{pts_dir}/{index}")
@@ -742,11 +681,11 @@ def after_setsid(ctx, stub, process) -> None:
     st = ctx.state(KIND)
     pid = process.pid
     if (ctx.options.shell_job and pid == ctx.reader.inventory.root_pid and process.sid != pid
-            and process.sid not in {p.pid for p in st.procs()}):
+            and process.sid not in st.pids()):
         if proc.stat(stub.pid)[6] != str(stub.pid):
             stub.syscall("setsid")
         st.sidmap[process.sid] = pid
-        outside_pgid = process.pgid not in {p.pid for p in st.procs()}
+        outside_pgid = process.pgid not in st.pids()
         process.sid = pid
         if outside_pgid:
             process.pgid = pid
@@ -774,7 +713,7 @@ def after_setsid(ctx, stub, process) -> None:
 
 def _remote_open(r, scratch: int, path: str, flags: int) -> int:
     r.write(scratch + 2048, path.encode() + b"\0")
-    return r.syscall("open", scratch + 2048, flags | O_CLOEXEC, 0)
+    return r.syscall("open", scratch + 2048, flags | os.O_CLOEXEC, 0)
 
 
 def _set_ctty(r, fd: int, external: bool, path: str, pid: int) -> None:
@@ -818,7 +757,7 @@ def _after_place(ctx, remote, pid: int, fds, f: files_pb2.FileEntry) -> None:
         _set_ctty(remote, fd, t.external, ident["path"], pid)
     if leader and key not in st.fg_done and _has_ctty(remote.pid, ident):
         fg = s.fg_pgrp
-        if t.external and (not fg or fg == s.session or fg not in {p.pid for p in st.procs()}):
+        if t.external and (not fg or fg == s.session or fg not in st.pids()):
             fg = leader
         fg = st.sidmap.get(fg, fg)
         if fg:
@@ -828,9 +767,10 @@ def _after_place(ctx, remote, pid: int, fds, f: files_pb2.FileEntry) -> None:
     if t.type == tty_pb2.CTTY and _has_ctty(remote.pid, ident):
         # /dev/tty was restored as a description of the slave; now that the process has
         # its controlling terminal, make it /dev/tty again (dups keep sharing it)
-        new = _remote_open(remote, remote.scratch, "/dev/tty", _acc(f.flags) | os.O_NOCTTY | (f.flags & _SETFL))
+        flags = (f.flags & (os.O_ACCMODE | _SETFL)) | os.O_NOCTTY
+        new = _remote_open(remote, remote.scratch, "/dev/tty", flags)
         for e in mine:
-            remote.syscall("dup3", new, e.fd, O_CLOEXEC if e.cloexec else 0)
+            remote.syscall("dup3", new, e.fd, os.O_CLOEXEC if e.cloexec else 0)
         remote.syscall("close", new)
 
 

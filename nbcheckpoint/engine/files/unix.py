@@ -20,17 +20,12 @@ socket), with SO_PEEK_OFF moving over the queue message by message (dgram, seqpa
 by byte (stream); the socket's own SO_PEEK_OFF is put back afterwards.  Data sent on a not yet
 accepted connection cannot be read this way: the dump refuses it.
 
-Files in flight (SCM_RIGHTS).  Peeking a message that carries fds installs copies of them in
-the engine (af_unix clones the fd list on MSG_PEEK); each is dumped as a description of its
-own, or matched by kcmp with one a process holds (``DumpContext.dump_in_flight``), and its id
-recorded with the message.  A socket in flight is a socket of the tree: a peer that looked
-external until then is classified again once every fd is dumped (``dump_done``), which is also
-where "external socket is used" is raised.  On a stream socket peeking glues the bytes before
-a piece with fds to it (unix_stream_read_generic stops only *after* an skb with fds, and the
-skb boundaries are not visible otherwise), so the queue is saved as pieces that each end with
-the bytes that carried fds; restore sends each piece with one sendmsg, so its fds come with
-its first bytes.  A reader that reads exactly up to a message with fds, when bytes without
-fds preceded it in the queue, gets those fds one read early after a restore.
+Files in flight (SCM_RIGHTS, docs/engine.md "Files in flight"): peeking a message that carries
+fds installs copies of them in the engine; each becomes a description (``dump_in_flight``) whose
+id is recorded with the message.  A socket in flight is a socket of the tree, so a peer that
+looked external is classified again in ``dump_done``.  A stream queue is saved as pieces that
+each end with the bytes that carried fds (a peek stops only after such an skb), and restore
+sends each piece with one sendmsg.
 
 Restore builds every unix socket of the image at the first open() (connections need both
 ends, and the order matters), in the engine, and remembers each description:
@@ -47,42 +42,36 @@ ends, and the order matters), in the engine, and remembers each description:
    connects elsewhere: a connected datagram socket accepts only its peer) and the external
    peers' reconnects by name;
 5. queues written back from the peer end (datagrams one by one, files in flight sent with
-   their messages), then the dead peers' ends closed, shutdown() replayed, options and O_NONBLOCK set last (SO_PASSCRED earlier would
-   autobind sockets as they connect).
+   their messages), then the dead peers' ends closed, shutdown() replayed, options and
+   O_NONBLOCK set last (SO_PASSCRED earlier would autobind sockets as they connect).
 
 Limits: sockets in another network namespace than the engine's; epolls, ttys and inet sockets
 in flight (``files.IN_FLIGHT_KINDS``); SCM_CREDENTIALS of queued messages (a restored message
-carries the engine's credentials); the sender address of queued datagrams (kept in the image, not restored); data queued on an
-external stream socket (the peer is a new connection); the name a connected client socket
-had bound itself is kept only when it is restored through its listener.
+carries the engine's credentials); the sender address of queued datagrams (kept in the image,
+not restored); data queued on an external stream socket (the peer is a new connection); the
+name a connected client socket had bound itself is kept only when it is restored through its
+listener.
 """
 from __future__ import annotations
 
 import array
-import fcntl
+import contextlib
 import logging
 import os
 import socket
 import stat
+from socket import MSG_CMSG_CLOEXEC, SO_PASSCRED, SO_PASSSEC, SO_RCVLOWAT, SO_RCVTIMEO, SO_SNDTIMEO
 
 from ..errors import DumpError, EngineError, ImageError, RestoreError, UnsupportedError
 from ..images import files_pb2, unix_pb2
 from ..sys import sockdiag
 from ..sys.sockdiag import TCP_ESTABLISHED, TCP_LISTEN
-from .kind import Built, BuiltTogether, by_ino
+from .kind import Built, BuiltTogether, by_ino, set_status_flags
 
 log = logging.getLogger(__name__)
 
 SOL_SOCKET = socket.SOL_SOCKET
-SO_PASSCRED = 16
-SO_RCVLOWAT = 18
-SO_RCVTIMEO = 20
-SO_SNDTIMEO = 21
-SO_SNDBUFFORCE = 32
-SO_RCVBUFFORCE = 33
-SO_PASSSEC = 34
-SO_PEEK_OFF = 42
-MSG_CMSG_CLOEXEC = 0x40000000
+SO_SNDBUFFORCE, SO_RCVBUFFORCE, SO_PEEK_OFF = 32, 33, 42     # not in Python's socket module
 _TIMEVAL = 16
 _ANC = socket.CMSG_SPACE(253 * 4) + socket.CMSG_SPACE(12) + 64   # SCM_MAX_FD fds + ucred + secdata
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT | MSG_CMSG_CLOEXEC
@@ -194,10 +183,8 @@ def _dump_path(pid: int, u, d: sockdiag.UnixDiag) -> None:
 def _dump_opts(sk: socket.socket, u) -> None:
     g = sk.getsockopt
     u.passcred = bool(g(SOL_SOCKET, SO_PASSCRED))
-    try:
+    with contextlib.suppress(OSError):
         u.passsec = bool(g(SOL_SOCKET, SO_PASSSEC))
-    except OSError:
-        pass
     u.rcvbuf = g(SOL_SOCKET, socket.SO_RCVBUF)
     u.sndbuf = g(SOL_SOCKET, socket.SO_SNDBUF)
     u.peek_off = g(SOL_SOCKET, SO_PEEK_OFF)
@@ -510,7 +497,7 @@ class _Restorer:
                 continue
             u = f.unix
             k = u.peer_kind
-            try:
+            with self._failing(ino, "recreate"):
                 if u.state == TCP_LISTEN:
                     s = self._new(ino)
                     self._bind(s, u)
@@ -531,13 +518,10 @@ class _Restorer:
                     continue                             # phase 3
                 elif k == unix_pb2.DEAD:
                     self._pair(ino, None)
-                elif k == unix_pb2.EXTERNAL:
-                    self._bind(self._new(ino), u)
-                    self.connects.append((ino, None))
                 else:
                     self._bind(self._new(ino), u)
-            except OSError as e:
-                raise self._error(ino, "recreate", e) from None
+                    if k == unix_pb2.EXTERNAL:
+                        self.connects.append((ino, None))
 
     def _fill_from_outside(self) -> None:
         """Datagram queues no peer of the image can write: sendto() the socket's name from a
@@ -554,11 +538,9 @@ class _Restorer:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as tmp:
                 tmp.setsockopt(SOL_SOCKET, SO_SNDBUFFORCE, self._need(u))
                 addr = _addr(u)
-                for p in u.queue:
-                    try:
+                with self._failing(ino, f"write back {len(u.queue)} queued datagrams to"):
+                    for p in u.queue:
                         tmp.sendmsg([p.data], self._in_flight(p), socket.MSG_DONTWAIT, addr)
-                    except OSError as e:
-                        raise self._error(ino, f"write back {len(u.queue)} queued datagrams to", e) from None
 
     def _listeners(self) -> None:
         for lino, lf in self.ents.items():
@@ -576,13 +558,9 @@ class _Restorer:
                 cino = au.peer_ino
                 if self._listener_for(au) != lino or self._listener_for(self.u(cino)):
                     continue
-                try:
-                    c = self._new(cino)
-                    self._bind(c, self.u(cino))
-                    self._connect_to(c, addr)
+                with self._failing(aino, f"reconnect through its listener {_show(lu.name)}"):
+                    c = self._client(cino, addr)
                     a, _ = ls.accept()
-                except OSError as e:
-                    raise self._error(aino, f"reconnect through its listener {_show(lu.name)}", e) from None
                 self.socks[aino] = a
                 self.writer[aino], self.writer[cino] = c, a
             for cino in lu.icons:
@@ -596,12 +574,8 @@ class _Restorer:
         if (cf is None or cino in self.socks or cino in self.inh or cf.unix.peer_kind != unix_pb2.PENDING
                 or cf.unix.listener_ino != lino):
             return      # a client outside the image: its connection is gone with the old listener
-        try:
-            c = self._new(cino)
-            self._bind(c, cf.unix)
-            self._connect_to(c, addr)
-        except OSError as e:
-            raise self._error(cino, f"reconnect (pending) to {_show(self.u(lino).name)}", e) from None
+        with self._failing(cino, f"reconnect (pending) to {_show(self.u(lino).name)}"):
+            self._client(cino, addr)
 
     def _connect(self) -> None:
         """One-way datagram connections and external peers.  A socket must be connected to
@@ -626,10 +600,8 @@ class _Restorer:
                 else:
                     addr, what = _addr(self.u(dst)), f"connect to {_show(self.u(dst).name)}"
                     incoming[dst] -= 1
-                try:
+                with self._failing(src, what):
                     self._connect_to(self.socks[src], addr)
-                except OSError as e:
-                    raise self._error(src, what, e) from None
 
     def _write_queues(self) -> None:
         for ino, w in self.writer.items():
@@ -638,7 +610,7 @@ class _Restorer:
             u = self.u(ino)
             if not u.queue:
                 continue
-            try:
+            with self._failing(ino, f"write back {sum(len(p.data) for p in u.queue)} queued bytes of"):
                 w.setsockopt(SOL_SOCKET, SO_SNDBUFFORCE, self._need(u))
                 for wino, ws in self.socks.items():
                     if ws is w:
@@ -652,30 +624,19 @@ class _Restorer:
                 else:
                     for p in u.queue:
                         w.sendmsg([p.data], self._in_flight(p), socket.MSG_DONTWAIT)
-            except OSError as e:
-                raise self._error(ino, f"write back {sum(len(p.data) for p in u.queue)} queued bytes of", e) \
-                    from None
 
     def _finish(self) -> None:
         for ino, s in self.socks.items():
-            f = self.ents[ino]
-            u = f.unix
-            try:
-                if u.shutdown & 3:
-                    try:
-                        s.shutdown(_SHUT[u.shutdown & 3])
-                    except OSError:
-                        pass        # e.g. ENOTCONN: nothing to shut down
+            u = self.u(ino)
+            if u.shutdown & 3:
+                with contextlib.suppress(OSError):      # e.g. ENOTCONN: nothing to shut down
+                    s.shutdown(_SHUT[u.shutdown & 3])
+            with self._failing(ino, "set the options of"):
                 self._options(ino, s, u)
-                fl = fcntl.fcntl(s.fileno(), fcntl.F_GETFL)
-                fcntl.fcntl(s.fileno(), fcntl.F_SETFL, (fl & ~os.O_NONBLOCK) | (f.flags & os.O_NONBLOCK))
-            except OSError as e:
-                raise self._error(ino, "set the options of", e) from None
+                set_status_flags(s.fileno(), self.ents[ino].flags)
         for path in self.unlink_later:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            except FileNotFoundError:
-                pass
 
     # -- helpers ---------------------------------------------------------------------
     def _in_flight(self, p) -> list:
@@ -702,24 +663,28 @@ class _Restorer:
                 return ino
         return None
 
+    def _client(self, ino: int, addr: bytes) -> socket.socket:
+        """Socket ino made anew and connected to a listener's address."""
+        c = self._new(ino)
+        self._bind(c, self.u(ino))
+        self._connect_to(c, addr)
+        return c
+
     def _new(self, ino: int) -> socket.socket:
         s = socket.socket(socket.AF_UNIX, self.u(ino).type)
         self.socks[ino] = s
         return s
 
     def _pair(self, ino: int, peer: int | None) -> None:
-        u = self.u(ino)
-        a, b = socket.socketpair(socket.AF_UNIX, u.type)
-        self.socks[ino] = a
-        self.writer[ino] = b
+        a, b = socket.socketpair(socket.AF_UNIX, self.u(ino).type)
+        self.socks[ino], self.writer[ino] = a, b
         if peer is None:
             self.others[ino] = b
-            self._bind(a, u)
-            return
-        self.socks[peer] = b
-        self.writer[peer] = a
-        self._bind(a, u)
-        self._bind(b, self.u(peer))
+        else:
+            self.socks[peer], self.writer[peer] = b, a
+        self._bind(a, self.u(ino))
+        if peer is not None:
+            self._bind(b, self.u(peer))
 
     def _bind(self, s: socket.socket, u) -> None:
         if not u.name or u.accepted:
@@ -785,10 +750,8 @@ class _Restorer:
         if u.passcred:
             s.setsockopt(SOL_SOCKET, SO_PASSCRED, 1)
         if u.passsec:
-            try:
+            with contextlib.suppress(OSError):
                 s.setsockopt(SOL_SOCKET, SO_PASSSEC, 1)
-            except OSError:
-                pass
         if u.rcvtimeo:
             s.setsockopt(SOL_SOCKET, SO_RCVTIMEO, bytes(u.rcvtimeo))
         if u.sndtimeo:
@@ -798,11 +761,16 @@ class _Restorer:
         if u.peek_off >= 0:
             s.setsockopt(SOL_SOCKET, SO_PEEK_OFF, u.peek_off)
 
-    def _error(self, ino: int, what: str, e: OSError) -> RestoreError:
-        u = self.u(ino)
-        name = f" ({_show(u.name)})" if u.name else ""
-        return RestoreError(f"cannot {what} unix {_TYPES.get(u.type, u.type)} socket:[{u.ino}]{name}: "
-                            f"{e.strerror or e}")
+    @contextlib.contextmanager
+    def _failing(self, ino: int, what: str):
+        """An OSError in the block fails the restore, naming the socket and what was done to it."""
+        try:
+            yield
+        except OSError as e:
+            u = self.u(ino)
+            name = f" ({_show(u.name)})" if u.name else ""
+            raise RestoreError(f"cannot {what} unix {_TYPES.get(u.type, u.type)} socket:[{u.ino}]{name}: "
+                               f"{e.strerror or e}") from None
 
 
 class Unix(BuiltTogether):
