@@ -5,6 +5,7 @@ following a symbolic link, before it is read: a FIFO must not block `restore` or
 link to /dev/zero must not read without bound.  Each case runs `restore`, `show` and
 `show --verify` through the CLI under a timeout (a hang fails) and a memory limit (an
 unbounded read fails), and must end in a one-line error naming the file and the problem.
+An image (its directory and files) must also be the caller's and writable by nobody else.
 """
 from __future__ import annotations
 
@@ -107,10 +108,32 @@ def _dir_link(img, pid):
     return f"{img} is a symbolic link"
 
 
+def _foreign_file(img, pid):
+    os.chown(img / f"task-{pid}.img", 65534, 65534)
+    return f"task-{pid}.img belongs to uid 65534, not to you"
+
+
+def _foreign_dir(img, pid):
+    os.chown(img, 65534, 65534)
+    return f"image directory {img} belongs to uid 65534, not to you"
+
+
+def _writable_file(img, pid):
+    os.chmod(img / f"mm-{pid}.img", 0o666)
+    return f"mm-{pid}.img can be changed by others (mode 0666)"
+
+
+def _writable_dir(img, pid):
+    os.chmod(img, 0o777)
+    return f"image directory {img} can be changed by others (mode 0777)"
+
+
 CASES = {"inventory-fifo": _fifo, "inventory-link-to-dev-zero": _zero_link,
          "inventory-directory": _directory, "inventory-device": _device,
          "inventory-too-big": _too_big, "core-fifo": _core_fifo, "mm-link-to-copy": _mm_link,
-         "pages-wrong-size": _pages_size, "image-dir-link": _dir_link}
+         "pages-wrong-size": _pages_size, "image-dir-link": _dir_link, "file-of-another-user": _foreign_file,
+         "dir-of-another-user": _foreign_dir, "file-writable-by-others": _writable_file,
+         "dir-writable-by-others": _writable_dir}
 
 
 @pytest.mark.parametrize("case", list(CASES))

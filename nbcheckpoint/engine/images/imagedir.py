@@ -295,8 +295,20 @@ _NOT_REGULAR = {stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a directory", stat.S_IFCH
                 stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket", stat.S_IFLNK: "a symbolic link"}
 
 
+def _check_owner(st: os.stat_result, path: str, what: str) -> None:
+    """An image is read only if it is the caller's and nobody else can change it (as ssh
+    treats its keys): the seal says who wrote it, this that nobody swaps it meanwhile."""
+    if st.st_uid != os.geteuid():
+        raise ImageError(f"{what} {path} belongs to uid {st.st_uid}, not to you (uid {os.geteuid()}): "
+                         "nbcheckpoint reads only images you own")
+    if st.st_mode & 0o022:
+        raise ImageError(f"{what} {path} can be changed by others (mode {stat.S_IMODE(st.st_mode):04o}): "
+                         f"`chmod go-w {path}` if you trust its content, then try again")
+
+
 class ImageReader:
-    """Opens an image dir, verifying its seal; files are verified on use."""
+    """Opens an image dir (the caller's, changed by nobody else), verifying its seal; files
+    are verified on use."""
 
     def __init__(self, images_dir: str):
         self.dir = os.path.abspath(images_dir)
@@ -311,6 +323,7 @@ class ImageReader:
             raise ImageError(f"no image at {self.dir}: {self.dir} is {what}") from None
         except OSError as e:
             raise ImageError(f"cannot open the image directory {self.dir}: {e.strerror}") from None
+        _check_owner(os.fstat(self._dirfd), self.dir, "image directory")
         inv_path = os.path.join(self.dir, INVENTORY)
         if not os.path.lexists(inv_path):
             raise ImageError(f"{self.dir} holds no {INVENTORY}: not an nbcheckpoint image, "
@@ -379,6 +392,11 @@ class ImageReader:
                 fd.close()
             what = _NOT_REGULAR.get(stat.S_IFMT(st.st_mode), "a special file")
             raise ImageError(f"image file {path} is {what}, not a regular file")
+        try:
+            _check_owner(st, path, "image file")
+        except ImageError:
+            fd.close()
+            raise
         if size is not None and st.st_size != size:
             fd.close()
             raise ImageError(f"image file {path} has {st.st_size} bytes, the inventory says {size}: "
