@@ -17,7 +17,7 @@ import os
 import stat as st
 import struct
 
-from .errors import RestoreError, UnsupportedError
+from .errors import ImageError, RestoreError, UnsupportedError
 from .images import mm_pb2
 from .sys import proc
 from .sys.libc import PAGE_SIZE
@@ -127,6 +127,21 @@ class VmaIndex:
         if i >= 0 and self.vmas[i].start <= addr < self.vmas[i].end:
             return self.vmas[i]
         return None
+
+
+def check_vmas(mm: mm_pb2.Mm, where: str) -> None:
+    """The VMAs as /proc/PID/maps gave them: known kinds, page-aligned, in order, disjoint,
+    in user space (the vsyscall page aside); anything else is refused before any process."""
+    last = 0
+    for i, v in enumerate(mm.vmas):
+        if v.kind not in mm_pb2.VmaKind.values():
+            raise ImageError(f"{where}: VMA {i} has an unknown kind {v.kind}: damaged image")
+        if v.kind == mm_pb2.VSYSCALL:
+            continue
+        if v.start % PAGE_SIZE or v.end % PAGE_SIZE or not last <= v.start < v.end <= TASK_SIZE:
+            raise ImageError(f"{where}: VMA {i} ({v.start:#x}-{v.end:#x}) is not a page-aligned range "
+                             f"in user space after the one before (ending at {last:#x}): damaged image")
+        last = v.end
 
 
 def check_files_unchanged(mm: mm_pb2.Mm, pid: int, leave_running: bool = False) -> None:

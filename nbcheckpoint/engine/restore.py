@@ -95,7 +95,9 @@ class _Proc:
         for t in self.threads:
             if len(t.regs) != x86_64.REGS_SIZE or len(t.xstate) != xstate_size:
                 raise ImageError(f"image {rd.dir}: registers of thread {t.tid} are damaged")
+            core.check_thread(t, f"image {rd.dir}: {names.core(pid)}")
         self.mm = _one(rd.messages(names.mm(pid), mm_pb2.Mm), names.mm(pid))
+        mmmod.check_vmas(self.mm, f"image {rd.dir}: {names.mm(pid)}")
         self.fds = rd.messages(names.fds(pid), files_pb2.FdEntry)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import struct
 
-from .errors import UnsupportedError
+from .errors import ImageError, UnsupportedError
 from .images import core_pb2
 from .inject import Remote
 from .sys import proc, ptrace
@@ -121,6 +121,9 @@ def queue_signal(remote: Remote, info: bytes, tid: int | None) -> None:
     rt_(tg)sigqueueinfo accepts any si_code when a process signals itself,
     which is why this runs inside the restored process.
     """
+    if len(info) != ptrace.SIGINFO_SIZE:
+        raise ImageError(f"a pending signal of process {remote.vpid} is {len(info)} bytes, "
+                         f"not a {ptrace.SIGINFO_SIZE}-byte siginfo: damaged image")
     sig = struct.unpack_from("<i", info, 0)[0]
     remote.write(remote.scratch, info)
     if tid is None:
