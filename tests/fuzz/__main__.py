@@ -32,9 +32,18 @@ def main(argv=None) -> int:
                                                          random.randrange(1 << 31))
     print(f"fuzz seed {seed} (replay: NBCHECKPOINT_FUZZ_SEED={seed} or --seed {seed})", flush=True)
 
-    from .runner import FAILURES, Runner
-    from . import kills, limits
+    from .runner import Runner
     r = Runner(seed, args.dir, args.timeout, args.verbose)
+    try:
+        return _run(r, args, seed)
+    finally:
+        for pid in r.marked():          # whatever happened: nothing of the run stays behind
+            r.kill(pid)
+
+
+def _run(r, args, seed: int) -> int:
+    from .runner import FAILURES
+    from . import kills, limits
     t0 = time.monotonic()
     r.build()
     for name in ["counter", "threads", "pipes", "unix_sockets", "tree"]:

@@ -77,11 +77,12 @@ class Killer:
             self._drop(name)
             return
         problems = []
-        done = not run.killed
+        done = not run.killed           # or killed after the commit: then the image is whole
         if img.exists():
             bad = _whole(img)
             if bad:
                 problems.append(f"{img} exists but is not whole: {bad}")
+            done = not bad
         elif done:
             problems.append("the dump ended with 0 but left no image")
         for p in (r.dir).glob(".killed-dump.partial-*"):     # what SIGKILL leaves: the next dump's to remove
@@ -97,7 +98,8 @@ class Killer:
                 if cls != RESTORED:
                     problems.append(f"the completed image does not restore right: {cls}: {why}")
         elif gone:
-            problems.append(f"the target died ({_describe(pid)})")
+            problems.append(f"the target died ({_describe(pid)}; status {r.statuses.get(pid)}); "
+                            f"image {'whole' if img.exists() else 'absent'}")
             self.live.pop(name)
         else:
             deadline = time.monotonic() + 2

@@ -83,7 +83,7 @@ def write_messages(path: Path, cls, msgs) -> None:
 
 
 def message_files(img: Path) -> list[Path]:
-    return sorted(p for p in img.iterdir() if p.name != INVENTORY and read_messages(p) is not None)
+    return sorted(p for p in img.iterdir() if p.name != INVENTORY and p.read_bytes()[:_HEAD] == imagedir.MAGIC)
 
 
 # ----------------------------------------------------------------------------- field values
@@ -293,6 +293,27 @@ def _targeted(rng: random.Random, img: Path, pid: int) -> str | None:
     return None
 
 
+def _length_prefix(rng: random.Random, p: Path) -> str:
+    """A message's u32 length (or the type name's u16 length) made wrong."""
+    data = bytearray(p.read_bytes())
+    (n,) = struct.unpack_from("<H", data, _HEAD)
+    offs, pos = [], _HEAD + 2 + n
+    while pos < len(data):
+        offs.append(pos)
+        pos += 4 + struct.unpack_from("<I", data, pos)[0]
+    if not offs or rng.random() < 0.2:
+        new = rng.choice([0, n - 1, n + 1, 0xFFFF])
+        struct.pack_into("<H", data, _HEAD, new)
+        p.write_bytes(bytes(data))
+        return f"{p.name}: type name length {n} -> {new}"
+    i = rng.randrange(len(offs))
+    old = struct.unpack_from("<I", data, offs[i])[0]
+    new = rng.choice([0, old - 1 if old else 1, old + 1, 2**32 - 1, imagedir.MAX_MESSAGE + 1, len(data)])
+    struct.pack_into("<I", data, offs[i], new)
+    p.write_bytes(bytes(data))
+    return f"{p.name}: message {i}'s length {old} -> {new}"
+
+
 # ----------------------------------------------------------------------------- families
 
 def structural(rng: random.Random, img: Path, pid: int) -> Mutant:
@@ -309,6 +330,8 @@ def structural(rng: random.Random, img: Path, pid: int) -> Mutant:
                 break
         imagedir.reseal(img, inv)
         return Mutant("struct", "resealed", what)
+    if what is None and rng.random() < 0.06:
+        what = _length_prefix(rng, rng.choice(message_files(img)))
     if what is None:
         p = rng.choice(message_files(img))
         cls, msgs = read_messages(p)
