@@ -294,9 +294,9 @@ class RestoreContext:
         kind = KINDS.get(f.kind)
         if kind is None or f.flags >= 2**31:    # refused before any process exists
             from ..errors import ImageError
-            raise ImageError(f"process {pid}: fd {fde.fd} is a file of kind {kind_name(f.kind)}, "
-                             "which this version cannot restore" if kind is None else
-                             f"process {pid}: fd {fde.fd} has flags {f.flags:#o}, no open(2) flags: damaged image")
+            why = (f"is a file of kind {kind_name(f.kind)}, which this version cannot restore" if kind is None
+                   else f"has flags {f.flags:#o}, no open(2) flags: damaged image")
+            raise ImageError(f"process {pid}: fd {fde.fd} {why}")
         kind.check(self, pid, fde, f)
 
     def open(self, fid: int) -> int:
