@@ -180,6 +180,10 @@ def restore_private(pid: int, reader, name: str, index: VmaIndex, progress=None,
                              "every mapping: the image is inconsistent")
         runs.append((e.vaddr, length, bool(v.prot & PROT_WRITE), off, v))
         off += length
+    ends = sorted((a, a + n) for a, n, *_ in runs)      # (not in address order after a snapshot)
+    for (a, end), (b, _) in zip(ends, ends[1:]):
+        if b < end:
+            raise ImageError(f"{names.pagemap(name)}: the runs at {a:#x} and {b:#x} overlap: the image is inconsistent")
     src = reader.open_pages(names.pages(name))
     try:
         if off != src.size:

@@ -288,7 +288,12 @@ def _open_everything(img: _Image, engine_fds: list[int]) -> _Prepared:
     need = target_max + 64 + sum(len(pr.fds) + len(pr.mm.vmas) for pr in img.live)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < need + 1024:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, need + 1024)), hard))
+        try:        # the stubs inherit it: above our hard limit too, if we may (CAP_SYS_RESOURCE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need + 1024, max(hard, need + 1024)))
+        except (OSError, ValueError):
+            raise RestoreError(f"the image's processes use fd numbers up to {target_max}: restoring them "
+                               f"needs RLIMIT_NOFILE {need + 1024}, above this engine's hard limit {hard} "
+                               "(and fs.nr_open), which it may not raise") from None
     base = max(target_max + 1, 3)
 
     def high(fd: int, owned: bool = True) -> int:
