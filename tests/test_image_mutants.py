@@ -121,7 +121,7 @@ MUTANTS = {         # name: (file (PID: the seed's), change, words the error mus
     "sched-priority-huge": ("core-PID.img", _sched_priority_huge, ["sched_priority"]),
     "pending-signal-empty": ("core-PID.img", _pending_empty, ["siginfo"]),
     # found by restore only: show --verify reads no pagemap and opens no fd
-    "fd-huge": ("fds-PID.img", _fd_huge, ["2147483648", "RLIMIT_NOFILE"]),
+    "fd-huge": ("fds-PID.img", _fd_huge, ["2147483648", "RLIMIT_NOFILE hard limit"]),
     "pagemap-runs-overlap": ("pagemap-PID.img", _pagemap_runs_overlap, ["pagemap-PID.img", "overlap"]),
 }
 RESTORE_ONLY = {"pagemap-runs-overlap", "fd-huge"}

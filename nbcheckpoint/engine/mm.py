@@ -161,6 +161,8 @@ def check_files_unchanged(mm: mm_pb2.Mm, pid: int, leave_running: bool = False) 
         except FileNotFoundError:
             raise RestoreError(f"process {pid}: mapped file {f.path} is gone since the dump; "
                                f"put it back to restore.{hint}") from None
+        except OSError as e:                # e.g. a name too long: from a damaged image
+            raise RestoreError(f"process {pid}: mapped file {f.path}: {e.strerror}") from None
         if (f is mm.exe or f.path in private) and (s.st_size != f.size or s.st_mtime_ns != f.mtime_ns):
             raise RestoreError(
                 f"process {pid}: mapped file {f.path} changed since the dump (size {f.size} -> {s.st_size}, "

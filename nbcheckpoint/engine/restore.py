@@ -290,10 +290,11 @@ def _open_everything(img: _Image, engine_fds: list[int]) -> _Prepared:
     if soft < need + 1024:
         try:        # the stubs inherit it: above our hard limit too, if we may (CAP_SYS_RESOURCE)
             resource.setrlimit(resource.RLIMIT_NOFILE, (need + 1024, max(hard, need + 1024)))
-        except (OSError, ValueError):
-            raise RestoreError(f"the image's processes use fd numbers up to {target_max}: restoring them "
-                               f"needs RLIMIT_NOFILE {need + 1024}, above this engine's hard limit {hard} "
-                               "(and fs.nr_open), which it may not raise") from None
+        except (OSError, ValueError):       # we may not, or beyond fs.nr_open: as far as we may
+            if target_max >= hard:
+                raise RestoreError(f"the image's processes use fd numbers up to {target_max}, beyond this "
+                                   f"engine's RLIMIT_NOFILE hard limit {hard}, which it may not raise") from None
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     base = max(target_max + 1, 3)
 
     def high(fd: int, owned: bool = True) -> int:
