@@ -35,7 +35,6 @@ if "NBCHECKPOINT_KEY_FILE" not in os.environ:          # a key of the run's own,
     os.environ["NBCHECKPOINT_KEY_FILE"] = os.path.join(KEY_DIR, "image.key")
 import conftest                                         # noqa: E402  (build_c)
 from nbcheckpoint import cli                            # noqa: E402
-from nbcheckpoint.engine.images import imagedir        # noqa: E402
 
 from . import mutate                                    # noqa: E402
 
