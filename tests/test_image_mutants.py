@@ -107,6 +107,14 @@ def _pagemap_runs_overlap(msgs):
     small.vaddr = big.vaddr
 
 
+def _anon_read_only(msgs):
+    """Writable private anonymous memory (stacks, heap) mapped read-only: the injected code
+    faults there (restore waited for ever, resuming the fault)."""
+    for v in msgs[0].vmas:
+        if v.kind == 0 and v.prot == 3:         # ANON_PRIVATE, rw-
+            v.prot = 1
+
+
 MUTANTS = {         # name: (file (PID: the seed's), change, words the error must hold)
     "fd-to-nowhere": ("fds-PID.img", _fd_to_nowhere, ["4294967295"]),
     "file-path-nul": ("files.img", _file_nul_path, ["files.img", "path", "NUL"]),
@@ -123,8 +131,9 @@ MUTANTS = {         # name: (file (PID: the seed's), change, words the error mus
     # found by restore only: show --verify reads no pagemap and opens no fd
     "fd-huge": ("fds-PID.img", _fd_huge, ["2147483648", "RLIMIT_NOFILE hard limit"]),
     "pagemap-runs-overlap": ("pagemap-PID.img", _pagemap_runs_overlap, ["pagemap-PID.img", "overlap"]),
+    "anon-read-only": ("mm-PID.img", _anon_read_only, ["SIGSEGV in the injected code"]),
 }
-RESTORE_ONLY = {"pagemap-runs-overlap", "fd-huge"}
+RESTORE_ONLY = {"pagemap-runs-overlap", "fd-huge", "anon-read-only"}
 
 
 def _cli(*args):

@@ -444,9 +444,12 @@ def forged(rng: random.Random, img: Path, pid: int, other_key: str) -> Mutant:
             if raw[head_len + keys.MAC_SIZE:] != orig[head_len + keys.MAC_SIZE:]:
                 break
     raw = (img / INVENTORY).read_bytes()
-    body = raw[head_len + keys.MAC_SIZE:-16]
     if op in ("other-key", "no-change-other-key", "our-id-other-mac"):
-        inv = imagedir.ImageReader(str(img)).inventory      # read under our key...
+        try:
+            inv = imagedir.ImageReader(str(img)).inventory  # read under our key...
+        except imagedir.ImageError:                         # (the change made it unreadable)
+            _with_mac(img, raw, os.urandom(keys.MAC_SIZE))
+            return Mutant("forged", "forged", "random-mac")
         old = os.environ[keys.KEY_ENV]
         os.environ[keys.KEY_ENV] = other_key
         try:
@@ -461,9 +464,14 @@ def forged(rng: random.Random, img: Path, pid: int, other_key: str) -> Mutant:
             (img / INVENTORY).write_bytes(raw2 + xxhash.xxh3_128_digest(raw2))
     elif op in ("old-mac", "random-mac"):
         # the seed's MAC (or random bytes) over the changed body, checksums consistent
-        mac = orig[head_len:head_len + keys.MAC_SIZE] if op == "old-mac" else os.urandom(keys.MAC_SIZE)
-        raw2 = raw[:head_len] + mac + body
-        (img / INVENTORY).write_bytes(raw2 + xxhash.xxh3_128_digest(raw2))
+        _with_mac(img, raw, orig[head_len:head_len + keys.MAC_SIZE] if op == "old-mac" else os.urandom(keys.MAC_SIZE))
     else:                                       # the unsealed layout of format 2
-        (img / INVENTORY).write_bytes(body)
+        (img / INVENTORY).write_bytes(raw[head_len + keys.MAC_SIZE:-16])
     return Mutant("forged", "forged", op)
+
+
+def _with_mac(img: Path, raw: bytes, mac: bytes) -> None:
+    """inventory.img (raw) with another MAC, its outer checksum made consistent."""
+    head_len = imagedir._SEAL.size
+    raw2 = raw[:head_len] + mac + raw[head_len + keys.MAC_SIZE:-16]
+    (img / INVENTORY).write_bytes(raw2 + xxhash.xxh3_128_digest(raw2))
