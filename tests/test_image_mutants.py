@@ -54,6 +54,10 @@ def _file_nul_path(msgs):
     reg.reg.stat.path = "/tmp/x\0y"
 
 
+def _file_pos_huge(msgs):
+    next(m for m in msgs if m.HasField("reg")).reg.pos = 2**64 - 1
+
+
 def _file_flags_huge(msgs):
     msgs[0].flags = 2**32 - 1
 
@@ -115,10 +119,15 @@ def _anon_read_only(msgs):
             v.prot = 1
 
 
+def _uids_dropped(msgs):
+    del msgs[0].creds.uids[:]
+
+
 MUTANTS = {         # name: (file (PID: the seed's), change, words the error must hold)
     "fd-to-nowhere": ("fds-PID.img", _fd_to_nowhere, ["4294967295"]),
     "file-path-nul": ("files.img", _file_nul_path, ["files.img", "path", "NUL"]),
     "file-flags-huge": ("files.img", _file_flags_huge, ["flags"]),
+    "file-pos-huge": ("files.img", _file_pos_huge, ["position 18446744073709551615"]),
     "file-kind-unknown": ("files.img", _file_kind_unknown, ["kind 563"]),
     "files-dropped": ("files.img", _files_dropped, ["lacks"]),
     "mm-dropped": ("mm-PID.img", _mm_dropped, ["mm-PID.img", "0 messages"]),
@@ -128,6 +137,7 @@ MUTANTS = {         # name: (file (PID: the seed's), change, words the error mus
     "thread-empty": ("core-PID.img", _thread_empty, ["core-PID.img"]),
     "sched-priority-huge": ("core-PID.img", _sched_priority_huge, ["sched_priority"]),
     "pending-signal-empty": ("core-PID.img", _pending_empty, ["siginfo"]),
+    "uids-dropped": ("task-PID.img", _uids_dropped, ["task-PID.img", "0 uids"]),
     # found by restore only: show --verify reads no pagemap and opens no fd
     "fd-huge": ("fds-PID.img", _fd_huge, ["2147483648", "RLIMIT_NOFILE hard limit"]),
     "pagemap-runs-overlap": ("pagemap-PID.img", _pagemap_runs_overlap, ["pagemap-PID.img", "overlap"]),

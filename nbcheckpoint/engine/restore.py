@@ -89,6 +89,7 @@ class _Proc:
         if p.zombie:
             return
         self.task = _one(rd.messages(names.task(pid), core_pb2.TaskCore), names.task(pid))
+        taskmod.check_task(self.task, f"image {rd.dir}: {names.task(pid)}")
         self.threads = rd.messages(names.core(pid), core_pb2.ThreadCore)
         if [t.tid for t in self.threads] != list(p.tids) or not self.threads or self.threads[0].tid != pid:
             raise ImageError(f"image {rd.dir}: {names.core(pid)} does not match the process's thread list")
