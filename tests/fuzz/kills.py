@@ -89,9 +89,10 @@ class Killer:
             shutil.rmtree(p, ignore_errors=True)
         time.sleep(0.05)
         gone = r.wait(pid, 0) is not None or not os.path.exists(f"/proc/{pid}")
-        if done and mode == "kill":
-            if not gone and r.wait(pid, 5) is None:
-                problems.append("a completed kill-mode dump left the target running")
+        if done and mode == "kill" and not run.killed and not gone and r.wait(pid, 5) is None:
+            problems.append("a completed kill-mode dump left the target running")
+            self._drop(name)
+        elif done and mode == "kill" and (gone or not run.killed):
             self.live.pop(name)
             if not problems:                 # the image is real: it restores right
                 cls, why = r.restore(r.seed_of(name, img, pid, log), img, "pristine")

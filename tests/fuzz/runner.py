@@ -312,6 +312,11 @@ class Runner:
                     self.kill(p)
         elif r.killed:
             cls = KILLED_CLEAN
+            if _running_target(seed.pid, self.bin):     # killed once its work was done: whole?
+                ok, why = self.verdict(seed.pid, seed.log)
+                cls = "completed" if ok else WRONG
+                for p in self.marked():
+                    self.kill(p)
         left = self.strays(seed)
         if left:
             cls, why = STRAY, left + (f" (after: {cls}: {why})" if why else "")
@@ -372,6 +377,18 @@ class Runner:
         _rmtree(img)
         for p in self.dir.glob(".mutant-*.orig"):         # special(): the file a link points to
             p.unlink()
+
+
+def _running_target(pid: int, bin_dir: Path) -> bool:
+    """pid runs a target, detached (no tracer), not stopped: a restore that was complete."""
+    time.sleep(0.05)
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            st = dict(ln.split(":", 1) for ln in f if ":" in ln)
+        return (os.readlink(f"/proc/{pid}/exe").startswith(str(bin_dir) + "/")
+                and st["TracerPid"].strip() == "0" and st["State"].split()[0] in "RSD")
+    except OSError:
+        return False
 
 
 def _describe(pid: int) -> str:
