@@ -140,3 +140,19 @@ def test_affinity_outside_cpuset_is_narrowed(launch, images, caplog):
                    "allowed here: restored with [0]" in caplog.text, caplog.text
         t.expect_pass()
         t.reap()
+
+
+def test_no_room_for_the_io_thread(launch, images):
+    """A pids cgroup with room for the engine and the one stub only: the engine's page I/O
+    thread cannot start, so the pages are moved without it (it was a traceback: "can't
+    start new thread").  Found by tests/fuzz."""
+    t = launch("counter")
+    img = images()
+    t.checkpoint(img)
+    argv = [sys.executable, "-m", "nbcheckpoint", "restore", "-d", "-D", str(img)]
+    with _cgroup("pids", {"pids.max": "2"}) as cg:
+        r = _run_in(cg, argv)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r
+        t.adopt_restored(int(r.stdout.split()[0]), is_child=False)
+        t.expect_pass()
+        t.reap()

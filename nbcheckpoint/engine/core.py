@@ -10,6 +10,7 @@ import logging
 import os
 import struct
 
+from .errors import ImageError, RestoreError
 from .images import core_pb2
 from .inject import Remote
 from .sys import proc, ptrace, x86_64
@@ -19,7 +20,7 @@ PR_GET_TID_ADDRESS = 40
 PR_SET_NAME = 15
 SS_ONSTACK = 1
 RSEQ_FLAG_UNREGISTER = 1
-_STACK_T = struct.Struct("<QiiQ")  # ss_sp, ss_flags, (pad), ss_size
+_STACK_T = struct.Struct("<QIiQ")  # ss_sp, ss_flags (SS_AUTODISARM is bit 31), (pad), ss_size
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,15 @@ def dump_thread(pid: int, tid: int, remote: Remote, xstate_size: int) -> core_pb
     return t
 
 
+def check_thread(t: core_pb2.ThreadCore, where: str) -> None:
+    """Values the kernel takes as C ints, and siginfos of their size: out of range is damage."""
+    for name in ("sched_policy", "sched_priority", "nice"):
+        if not -2**31 <= getattr(t, name) < 2**31:
+            raise ImageError(f"{where}: thread {t.tid}: {name} {getattr(t, name)} is out of range: damaged image")
+    if any(len(info) != ptrace.SIGINFO_SIZE for info in t.pending):
+        raise ImageError(f"{where}: thread {t.tid}: a pending signal is not a {ptrace.SIGINFO_SIZE}-byte siginfo")
+
+
 def restore_sched(t: core_pb2.ThreadCore, tid: int, pid: int) -> None:
     """Affinity, policy and nice value of thread `tid` (as we see it) of process `pid`
     (as it sees itself), set from the engine.  The affinity is the dumped one within the
@@ -58,8 +68,12 @@ def restore_sched(t: core_pb2.ThreadCore, tid: int, pid: int) -> None:
         log.warning("process %d thread %d: CPU affinity %s as dumped, but only CPUs %s are allowed here: "
                     "restored with %s", pid, t.tid, sorted(t.cpus), sorted(allowed), sorted(cpus))
     os.sched_setaffinity(tid, cpus)
-    os.sched_setscheduler(tid, t.sched_policy, os.sched_param(t.sched_priority))
-    os.setpriority(os.PRIO_PROCESS, tid, t.nice)
+    try:
+        os.sched_setscheduler(tid, t.sched_policy, os.sched_param(t.sched_priority))
+        os.setpriority(os.PRIO_PROCESS, tid, t.nice)
+    except OSError as e:        # a policy or priority refused here (range: check_thread)
+        raise RestoreError(f"process {pid} thread {t.tid}: cannot set its scheduling policy "
+                           f"{t.sched_policy}, priority {t.sched_priority}, nice {t.nice}: {e}") from None
 
 
 def restore_thread_state(remote: Remote, t: core_pb2.ThreadCore, signal_pending) -> None:

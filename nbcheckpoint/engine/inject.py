@@ -14,6 +14,7 @@ that fails).
 """
 from __future__ import annotations
 
+import errno
 import signal
 import struct
 
@@ -21,6 +22,8 @@ from .errors import SysError
 from . import sigframe
 from .sys import ptrace, waitstatus, x86_64
 from .sys.memory import ProcMem, read_bytes, write_bytes
+
+_FAULTS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE}     # they come back at every resume
 
 ALL_SIGNALS = (1 << 64) - 1
 _ARG_REGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
@@ -187,6 +190,7 @@ class Remote:
                     return
             # else: a signal-delivery stop (an unblockable SIGSTOP) or a group
             # stop: resuming with no signal drops it.
+            self._no_fault(status, "injected syscall")
             ptrace.syscall(self.tid)
 
     def _step_syscall(self) -> None:
@@ -201,7 +205,16 @@ class Remote:
             elif event == 0 and waitstatus.stop_signal(status) == signal.SIGTRAP:
                 return                                         # the step over the syscall is done
             # else: a signal-delivery or group stop: resuming with no signal drops it
+            self._no_fault(status, "injected syscall")
             ptrace.singlestep(self.tid)
+
+    def _no_fault(self, status: int, what: str) -> None:
+        """A fault in the injected code would come back at every resume (restore waited for
+        ever when an image mapped the batch area read-only): it ends the call."""
+        sig = waitstatus.stop_signal(status)
+        if waitstatus.stop_event(status) == 0 and sig in _FAULTS:
+            raise SysError(errno.EFAULT, what, self.pid, f"thread {self.tid} got {signal.Signals(sig).name} in "
+                           "the injected code: its memory is not what it should be there")
 
     def batch(self) -> "Batch":
         """Collect calls, run them in one trip when the block ends (needs batch_area)."""
@@ -228,6 +241,7 @@ class Remote:
                 raise SysError(3, "injected syscall batch", self.pid, f"thread {self.tid} died (status {status:#x})")
             if waitstatus.stop_event(status) == 0 and waitstatus.stop_signal(status) == signal.SIGTRAP:
                 break                                          # the int3 at the end
+            self._no_fault(status, "injected syscall batch")
             ptrace.cont(self.tid)                              # a stop of another kind: drop it
         results = struct.unpack_from("<" + "56xq" * len(calls), self.read(area + 64, len(table)))
         for (name, args), res in zip(calls, results):

@@ -17,7 +17,7 @@ import os
 import stat as st
 import struct
 
-from .errors import RestoreError, UnsupportedError
+from .errors import ImageError, RestoreError, UnsupportedError
 from .images import mm_pb2
 from .sys import proc
 from .sys.libc import PAGE_SIZE
@@ -129,6 +129,21 @@ class VmaIndex:
         return None
 
 
+def check_vmas(mm: mm_pb2.Mm, where: str) -> None:
+    """The VMAs as /proc/PID/maps gave them: known kinds, page-aligned, in order, disjoint,
+    in user space (the vsyscall page aside); anything else is refused before any process."""
+    last = 0
+    for i, v in enumerate(mm.vmas):
+        if v.kind not in mm_pb2.VmaKind.values():
+            raise ImageError(f"{where}: VMA {i} has an unknown kind {v.kind}: damaged image")
+        if v.kind == mm_pb2.VSYSCALL:
+            continue
+        if v.start % PAGE_SIZE or v.end % PAGE_SIZE or not last <= v.start < v.end <= TASK_SIZE:
+            raise ImageError(f"{where}: VMA {i} ({v.start:#x}-{v.end:#x}) is not a page-aligned range "
+                             f"in user space after the one before (ending at {last:#x}): damaged image")
+        last = v.end
+
+
 def check_files_unchanged(mm: mm_pb2.Mm, pid: int, leave_running: bool = False) -> None:
     """A privately mapped file that changed since the dump would give the process other code
     or data under its saved pages.  A MAP_SHARED file is the process's memory itself: that it
@@ -146,6 +161,8 @@ def check_files_unchanged(mm: mm_pb2.Mm, pid: int, leave_running: bool = False) 
         except FileNotFoundError:
             raise RestoreError(f"process {pid}: mapped file {f.path} is gone since the dump; "
                                f"put it back to restore.{hint}") from None
+        except OSError as e:                # e.g. a name too long: from a damaged image
+            raise RestoreError(f"process {pid}: mapped file {f.path}: {e.strerror}") from None
         if (f is mm.exe or f.path in private) and (s.st_size != f.size or s.st_mtime_ns != f.mtime_ns):
             raise RestoreError(
                 f"process {pid}: mapped file {f.path} changed since the dump (size {f.size} -> {s.st_size}, "

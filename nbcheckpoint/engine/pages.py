@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from .errors import ImageError
 from .images import names, pagemap_pb2
@@ -100,7 +100,18 @@ class _Pipeline:
             f.result()
 
     def submit(self, i: int, fn, *args) -> None:
-        self.pending[i] = self.pool.submit(fn, *args)
+        if self.pool is not None:
+            try:
+                self.pending[i] = self.pool.submit(fn, *args)
+                return
+            except RuntimeError:        # no thread to be had (a full pids cgroup): the rest runs here
+                self.pool.shutdown(wait=False, cancel_futures=True)
+                self.pool = None
+        self.pending[i] = f = Future()
+        try:
+            f.set_result(fn(*args))
+        except BaseException as e:      # noqa: BLE001 - raised by wait(), as from the thread
+            f.set_exception(e)
 
     def close(self) -> None:
         for i in (0, 1):
@@ -108,7 +119,8 @@ class _Pipeline:
                 self.wait(i)
             except BaseException:
                 pass
-        self.pool.shutdown(wait=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
 
 class PrivatePages:
@@ -180,6 +192,10 @@ def restore_private(pid: int, reader, name: str, index: VmaIndex, progress=None,
                              "every mapping: the image is inconsistent")
         runs.append((e.vaddr, length, bool(v.prot & PROT_WRITE), off, v))
         off += length
+    ends = sorted((a, a + n) for a, n, *_ in runs)      # (not in address order after a snapshot)
+    for (a, end), (b, _) in zip(ends, ends[1:]):
+        if b < end:
+            raise ImageError(f"{names.pagemap(name)}: the runs at {a:#x} and {b:#x} overlap: the image is inconsistent")
     src = reader.open_pages(names.pages(name))
     try:
         if off != src.size:

@@ -89,13 +89,16 @@ class _Proc:
         if p.zombie:
             return
         self.task = _one(rd.messages(names.task(pid), core_pb2.TaskCore), names.task(pid))
+        taskmod.check_task(self.task, f"image {rd.dir}: {names.task(pid)}")
         self.threads = rd.messages(names.core(pid), core_pb2.ThreadCore)
         if [t.tid for t in self.threads] != list(p.tids) or not self.threads or self.threads[0].tid != pid:
             raise ImageError(f"image {rd.dir}: {names.core(pid)} does not match the process's thread list")
         for t in self.threads:
             if len(t.regs) != x86_64.REGS_SIZE or len(t.xstate) != xstate_size:
                 raise ImageError(f"image {rd.dir}: registers of thread {t.tid} are damaged")
+            core.check_thread(t, f"image {rd.dir}: {names.core(pid)}")
         self.mm = _one(rd.messages(names.mm(pid), mm_pb2.Mm), names.mm(pid))
+        mmmod.check_vmas(self.mm, f"image {rd.dir}: {names.mm(pid)}")
         self.fds = rd.messages(names.fds(pid), files_pb2.FdEntry)
 
 
@@ -286,7 +289,13 @@ def _open_everything(img: _Image, engine_fds: list[int]) -> _Prepared:
     need = target_max + 64 + sum(len(pr.fds) + len(pr.mm.vmas) for pr in img.live)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < need + 1024:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, need + 1024)), hard))
+        try:        # the stubs inherit it: above our hard limit too, if we may (CAP_SYS_RESOURCE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need + 1024, max(hard, need + 1024)))
+        except (OSError, ValueError):       # we may not, or beyond fs.nr_open: as far as we may
+            if target_max >= hard:
+                raise RestoreError(f"the image's processes use fd numbers up to {target_max}, beyond this "
+                                   f"engine's RLIMIT_NOFILE hard limit {hard}, which it may not raise") from None
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     base = max(target_max + 1, 3)
 
     def high(fd: int, owned: bool = True) -> int:

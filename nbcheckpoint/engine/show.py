@@ -4,7 +4,8 @@ from __future__ import annotations
 import datetime
 import os
 
-from .files import KINDS
+from .errors import ImageError
+from .files import KINDS, kind_name
 from .images import core_pb2, files_pb2, imagedir, mm_pb2, names, pagemap_pb2, pstree_pb2
 from .sys.libc import PAGE_SIZE
 from .units import format_size as _size
@@ -30,7 +31,7 @@ def show(images_dir) -> str:
         if p.zombie:                    # it has no task, core, mm or fds files
             out.append(f"process {p.pid} (ppid {p.ppid}): zombie {p.comm!r}, wait status {p.exit_status:#x}")
             continue
-        task = rd.messages(names.task(p.pid), core_pb2.TaskCore)[0]
+        task = _one(rd, names.task(p.pid), core_pb2.TaskCore)
         out.append(f"process {p.pid} (ppid {p.ppid}, pgid {p.pgid}, sid {p.sid}), cwd {task.cwd}, "
                    f"uid {list(task.creds.uids)[:1]}, {len(task.sigactions)} signal handlers, "
                    f"{len(task.shared_pending)} pending signals"
@@ -38,12 +39,14 @@ def show(images_dir) -> str:
                    + (", THP disabled" if task.thp_disable else "")
                    + (" except where advised" if task.thp_disable & 2 else ""))
         for t in rd.messages(names.core(p.pid), core_pb2.ThreadCore):
-            from .sys.x86_64 import regs_from_bytes
+            from .sys.x86_64 import REGS_SIZE, regs_from_bytes
+            if len(t.regs) != REGS_SIZE:
+                raise ImageError(f"image {rd.dir}: {names.core(p.pid)}: registers of thread {t.tid} are damaged")
             r = regs_from_bytes(t.regs)
             out.append(f"  thread {t.tid} {t.comm!r}: rip {r.rip:#x} rsp {r.rsp:#x}, sigmask {t.sigmask:#x}, "
                        f"{len(t.pending)} pending" + (f", altstack {t.altstack_sp:#x}+{t.altstack_size}"
                                                        if t.altstack_size and not t.altstack_flags & 2 else ""))
-        mm = rd.messages(names.mm(p.pid), mm_pb2.Mm)[0]
+        mm = _one(rd, names.mm(p.pid), mm_pb2.Mm)
         saved = {}
         for e in rd.messages(names.pagemap(p.pid), pagemap_pb2.PagemapEntry):
             saved[e.vaddr] = e.nr_pages
@@ -56,15 +59,25 @@ def show(images_dir) -> str:
             while i < len(starts) and starts[i] < v.end:
                 npg += saved[starts[i]]
                 i += 1
-            kind = mm_pb2.VmaKind.Name(v.kind).lower()
+            kind = mm_pb2.VmaKind.Name(v.kind).lower() if v.kind in mm_pb2.VmaKind.values() else str(v.kind)
             out.append(f"    {v.start:#014x}-{v.end:#014x} {_PROT(v.prot)} {kind:<12} {_size(v.end - v.start):>10}"
                        f" saved {_size(npg * PAGE_SIZE):>10}  {v.name}")
         out.append("  fds:")
         for e in rd.messages(names.fds(p.pid), files_pb2.FdEntry):
-            f = files[e.id]
-            out.append(f"    {e.fd:>4} {files_pb2.FdKind.Name(f.kind).lower():<8} #{f.id:<4} {describe_file(f)}"
+            f = files.get(e.id)
+            if f is None:
+                raise ImageError(f"image {rd.dir}: fd {e.fd} of process {p.pid} refers to file description "
+                                 f"{e.id}, which {names.FILES} lacks: damaged")
+            out.append(f"    {e.fd:>4} {kind_name(f.kind).lower():<8} #{f.id:<4} {describe_file(f)}"
                        f"{' cloexec' if e.cloexec else ''}")
     return "\n".join(out)
+
+
+def _one(rd, name: str, cls):
+    msgs = rd.messages(name, cls)
+    if len(msgs) != 1:
+        raise ImageError(f"image {rd.dir}: {name} holds {len(msgs)} messages, expected 1")
+    return msgs[0]
 
 
 def describe_file(f) -> str:

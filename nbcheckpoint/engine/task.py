@@ -13,7 +13,7 @@ import os
 import resource
 import struct
 
-from .errors import UnsupportedError
+from .errors import ImageError, UnsupportedError
 from .images import core_pb2
 from .inject import Remote
 from .sys import proc, ptrace
@@ -112,6 +112,17 @@ def restore_thp_disable(remote: Remote, t: core_pb2.TaskCore) -> None:
     remote.syscall("prctl", PR_SET_THP_DISABLE, t.thp_disable & 1, t.thp_disable & ~1)
 
 
+def check_task(t: core_pb2.TaskCore, where: str) -> None:
+    """Before any process exists: credentials of the shape the restore sets (real, effective,
+    saved, fs ids), a group list setgroups(2) takes, siginfos of their size."""
+    c = t.creds
+    if len(c.uids) != 4 or len(c.gids) != 4 or len(c.groups) > 65536:
+        raise ImageError(f"{where}: credentials with {len(c.uids)} uids, {len(c.gids)} gids and "
+                         f"{len(c.groups)} groups (want 4, 4, at most 65536): damaged image")
+    if any(len(info) != ptrace.SIGINFO_SIZE for info in t.shared_pending):
+        raise ImageError(f"{where}: a pending signal is not a {ptrace.SIGINFO_SIZE}-byte siginfo: damaged image")
+
+
 def restore_rlimits(pid: int, t: core_pb2.TaskCore) -> None:
     for r in t.rlimits:
         try:
@@ -133,6 +144,9 @@ def queue_signal(remote: Remote, info: bytes, tid: int | None) -> None:
     rt_(tg)sigqueueinfo accepts any si_code when a process signals itself,
     which is why this runs inside the restored process.
     """
+    if len(info) != ptrace.SIGINFO_SIZE:
+        raise ImageError(f"a pending signal of process {remote.vpid} is {len(info)} bytes, "
+                         f"not a {ptrace.SIGINFO_SIZE}-byte siginfo: damaged image")
     sig = struct.unpack_from("<i", info, 0)[0]
     remote.write(remote.scratch, info)
     if tid is None:

@@ -241,6 +241,11 @@ class DumpContext:
         self._pidfds.clear()
 
 
+def kind_name(kind: int) -> str:
+    """An FdKind's name; the number if it has none (an image from a newer version, or damaged)."""
+    return files_pb2.FdKind.Name(kind) if kind in files_pb2.FdKind.values() else str(kind)
+
+
 class RestoreContext:
     """Opens each file description once, in the engine; kinds may open peers together."""
 
@@ -268,15 +273,18 @@ class RestoreContext:
     def check_one(self, pid: int, fde, f: files_pb2.FileEntry) -> None:
         """The kind's own check of one description (fde.fd names it in messages)."""
         kind = KINDS.get(f.kind)
-        if kind is not None:
-            kind.check(self, pid, fde, f)
+        if kind is None or f.flags >= 2**31:    # refused before any process exists
+            why = (f"is a file of kind {kind_name(f.kind)}, which this version cannot restore" if kind is None
+                   else f"has flags {f.flags:#o}, no open(2) flags: damaged image")
+            raise ImageError(f"process {pid}: fd {fde.fd} {why}")
+        kind.check(self, pid, fde, f)
 
     def open(self, fid: int) -> int:
         if fid not in self.opened:
             f = self.files[fid]
             kind = KINDS.get(f.kind)
             if kind is None:
-                raise ImageError(f"file {fid} is of kind {files_pb2.FdKind.Name(f.kind)}, "
+                raise ImageError(f"file {fid} is of kind {kind_name(f.kind)}, "
                                  "which this version cannot restore")
             inherited = self.inherited(f)
             self.opened[fid] = _adopt(inherited, f) if inherited is not None else kind.open(self, f)

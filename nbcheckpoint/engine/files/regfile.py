@@ -13,7 +13,7 @@ import os
 import platform
 import stat
 
-from ..errors import RestoreError
+from ..errors import ImageError, RestoreError
 from ..images import files_pb2, names
 from ..mm import file_stat
 from .kind import FileKind
@@ -39,6 +39,8 @@ class RegFile(FileKind):
     def check(self, ctx, pid, fde, f) -> None:
         """Before any process is created: is the file still there, and still the same one?"""
         r = f.reg
+        if r.pos >= 2**63:
+            raise ImageError(f"process {pid}: fd {fde.fd}: file position {r.pos} is out of range: damaged image")
         if r.deleted:
             return                  # its content is in the image
         path = r.stat.path
@@ -82,7 +84,11 @@ class RegFile(FileKind):
         if not flags & (os.O_PATH | os.O_NONBLOCK):
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         if stat.S_ISREG(r.stat.mode) and not flags & os.O_PATH:
-            os.lseek(fd, r.pos, os.SEEK_SET)
+            try:
+                os.lseek(fd, r.pos, os.SEEK_SET)
+            except OSError as ex:
+                os.close(fd)
+                raise RestoreError(f"cannot seek {r.stat.path} to {r.pos}: {ex.strerror}") from None
         return fd
 
     def describe(self, f) -> str:

@@ -41,6 +41,7 @@ then renamed onto the final name; an image is complete or absent.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import os
 import shutil
@@ -343,6 +344,10 @@ class ImageReader:
             raise ImageError(f"image {self.dir} has format version {self.inventory.format_version}; "
                              f"this nbcheckpoint reads version {FORMAT_VERSION}")
         self.sums = {s.name: s for s in self.inventory.files}
+        bad = [s.name for s in self.inventory.files if s.name in ("", ".", "..", INVENTORY) or "/" in s.name]
+        if bad or len(self.sums) != len(self.inventory.files):
+            raise ImageError(f"{inv_path} lists a file twice, or a name that is not a file of the image "
+                             f"({bad[0]!r}): damaged" if bad else f"{inv_path} lists a file twice: damaged")
 
     def _unseal(self, raw: bytes, inv_path: str) -> bytes:
         """The inventory's body, once its seal is the caller's: nothing is parsed before."""
@@ -569,8 +574,29 @@ def _parse_messages(data: bytes, path: str, msg_cls):
             msg.ParseFromString(data[pos:pos + ln])
         except DecodeError as e:
             raise ImageError(f"{path} is corrupted: {e}") from None
+        bad = _has_strings(msg.DESCRIPTOR) and _nul_field(msg)
+        if bad:
+            raise ImageError(f"{path} is corrupted: {bad} (message at byte {pos}) holds a NUL byte")
         pos += ln
         yield msg
+
+
+@functools.cache
+def _has_strings(desc) -> bool:
+    return any(f.type == f.TYPE_STRING or (f.type == f.TYPE_MESSAGE and _has_strings(f.message_type))
+               for f in desc.fields)
+
+
+def _nul_field(msg) -> str:
+    """The first string field holding a NUL (no path, name or address may: the OS would
+    refuse it far from here), or ''."""
+    for f, v in msg.ListFields():
+        for item in (v if f.is_repeated else [v]):
+            if f.type == f.TYPE_STRING and "\0" in item:
+                return f.name
+            if f.type == f.TYPE_MESSAGE and _has_strings(f.message_type) and (bad := _nul_field(item)):
+                return f"{f.name}.{bad}"
+    return ""
 
 
 def now() -> float:

@@ -70,8 +70,12 @@ def _clone3(child, request: str, detail: str, flags: int = 0, set_tid: int = 0, 
 
 def stub(pid: int) -> int:
     """A child with PID `pid` that waits forever and dies with the calling thread."""
+    parent = os.getpid()
+
     def main():
         _sc("prctl", 1, signal.SIGKILL)
+        if _sc("getppid") != parent:    # the engine died before PDEATHSIG was set: it never comes
+            _sc("exit_group", 1)
         while True:
             _sc("pause")
     return _clone3(main, "clone3(set_tid)", "creating a process with a chosen PID needs CAP_SYS_ADMIN "
