@@ -119,6 +119,12 @@ def _anon_read_only(msgs):
             v.prot = 1
 
 
+def _anon_made_shared(msgs):
+    """Private anonymous memory relabelled shared, with no shared memory object behind it
+    (restore looked up a mapped file named '' -- KeyError -- found by the long run)."""
+    next(v for v in msgs[0].vmas if v.kind == 0).kind = 1      # ANON_PRIVATE -> ANON_SHARED
+
+
 def _uids_dropped(msgs):
     del msgs[0].creds.uids[:]
 
@@ -134,6 +140,7 @@ MUTANTS = {         # name: (file (PID: the seed's), change, words the error mus
     "vma-kind-unknown": ("mm-PID.img", _vma_kind_unknown, ["mm-PID.img", "kind 802"]),
     "vma-inverted": ("mm-PID.img", _vma_inverted, ["mm-PID.img", "VMA 1"]),
     "vma-path-nul": ("mm-PID.img", _vma_path_nul, ["mm-PID.img", "NUL"]),
+    "vma-anon-made-shared": ("mm-PID.img", _anon_made_shared, ["mm-PID.img", "ANON_SHARED but names neither"]),
     "thread-empty": ("core-PID.img", _thread_empty, ["core-PID.img"]),
     "sched-priority-huge": ("core-PID.img", _sched_priority_huge, ["sched_priority"]),
     "pending-signal-empty": ("core-PID.img", _pending_empty, ["siginfo"]),

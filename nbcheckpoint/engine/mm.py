@@ -138,6 +138,10 @@ def check_vmas(mm: mm_pb2.Mm, where: str) -> None:
             raise ImageError(f"{where}: VMA {i} has an unknown kind {v.kind}: damaged image")
         if v.kind == mm_pb2.VSYSCALL:
             continue
+        if not is_shmem(v) and v.kind in (mm_pb2.ANON_SHARED, mm_pb2.FILE_PRIVATE, mm_pb2.FILE_SHARED) \
+                and not v.file.path:
+            raise ImageError(f"{where}: VMA {i} is {mm_pb2.VmaKind.Name(v.kind)} but names neither a file "
+                             "nor a shared memory object: damaged image")
         if v.start % PAGE_SIZE or v.end % PAGE_SIZE or not last <= v.start < v.end <= TASK_SIZE:
             raise ImageError(f"{where}: VMA {i} ({v.start:#x}-{v.end:#x}) is not a page-aligned range "
                              f"in user space after the one before (ending at {last:#x}): damaged image")
