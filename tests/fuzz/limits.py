@@ -13,7 +13,7 @@ import resource
 import time
 from pathlib import Path
 
-from .runner import Runner
+from .runner import NOT_RUN, Runner
 
 CASES = ["nofile", "as-soft", "as-hard", "cpuset", "pids", "memory"]
 
@@ -82,7 +82,7 @@ def run_case(r: Runner, case: str) -> None:
         limits, what = [(resource.RLIMIT_AS, lim)], f"RLIMIT_AS {lim}"
     elif case == "cpuset":
         if len(os.sched_getaffinity(0)) < 2 or "pinned" not in r.seeds:
-            r.record(f"limit {case}", "skipped", "needs 2 CPUs", "")
+            r.record(f"limit {case}", NOT_RUN, "needs 2 CPUs", "")
             return
         seed, controller = r.seeds["pinned"], "cpuset"
         root = _cgroup_root("cpuset")
@@ -99,13 +99,13 @@ def run_case(r: Runner, case: str) -> None:
             (_cgroup_root("memory") / "memory.limit_in_bytes").exists() else "memory.max"
         peak = _peak_memory(r, seed)
         if peak is None:
-            r.record(f"limit {case}", "skipped", "no memory cgroup", "")
+            r.record(f"limit {case}", NOT_RUN, "no memory cgroup", "")
             return
         n = peak + r.rng.choice([256 << 10, 1 << 20, 4 << 20, 16 << 20])
         settings, what = {limit_file: str(n)}, f"{limit_file} {n} (the restore's peak: {peak})"
     with cgroup(controller, settings) if controller else contextlib.nullcontext() as cg:
         if controller and cg is None:
-            r.record(f"limit {case}", "skipped", f"no {controller} cgroup", "")
+            r.record(f"limit {case}", NOT_RUN, f"no {controller} cgroup", "")
             return
         cls, why = r.restore(seed, seed.image, "pristine", limits=limits, cgroup=cg)
     r.record(f"limit {case}", cls, f"{seed.name}: {what}", why)

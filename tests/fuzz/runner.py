@@ -47,7 +47,8 @@ PR_SET_CHILD_SUBREAPER = 36
 REFUSED, RESTORED, SHOWN, WRONG, WRONG_SEALED = "refused", "restored", "shown", "wrong", "wrong-resealed"
 HUNG, TRACEBACK, STRAY, FORGED_ACCEPTED = "hung", "traceback", "stray", "forged-accepted"
 KILLED_CLEAN = "killed-clean"
-FAILURES = {WRONG, HUNG, TRACEBACK, STRAY, FORGED_ACCEPTED}
+NOT_RUN = "not-run"         # a case the machine could not set up: not a pass
+FAILURES = {WRONG, HUNG, TRACEBACK, STRAY, FORGED_ACCEPTED, NOT_RUN}
 
 
 @dataclasses.dataclass
