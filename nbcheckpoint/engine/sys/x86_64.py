@@ -33,6 +33,8 @@ NR = dict(
     flock=73,
     # the --leave-running snapshot (snapshot.py)
     clone=56,
+    # user namespaces (userns.py)
+    unshare=272,
 )
 
 SYSCALL_INSN = b"\x0f\x05"
