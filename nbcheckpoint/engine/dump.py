@@ -45,7 +45,7 @@ from .mm import dump_mm, private_dirty_vmas
 from .images import mm_pb2
 from . import pages, timers
 from .seize import FrozenTree
-from .sys import proc, x86_64
+from .sys import proc, userns, x86_64
 from .sys.libc import PAGE_SIZE
 from .task import dump_task
 
@@ -130,7 +130,7 @@ def dump(pid: int, images_dir, leave_running: bool = False, progress=None, optio
             engine_version=__version__, root_pid=ns.v(pid), in_pidns=ns.separate, kernel_release=platform.release(),
             arch=platform.machine(), page_size=PAGE_SIZE, xstate_size=x86_64.xstate_size(),
             xfeatures=x86_64.xfeatures(), created=time.time(), leave_running=leave_running,
-            hostname=platform.node(), frozen_seconds=frozen_s,
+            hostname=platform.node(), frozen_seconds=frozen_s, owner_uid=userns.outer_id("uid", os.getuid()),
             network_lock=files.netlock.new_name() or "")     # kill mode only (files/inet.py)
         final = img.commit(inv)
         if frozen is not None:

@@ -49,7 +49,7 @@ from .files import locks, tty
 from .images import core_pb2, files_pb2, imagedir, mm_pb2, names, pstree_pb2
 from .inject import BATCH_AREA, Remote
 from .options import Options
-from .sys import proc, ptrace, spawn, x86_64
+from .sys import proc, ptrace, spawn, userns, x86_64
 from .sys.libc import PAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -173,12 +173,20 @@ def verify(images_dir, options: Options | None = None, progress=None) -> tuple[i
 
 
 def restore(images_dir, progress=None, options: Options | None = None) -> RestoreResult:
+    """Bring the image back (phases above).  Without root, the calling process first enters a
+    user namespace of its own, for good (sys/userns.py: it must be single-threaded), and the
+    tree is restored into a new PID namespace there."""
     t0 = time.monotonic()
     options = options or Options()
     img = _Image(os.fspath(images_dir), options)
-    if img.reader.inventory.in_pidns and not options.pidns:
-        # its PIDs mean something only in a namespace of its own
+    privileged = userns.privileged()
+    taskmod.check_identity([p.task for p in img.live], img.reader.inventory, privileged, f"image {img.reader.dir}")
+    if img.reader.inventory.in_pidns and not options.pidns or not privileged:
+        # its PIDs mean something only in a namespace of its own; without root, a PID namespace
+        # (owned by our user namespace) is the only place we may choose PIDs
         options = dataclasses.replace(options, pidns=True)
+    if not privileged:
+        userns.ensure()
     if options.lazy_pages and not options.pidns:
         raise RestoreError("--lazy-pages needs --pidns: the restored tree must live in a PID namespace "
                            "that dies with the engine, should it die while pages are still to come")

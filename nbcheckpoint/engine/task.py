@@ -9,16 +9,20 @@ restoring threads with clone3(set_tid) needs our privileges.
 """
 from __future__ import annotations
 
+import logging
 import os
+import pwd
 import resource
 import struct
 
 from .errors import ImageError, UnsupportedError
 from .images import core_pb2
 from .inject import Remote
-from .sys import proc, ptrace
+from .sys import proc, ptrace, userns
 from .sys.libc import prlimit
 from .errors import AccessDenied, RestoreError
+
+log = logging.getLogger(__name__)
 
 NSIG = 64
 _SIGACTION = struct.Struct("<QQQQ")     # handler, flags, restorer, mask (kernel struct sigaction)
@@ -155,18 +159,63 @@ def queue_signal(remote: Remote, info: bytes, tid: int | None) -> None:
         remote.syscall("rt_tgsigqueueinfo", remote.vpid, remote.vtid, sig, remote.scratch)
 
 
+def check_identity(tasks, inv, privileged: bool, where: str) -> None:
+    """Before any process exists: a checkpoint restores for the user who took it (one taken as
+    root, as root only); without root, only processes that ran as that user's own uid and gid
+    (the only ids our user namespace maps, sys/userns.py)."""
+    me = userns.outer_id("uid", os.getuid())
+    if inv.HasField("owner_uid") and inv.owner_uid != me:
+        raise RestoreError(f"{where} was taken by {_who(inv.owner_uid)}, and you are {_who(me)}: a checkpoint "
+                           "restores only for the user who took it (one taken as root, only as root). Restore it "
+                           "as that user, or take a new checkpoint as yourself")
+    if privileged:
+        return
+    uid, gid = os.getuid(), os.getgid()
+    for t in tasks:
+        c = t.creds
+        if set(c.uids) != {uid} or set(c.gids) != {gid}:
+            raise RestoreError(f"{where}: process {t.pid} ran with uids {list(c.uids)} and gids {list(c.gids)} "
+                               "(real, effective, saved, filesystem); without root, nbcheckpoint restores only "
+                               f"processes that ran with your own uid {uid} and gid {gid} (your user namespace "
+                               "maps no other id): restore it as root")
+
+
+def _who(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _groups_here(groups) -> list[int]:
+    """The image's supplementary groups as this user namespace shows them (unmapped: overflow)."""
+    if userns.in_initial():
+        return list(groups)
+    return sorted(g if (g := userns.inner_id("gid", gid)) is not None else userns.overflow_id("gid")
+                  for gid in groups)
+
+
 def restore_creds(remote: Remote, t: core_pb2.TaskCore) -> None:
-    """Set credentials in the thread behind `remote` (skipped if already equal)."""
+    """Set credentials in the thread behind `remote` (skipped if already equal).
+
+    In a user namespace of ours, setgroups(2) is denied: the processes keep the restoring
+    user's supplementary groups (a warning says so if the image's differ)."""
     c = t.creds
     cur = proc.status(remote.pid, remote.tid)
+    groups = [int(x) for x in cur["Groups"].split()]
+    same_groups = sorted(groups) == sorted(_groups_here(c.groups))
     if ([int(x) for x in cur["Uid"].split()] == list(c.uids) and [int(x) for x in cur["Gid"].split()] == list(c.gids)
-            and [int(x) for x in cur["Groups"].split()] == list(c.groups)
-            and int(cur["CapEff"], 16) == c.cap_eff and int(cur["CapPrm"], 16) == c.cap_prm
+            and same_groups and int(cur["CapEff"], 16) == c.cap_eff and int(cur["CapPrm"], 16) == c.cap_prm
             and int(cur["CapInh"], 16) == c.cap_inh):
         return
     s = remote.scratch
-    remote.write(s, struct.pack(f"<{len(c.groups)}I", *c.groups) if c.groups else b"\0" * 4)
-    remote.syscall("setgroups", len(c.groups), s)
+    if userns.in_initial():
+        remote.write(s, struct.pack(f"<{len(c.groups)}I", *c.groups) if c.groups else b"\0" * 4)
+        remote.syscall("setgroups", len(c.groups), s)
+    elif not same_groups and remote.tid == remote.pid:
+        log.warning("process %d: its supplementary groups were %s, and are now yours, %s: an ordinary user "
+                    "cannot set groups (setgroups is denied in a user namespace)", remote.vpid,
+                    list(c.groups), groups)
     remote.syscall("setresgid", c.gids[0], c.gids[1], c.gids[2])
     remote.syscall("setresuid", c.uids[0], c.uids[1], c.uids[2])
     # capset(2): header {version 3, pid 0} then two {effective, permitted, inheritable} words
