@@ -128,7 +128,8 @@ def cmd_unlock(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from .engine.check import check
+    from .engine.check import check, identity
+    print(f"running as {identity()}")
     missing = 0
     for f in check():
         status = "OK" if f.ok else "MISSING"

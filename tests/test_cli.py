@@ -39,7 +39,11 @@ def test_check_command_output(capsys):
     assert cli.main(["check"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-1] == "all required features present"
-    assert all(re.match(r"(OK|MISSING) +\S", line) for line in out[:-1])
+    assert re.match(r"running as uid \d+ ", out[0])
+    assert ("without root" in out[0]) == (os.getuid() != 0)
+    assert all(re.match(r"(OK|MISSING) +\S", line) for line in out[1:-1])
+    userns = next(line for line in out if "user namespaces" in line)
+    assert userns.startswith("OK")      # CI's machines enable them; as a user they are required
     xstate = next(line for line in out if "NT_X86_XSTATE" in line)
     assert xstate.startswith("OK") and "bytes" in xstate
 

@@ -7,15 +7,17 @@ probes are always killed and reaped, whatever happens.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import mmap
 import os
+import pwd
 import signal
 import struct
 from dataclasses import dataclass
 
 from . import errors
-from .sys import memory, proc, ptrace, spawn, waitstatus, x86_64
+from .sys import memory, proc, ptrace, spawn, userns, waitstatus, x86_64
 from .sys.fd import Fd
 from .sys.libc import PAGE_SIZE, address_of, syscall
 from .sys.x86_64 import NR
@@ -157,51 +159,69 @@ def _proc_mem(c: _Child) -> str:
     return "wrote a read-only page of a child"
 
 
-def _clone3_set_tid() -> str:
-    """clone3(set_tid) of a free pid, done in a forked helper.
-
-    A raw clone3 returns into Python without glibc's fork handlers; that is
-    only safe from a single-threaded process, hence the helper.  It reports
-    through its exit code: 0 ok, 1 every candidate taken, else an errno.
-    """
-    last = proc.sysctl_int("kernel/ns_last_pid")
-    pid_max = proc.sysctl_int("kernel/pid_max")
-    candidates = [p for p in ((last + d) % pid_max for d in range(200, 1200, 97))
-                  if p > 300 and not proc.exists(p)][:5]
+def _in_helper(probe) -> str:
+    """Run `probe()` in a forked helper and return its answer; an exception in it is raised
+    here with its message.  Without root the helper first enters a user namespace of its own,
+    as an unprivileged restore does (sys/userns.py), so what is probed is what a restore gets.
+    The answer comes back through a pipe (an exit code would mix errnos with our own codes)."""
+    r, w = os.pipe()
     helper = os.fork()
     if helper == 0:
-        code = 1
+        os.close(r)
         try:
-            for want in candidates:
-                try:
-                    got = spawn.fork_with_pid(want)
-                except errors.SysError as e:
-                    if e.errno == 17:    # EEXIST: taken meanwhile, try the next one
-                        continue
-                    code = e.errno or 2
-                    break
-                if got == 0:
-                    os._exit(0)          # the new process: leave at once
-                os.waitpid(got, 0)
-                code = 0 if got == want else 3
-                break
+            if not userns.privileged():
+                userns.ensure()
+            msg = "ok:" + probe()
+        except BaseException as e:     # the helper must never return into the caller's code
+            msg = "err:" + (str(e) or type(e).__name__)
         finally:
-            os._exit(code)
+            os.write(w, msg.encode()[:4000]) if "msg" in locals() else None
+            os._exit(0)
+    os.close(w)
     try:
-        _, status = os.waitpid(helper, 0)
+        with os.fdopen(r, "rb") as f:
+            out = f.read().decode()
+        os.waitpid(helper, 0)
     except BaseException:
         _kill_and_reap(helper)
         raise
-    code = os.waitstatus_to_exitcode(status)
-    if code == 0:
-        return "created a process with a chosen pid"
-    if code == 1:
+    if out.startswith("ok:"):
+        return out[3:]
+    raise RuntimeError(out[4:] or "the probe's helper died without an answer")
+
+
+def _new_pidns_then(probe):
+    """Without root, chosen PIDs exist only in a PID namespace of ours: probe from its init."""
+    if userns.privileged():
+        return probe()
+    syscall(NR["unshare"], spawn.CLONE_NEWPID, request="unshare(CLONE_NEWPID)")
+    return _in_helper(probe)            # the helper is PID 1 of the new namespace
+
+
+def _clone3_set_tid() -> str:
+    """clone3(set_tid) of a free pid.  A raw clone3 returns into Python without glibc's fork
+    handlers; that is only safe from a single-threaded process, hence the helper."""
+    def probe() -> str:
+        last = proc.sysctl_int("kernel/ns_last_pid")
+        pid_max = proc.sysctl_int("kernel/pid_max")
+        candidates = [p for p in ((last + d) % pid_max for d in range(200, 1200, 97))
+                      if p > 300 and not proc.exists(p)][:5]
+        for want in candidates:
+            try:
+                got = spawn.fork_with_pid(want)
+            except errors.SysError as e:
+                if e.errno == errno.EEXIST:    # taken meanwhile, try the next one
+                    continue
+                raise
+            if got == 0:
+                os._exit(0)                     # the new process: leave at once
+            os.waitpid(got, 0)
+            if got != want:
+                raise RuntimeError("clone3 ignored set_tid")
+            where = "" if userns.privileged() else " in a PID namespace of a user namespace of yours"
+            return f"created a process with a chosen pid{where}"
         raise RuntimeError(f"no free pid among {candidates} (all taken)")
-    if code == 3:
-        raise RuntimeError("clone3 ignored set_tid")
-    if code < 0:
-        raise RuntimeError(f"probe helper died of signal {-code}")
-    raise errors.SysError(code, "clone3(set_tid)")
+    return _in_helper(lambda: _new_pidns_then(probe))
 
 
 def _pagemap_scan() -> str:
@@ -221,13 +241,35 @@ def _pagemap_scan() -> str:
 
 
 def _mm_map() -> str:
-    size = bytearray(4)
-    syscall(NR["prctl"], PR_SET_MM, PR_SET_MM_MAP_SIZE, address_of(size), 0, 0,
-            request="prctl(PR_SET_MM_MAP_SIZE)")
-    caps = _cap_eff()
-    if not caps >> CAP_CHECKPOINT_RESTORE & 1 and not caps >> CAP_SYS_ADMIN & 1:
-        raise RuntimeError("present, but setting it needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN")
-    return f"struct prctl_mm_map is {int.from_bytes(size, 'little')} bytes"
+    def probe() -> str:
+        size = bytearray(4)
+        syscall(NR["prctl"], PR_SET_MM, PR_SET_MM_MAP_SIZE, address_of(size), 0, 0,
+                request="prctl(PR_SET_MM_MAP_SIZE)")
+        if not userns.owns_namespaces():
+            raise RuntimeError("present, but setting it needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN")
+        where = "" if userns.privileged() else ", settable in a user namespace of yours"
+        return f"struct prctl_mm_map is {int.from_bytes(size, 'little')} bytes{where}"
+    return _in_helper(probe)
+
+
+def _userns() -> str:
+    return _in_helper(lambda: "a process of yours may create one and map its uid in it")
+
+
+def _ptrace_scope() -> str:
+    """Yama (kernel.yama.ptrace_scope) decides which processes a user may trace."""
+    try:
+        scope = proc.sysctl_int("kernel/yama/ptrace_scope")
+    except OSError:
+        return "no Yama here: a user may trace any process of their own"
+    if scope == 0 or userns.privileged():
+        return f"kernel.yama.ptrace_scope={scope}: you may trace your own processes"
+    if scope == 1:
+        return ("kernel.yama.ptrace_scope=1: only your own descendants (Jupyter kernels are: their shim traces "
+                "them); `nbcheckpoint dump -t PID` of another process of yours needs "
+                "kernel.yama.ptrace_scope=0 (sysctl, by an administrator)")
+    raise RuntimeError(f"kernel.yama.ptrace_scope={scope}: {'only root' if scope == 2 else 'nobody'} may use "
+                       "ptrace: an administrator must set kernel.yama.ptrace_scope to 0 or 1")
 
 
 def _userfaultfd() -> str:
@@ -285,6 +327,9 @@ def _cap_sys_resource() -> str:
 
 def _nftables() -> str:
     from . import netlock
+    if not (userns.in_initial() and userns.has_cap(userns.CAP_NET_ADMIN)):
+        raise RuntimeError("needs root (CAP_NET_ADMIN over the host's network namespace): "
+                           "--tcp-established dumps with outside peers are for root only")
     from .sys import nftables
     why = nftables.available()
     if why:
@@ -301,6 +346,16 @@ def _run(name: str, required: bool, purpose: str, fn, *args) -> Feature:
         return Feature(name, False, required, str(e) or type(e).__name__, purpose)
 
 
+def identity() -> str:
+    """Who the checks ran as, and what follows for restores."""
+    uid = os.getuid()
+    who = f"uid {uid} ({pwd.getpwuid(uid).pw_name})" if uid in {p.pw_uid for p in pwd.getpwall()} else f"uid {uid}"
+    if userns.privileged():
+        return f"{who}, privileged: restores recreate PIDs where asked (the host's PID namespace too)"
+    return (f"{who}, without root: every restore goes into a new user + PID namespace of yours "
+            "(same PIDs inside)")
+
+
 def check() -> list[Feature]:
     """Probe every feature; never raises for a missing one."""
     out = []
@@ -314,7 +369,11 @@ def check() -> list[Feature]:
             _run("process_vm_readv/writev", True, "fast copying of memory pages", _vm_rw, c),
             _run("/proc/PID/mem write", True, "writing read-only and PROT_NONE pages", _proc_mem, c),
         ]
+    priv = userns.privileged()
     out += [
+        _run("unprivileged user namespaces", not priv, "restoring without root (a user namespace of your own)",
+             _userns),
+        _run("ptrace of your processes", True, "dumping a process tree (kernel.yama.ptrace_scope)", _ptrace_scope),
         _run("clone3 with set_tid", True, "recreating the exact PIDs and TIDs", _clone3_set_tid),
         _run("PAGEMAP_SCAN ioctl", True, "skipping never-touched and zero pages", _pagemap_scan),
         _run("PR_SET_MM_MAP", True, "restoring mm fields and /proc/PID/exe", _mm_map),
