@@ -17,7 +17,7 @@ import time
 
 from .errors import AccessDenied, DumpError, EngineError, ProcessGone, SysError
 from .sigframe import SNAPSHOT_EXIT
-from .sys import proc, ptrace, waitstatus
+from .sys import proc, ptrace, userns, waitstatus
 
 PTRACE_EVENT_FORK, PTRACE_EVENT_VFORK = 1, 2
 _OPTIONS = ptrace.PTRACE_O_TRACESYSGOOD | ptrace.PTRACE_O_TRACECLONE | 0x2 | 0x4      # TRACEFORK, TRACEVFORK
@@ -97,9 +97,7 @@ class FrozenTree:
                 except ProcessGone:                 # exited meanwhile
                     continue
                 except AccessDenied:
-                    raise DumpError(
-                        f"cannot seize thread {tid} of process {pid}: it is already traced "
-                        "(a debugger or another checkpoint?) or we lack permission") from None
+                    raise DumpError(f"cannot seize thread {tid} of process {pid}: {why_not_traceable(pid)}") from None
                 self._traced.add(tid)
                 ptrace.interrupt(tid)
             if self._wait_stop(tid):
@@ -224,3 +222,32 @@ def kill_for_restore(root: int, via: int | None = None, timeout: float = 10.0) -
     finally:
         for fd in held:
             os.close(fd)
+
+
+def why_not_traceable(pid: int) -> str:
+    """Why PTRACE_SEIZE of `pid` was refused, in the user's terms, with what would allow it."""
+    try:
+        st = proc.status(pid)
+    except OSError:
+        return "it is gone or hidden from us"
+    tracer = int(st.get("TracerPid", "0"))
+    if tracer:
+        try:
+            name = proc.status(tracer).get("Name", "?")
+        except OSError:
+            name = "?"
+        return f"it is already traced by process {tracer} ({name}): a debugger or another checkpoint"
+    uid, me = int(st["Uid"].split()[1]), os.geteuid()
+    if uid != me and not userns.privileged():
+        return (f"it runs as uid {uid} and you are uid {me}: only root may checkpoint another user's "
+                "processes")
+    try:
+        scope = proc.sysctl_int("kernel/yama/ptrace_scope")
+    except OSError:
+        scope = 0
+    if scope and not userns.privileged():
+        return (f"kernel.yama.ptrace_scope={scope} forbids it ("
+                + ("only a process's ancestors may trace it: start it under the tracer, or an administrator "
+                   "sets kernel.yama.ptrace_scope=0" if scope == 1 else "only root may trace") + ")")
+    return ("ptrace is denied (a setuid/setgid or non-dumpable process, or a security module): "
+            "checkpoint it as root")
