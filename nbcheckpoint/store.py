@@ -34,6 +34,7 @@ from pathlib import Path
 
 from .engine.errors import NbcheckpointError
 from .engine.images import key as keys, names
+from .engine.sys import userns
 from .engine.sys.proc import pid_alive
 
 DIR_ENV = "NBCHECKPOINT_DIR"
@@ -158,7 +159,9 @@ class Store:
             st = os.stat(self.root)
         except FileNotFoundError:
             return None
-        why = _not_ours(st, owners=(os.geteuid(), 0), sticky_ok=True)
+        # root's, as seen from a user namespace of ours (the shim's): the overflow uid
+        root = 0 if userns.in_initial() else userns.overflow_id("uid")
+        why = _not_ours(st, owners=(os.geteuid(), root), sticky_ok=True)
         if why:
             return (f"the checkpoint store {self.root} is {why}: nbcheckpoint neither writes, lists nor "
                     f"restores checkpoints there; `chmod 700 {self.root}` if it is yours, else use a "
