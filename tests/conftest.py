@@ -123,6 +123,16 @@ def thread_report(pid: int) -> str:
     return "\n".join(lines)
 
 
+def _status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def nspids(pid: int) -> list[int]:
+    """pid in each PID namespace it is in, ours first (/proc/PID/status NSpid)."""
+    return [int(x) for x in _status(pid)["NSpid"].split()]
+
+
 def _stat_fields(pid: int) -> list[str]:
     """/proc/PID/stat after the comm: state, ppid, pgrp, session, ... ([] if gone)."""
     try:
@@ -257,6 +267,9 @@ class Target:
         self.argv = self._argv(extra_args)
         self.popen: subprocess.Popen | None = None
         self.pid: int | None = None
+        self.vpid: int | None = None    # the pid it sees itself as (kept by every restore)
+        self.init_pid: int | None = None    # a restored incarnation's namespace init, if any
+        self.lazy_thread = None
         self.restored = False     # current incarnation came from restore()
         self.is_child = True      # current incarnation is our child
         self.status: int | None = None    # exit status of the current incarnation, once reaped
@@ -284,7 +297,7 @@ class Target:
             self.popen = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 cwd=self.workdir, env=env, close_fds=True, start_new_session=True)
-        self.pid = self.popen.pid
+        self.pid = self.vpid = self.popen.pid
         self.pids_seen.add(self.pid)
         return self
 
@@ -338,9 +351,19 @@ class Target:
         wait_pid_free(self.pid)
         return self.status
 
-    def adopt_restored(self, pid: int, is_child: bool = True) -> None:
-        """The image was restored as pid: track that incarnation from now on."""
-        assert pid == self.pid, f"restored as pid {pid}, expected the original {self.pid}"
+    def adopt_restored(self, res, is_child: bool = True) -> None:
+        """The image was restored (`res`: a RestoreResult, or the pid a CLI wrote): track that
+        incarnation from now on.  In a PID namespace of its own (always without root) it has
+        its old pid inside, another one as we see it, and the namespace's init as parent."""
+        pid = getattr(res, "pid", res)
+        inner = nspids(pid)[-1]
+        assert inner == self.vpid, f"restored as pid {inner} (ours: {pid}), expected the original {self.vpid}"
+        if len(nspids(pid)) > len(nspids(os.getpid())):
+            self.init_pid = getattr(res, "init_pid", None) or int(_status(pid)["PPid"])
+            is_child = False
+        else:
+            self.init_pid = None
+        self.pid = pid
         self.restored = True
         self.is_child = is_child
         self.status = None
@@ -357,7 +380,7 @@ class Target:
             kill_sessions(self.pids_seen)
 
     def _kill(self) -> None:
-        if getattr(self, "init_pid", None):         # restore_lazy: the namespace goes with its init
+        if self.init_pid:                 # in a PID namespace of its own: it goes with its init
             force_reap(self.init_pid)
             if self.lazy_thread is not None:
                 self.lazy_thread.join(10)
@@ -490,15 +513,30 @@ class Target:
         return res
 
     def restore(self, images: Path):
-        """engine.restore() (pid must be free): the restored process is our child."""
+        """engine.restore() (pid must be free): the restored process is our child -- or, without
+        root, our grandchild in a new PID namespace (adopt_restored)."""
         from nbcheckpoint.engine import restore
-        wait_pid_free(self.pid)
+        from nbcheckpoint.engine.sys import userns
+        if userns.privileged():
+            wait_pid_free(self.pid)
         res = restore(str(images))
-        self.adopt_restored(res.pid, is_child=True)
+        self.adopt_restored(res, is_child=True)
         return res
 
 
 # ----------------------------------------------------------------------------- fixtures
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    # Without root, the engine's in-process restores (Target.restore, engine.restore in tests)
+    # enter a user namespace of their own, for good, the first time -- which only a
+    # single-threaded process can do.  Enter it now, before any test starts a thread, so that
+    # every test runs alike; what the suite launches still runs as the user without
+    # capabilities (exec drops them), as after `nbcheckpoint restore`.
+    if os.getuid() != 0:
+        from nbcheckpoint.engine.sys import userns
+        userns.ensure()
+
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item, call):

@@ -184,7 +184,7 @@ def _traced(pid: int) -> bool:
 def _restore(engine, t: Target, img, options=None):
     wait_pid_free(t.pid)
     res = engine.restore(str(img), options=options)
-    t.adopt_restored(res.pid, is_child=True)
+    t.adopt_restored(res, is_child=True)
     return res
 
 

@@ -138,5 +138,5 @@ def test_shared_file_mapping_written_after_dump(engine, launch, images):
         engine.restore(str(img))
     os.utime(private, ns=(st.st_atime_ns, st.st_mtime_ns))
     res = engine.restore(str(img))
-    t.adopt_restored(res.pid)
+    t.adopt_restored(res)
     assert t.alive()

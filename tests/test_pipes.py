@@ -82,7 +82,7 @@ class StdinPipeTarget(Target):
                 self.argv, stdin=self._stdin_r, stdout=log, stderr=log, cwd=self.workdir,
                 env=env, close_fds=True, start_new_session=True)
         os.close(self._stdin_r)
-        self.pid = self.popen.pid
+        self.pid = self.vpid = self.popen.pid
         self.pids_seen.add(self.pid)
         return self
 
@@ -141,7 +141,7 @@ def test_external_pipe_inherit_fd(engine, stdin_target, images):
         wait_pid_free(t.pid)
         opts = engine.Options(inherit_fd={f"pipe:[{t.stdin_ino}]": r})
         res = engine.restore(str(img), options=opts)
-        t.adopt_restored(res.pid, is_child=True)
+        t.adopt_restored(res, is_child=True)
         os.close(r)
         r = -1
         os.write(w, b"new data from the test")

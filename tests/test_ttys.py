@@ -321,11 +321,11 @@ class ShellJob:
         finally:
             os.close(slave)      # (closed before the shell opens it, reads would say EIO)
         if leader:
-            self.pid = self.shell.pid
+            self.pid = self.vpid = self.shell.pid
         else:
             kids = _children(self.shell.pid)
             assert len(kids) == 1, kids
-            self.pid = kids[0]
+            self.pid = self.vpid = kids[0]
 
     def dumped(self):
         """The job was killed by the dump: its pid must be free for the restore."""

@@ -79,7 +79,7 @@ class PeerTarget(Target):
             self.popen = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.workdir,
                 env=env, close_fds=True, pass_fds=self.pass_fds, start_new_session=True)
-        self.pid = self.popen.pid
+        self.pid = self.vpid = self.popen.pid
         self.pids_seen.add(self.pid)
         return self
 
