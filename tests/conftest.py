@@ -156,7 +156,7 @@ def kill_sessions(sids) -> None:
         if f and int(f[3]) in sids and f[0] not in "ZX":
             try:
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+            except (ProcessLookupError, PermissionError):    # gone, or another user's (pid reused)
                 pass
 
 
@@ -201,7 +201,7 @@ def strays(roots, before: dict | None = None, grace: float = 5.0) -> dict[int, s
     for pid in left:
         try:
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):       # gone, or another user's (pid reused)
             pass
     return left
 
@@ -624,3 +624,37 @@ def output_hook(out: list, results: bool = True):
         elif t == "execute_result" and results:
             out.append(content["data"].get("text/plain", ""))
     return hook
+
+
+# ----------------------------------------------------------------------------- who runs the suite
+
+# CI runs the suite twice, as root and as an ordinary user (.ci/run): a test of a feature only
+# root has, or of what only an ordinary user sees, is deselected in the other pass -- never skipped
+# (the markers root_only / ordinary_user_only are described in pyproject.toml).
+_DESELECTED = pytest.StashKey[str]()       # the summary line of pytest_collection_modifyitems
+
+
+def _privileged() -> bool:
+    from nbcheckpoint.engine.sys.userns import privileged   # what the engine itself decides by
+    return privileged()
+
+
+def pytest_collection_modifyitems(config, items):
+    privileged = _privileged()
+    other = "ordinary_user_only" if privileged else "root_only"
+    both = [i.nodeid for i in items if i.get_closest_marker("root_only") and i.get_closest_marker("ordinary_user_only")]
+    if both:
+        raise pytest.UsageError(f"marked both root_only and ordinary_user_only: {both}")
+    dropped = [i for i in items if i.get_closest_marker(other)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [i for i in items if not i.get_closest_marker(other)]
+    who = ("as root (privileged in the initial user namespace)" if privileged
+           else f"as uid {os.geteuid()} (an ordinary user, unprivileged)")
+    config.stash[_DESELECTED] = f"suite run {who}: {len(dropped)} test(s) marked {other} deselected"
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    line = config.stash.get(_DESELECTED, None)
+    if line:
+        terminalreporter.write_line(line)

@@ -449,6 +449,7 @@ def test_cli_restore_damaged_image(engine, good_image, tmp_path):
 
 # ----------------------------------------------------------------------------- 3. PID taken
 
+@pytest.mark.root_only       # an ordinary user restores into a PID namespace of its own: no PID is taken there
 def test_restore_while_original_runs_pid_taken(engine, launch, images):
     t = launch("counter")
     time.sleep(RUN_BEFORE_DUMP)

@@ -16,6 +16,8 @@
     HUP/ERR, recv returns ECONNRESET or 0); with a repair image, the server gets a reset too;
   * a --leave-running image cannot bring such a connection back live (the original went on
     with it): restore refuses it, and --tcp-close restores it closed.
+  --tcp-established with an outside peer and its network lock need root (TCP_REPAIR over the
+  host's network namespace, nftables): those tests are root_only.
 """
 from __future__ import annotations
 
@@ -207,6 +209,7 @@ def test_outside_peer_refused(engine, launch_peer, server, images):
     assert len(srv.conns) == 1
 
 
+@pytest.mark.root_only
 @pytest.mark.parametrize("addr", ["127.0.0.1", "::1"])
 def test_tcp_established(engine, launch_peer, server, images, addr):
     srv = server(addr)
@@ -238,6 +241,7 @@ def test_tcp_close_at_dump_and_restore(engine, launch_peer, server, images):
     t.expect_pass()                   # closed at once: epoll/poll HUP|ERR, recv ECONNRESET/0
 
 
+@pytest.mark.root_only
 def test_tcp_established_restored_closed(engine, launch_peer, server, images):
     """Dumped with its repair state, restored with --tcp-close: the process finds it closed,
     and the server, whose end was kept open, gets a reset."""
@@ -254,6 +258,7 @@ def test_tcp_established_restored_closed(engine, launch_peer, server, images):
     t.expect_pass()
 
 
+@pytest.mark.root_only
 def test_leave_running_outside_peer(engine, launch_peer, server, images):
     """The original goes on using its connection after a --leave-running dump: the image cannot
     bring that connection back live (restore refuses it before any process exists), only
@@ -295,6 +300,7 @@ def _locked_dump(engine, launch_peer, server, images, mode: str):
     return srv, t, img, before, held.pop()
 
 
+@pytest.mark.root_only
 def test_network_lock(engine, launch_peer, server, images):
     """A kill-mode dump with --tcp-established locks the outside connection (nftables, as CRIU's
     network lock): what the server sends while the process is gone is neither acknowledged and
@@ -310,6 +316,7 @@ def test_network_lock(engine, launch_peer, server, images):
     assert len(srv.conns) == 1 and srv.resets == 0
 
 
+@pytest.mark.root_only
 def test_no_lock_left_by_leave_running_or_failed_dump(engine, launch_peer, server, images):
     """A leave-running dump takes no lock (the original keeps its connection); a dump that fails
     after locking leaves none behind (the table is owned by the engine's netlink socket)."""
@@ -334,6 +341,7 @@ def test_no_lock_left_by_leave_running_or_failed_dump(engine, launch_peer, serve
     t.expect_pass()                     # the connection still works
 
 
+@pytest.mark.root_only
 def test_unlock_without_restore(engine, launch_peer, server, images):
     """`nbcheckpoint show` names an image's network lock and `nbcheckpoint unlock` removes it
     (the peer then meets the dead socket: a reset)."""
@@ -361,6 +369,7 @@ engine.dump(int(sys.argv[1]), sys.argv[2], options=engine.Options(tcp_establishe
 """
 
 
+@pytest.mark.root_only
 def test_engine_killed_while_locked(engine, launch_peer, server, images):
     """SIGKILL the engine while it holds the lock: the kernel drops the engine's owned table
     with its netlink socket, and the thawed process talks to its server again."""
