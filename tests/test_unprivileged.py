@@ -91,23 +91,29 @@ def test_dump_of_another_users_process_says_so(tmp_path):
     assert not (tmp_path / "img").exists() or not any((tmp_path / "img").iterdir())
 
 
-def _user_python() -> tuple[pwd.struct_passwd, str]:
+def _user_python() -> tuple[pwd.struct_passwd, str, dict]:
+    """The test user, a python of theirs with nbcheckpoint (.ci/run's copy and venv, or a
+    developer's ~USER/venv running this checkout), and the environment to add."""
     try:
         pw = pwd.getpwnam(TEST_USER)
     except KeyError:
         pytest.fail(f"no user {TEST_USER!r}: create it and its venv as .ci/run does "
                     "(or set NBCHECKPOINT_TEST_USER)")
-    py = os.path.join(pw.pw_dir, "venv", "bin", "python")
+    py = os.environ.get("NBCHECKPOINT_TEST_USER_PYTHON")
+    env = {}
+    if not py:
+        py = os.path.join(pw.pw_dir, "venv", "bin", "python")
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
     if not os.access(py, os.X_OK):
         pytest.fail(f"{py} is missing: make {TEST_USER}'s venv with nbcheckpoint in it as .ci/run does")
-    return pw, py
+    return pw, py, env
 
 
 @pytest.mark.root_only
 def test_image_taken_as_root_does_not_restore_for_a_user(launch, images):
     """Even handed the image and its key, a user cannot restore root's checkpoint: the image
     names who took it."""
-    pw, py = _user_python()
+    pw, py, user_env = _user_python()
     t = launch("counter")
     time.sleep(0.3)
     img = images()
@@ -119,7 +125,7 @@ def test_image_taken_as_root_does_not_restore_for_a_user(launch, images):
         for p in [box, *box.rglob("*")]:
             os.chown(p, pw.pw_uid, pw.pw_gid)
         env = {"HOME": pw.pw_dir, "PATH": "/usr/bin:/bin", "NBCHECKPOINT_KEY_FILE": str(box / "image.key"),
-               "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+               **user_env}
         runuser = shutil.which("runuser", path="/usr/sbin:/sbin:/usr/bin:/bin")
         r = subprocess.run([runuser, "-u", TEST_USER, "--", py, "-m", "nbcheckpoint", "restore", "-D",
                             str(box / "img"), "-d"], capture_output=True, text=True, timeout=120, env=env)
