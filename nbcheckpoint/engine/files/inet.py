@@ -50,6 +50,13 @@ Restore builds every inet socket of the image at the first open(), in the engine
    the process's first read returns ECONNRESET, later ones 0, poll() says ERR|HUP at once;
 9. buffer sizes, SO_PEEK_OFF, O_NONBLOCK.
 
+Without CAP_NET_ADMIN over the socket's network namespace (an ordinary user:
+``tcprepair.allowed()``), connections are dumped and rebuilt without TCP repair
+(``inet_plain.py``): both ends in the tree come back as a fresh pair with their queued bytes
+sent again; ``--tcp-close`` sockets by a real reset; what only repair can do (bytes waiting in
+a send queue, ``--tcp-established`` with an outside peer, the network lock) is refused by name
+before anything is killed or created.
+
 Limits (documented, not handled): accept-queue connections of clients outside the tree are
 dropped (their clients see a reset when the dumped listener dies); the order of several
 accept-queue entries is the kernel's listing order; out-of-order segments (none on loopback)
