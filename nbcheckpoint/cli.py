@@ -44,9 +44,10 @@ def _add_criu_options(p, restore: bool) -> None:
     p.add_argument("--file-locks", action="store_true", help="checkpoint/restore file locks")
     p.add_argument("--shell-job", "-j", action="store_true",
                    help="the process was started from a shell: its session leader and terminal are outside")
+    p.add_argument("--tcp-close", action="store_true",
+                   help="restore connections to peers outside the tree closed (the process sees a reset); "
+                        "on dump: save them without their state (needs no TCP_REPAIR)")
     if restore:
-        p.add_argument("--tcp-close", action="store_true",
-                       help="restore connections to peers outside the tree closed (the process sees a reset)")
         p.add_argument("--pidns", action="store_true",
                        help="restore into a new PID namespace, where the image's PIDs are free")
         p.add_argument("--lazy-pages", action="store_true",

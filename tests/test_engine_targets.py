@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import ALL_TARGETS
+from conftest import ALL_TARGETS, target_params
 
 RUN_BEFORE_DUMP = 0.3
 
@@ -25,7 +25,7 @@ def engine():
     return engine
 
 
-@pytest.mark.parametrize("name", ALL_TARGETS)
+@pytest.mark.parametrize("name", target_params(ALL_TARGETS))
 def test_dump_restore(engine, launch, images, name):
     t = launch(name)
     time.sleep(RUN_BEFORE_DUMP)
@@ -36,7 +36,7 @@ def test_dump_restore(engine, launch, images, name):
     t.expect_pass()
 
 
-@pytest.mark.parametrize("name", ALL_TARGETS)
+@pytest.mark.parametrize("name", target_params(ALL_TARGETS))
 def test_dump_restore_dump_restore(engine, launch, images, name):
     t = launch(name)
     time.sleep(RUN_BEFORE_DUMP)
@@ -56,7 +56,7 @@ def test_dump_restore_dump_restore(engine, launch, images, name):
 LEAVE_RUNNING = [n for n in ALL_TARGETS if n != "mappings"]
 
 
-@pytest.mark.parametrize("name", LEAVE_RUNNING)
+@pytest.mark.parametrize("name", target_params(LEAVE_RUNNING))
 def test_leave_running(engine, launch, images, name):
     t = launch(name)
     time.sleep(RUN_BEFORE_DUMP)

@@ -16,8 +16,15 @@
     HUP/ERR, recv returns ECONNRESET or 0); with a repair image, the server gets a reset too;
   * a --leave-running image cannot bring such a connection back live (the original went on
     with it): restore refuses it, and --tcp-close restores it closed.
-  --tcp-established with an outside peer and its network lock need root (TCP_REPAIR over the
+- --tcp-established with an outside peer and its network lock need root (TCP_REPAIR over the
   host's network namespace, nftables): those tests are root_only.
+- Without TCP_REPAIR (files/inet_plain.py: an ordinary user; as root the hidden knob
+  NBCHECKPOINT_NO_TCP_REPAIR=1 forces it, so that every run tests both ways):
+  tests/targets/tcp_pair.c (loopback connections with both ends in the process, queues not
+  full) comes back as fresh pairs with its queues, also twice and from a --leave-running image;
+  tcp.c (a full window: bytes unsent) is refused by name and goes on intact; --tcp-close
+  restores a real reset; --tcp-established is refused at dump, and a repair image's live
+  outside connection at restore, before any process exists.
 """
 from __future__ import annotations
 
@@ -44,8 +51,31 @@ def engine():
     return engine
 
 
+@pytest.fixture
+def no_repair(monkeypatch):
+    """The engine (in this process) does without TCP_REPAIR, as an ordinary user must."""
+    from nbcheckpoint.engine.sys import tcprepair
+    monkeypatch.setenv(tcprepair.FORCE_PLAIN_ENV, "1")
+    assert not tcprepair.allowed()
+
+
+@pytest.fixture(params=["repair", "plain"])
+def way(request, monkeypatch):
+    """Each test twice: with TCP_REPAIR where this process may use it, and without."""
+    if request.param == "plain":
+        from nbcheckpoint.engine.sys import tcprepair
+        monkeypatch.setenv(tcprepair.FORCE_PLAIN_ENV, "1")
+    return request.param
+
+
+def _plain_image(img) -> bool:
+    from nbcheckpoint.engine.show import show
+    return "plain: true" in show(str(img))
+
+
 # ----------------------------------------------------------------------------- the full target
 
+@pytest.mark.root_only
 def test_damaged_state_is_noticed(engine, launch, images):
     """With one byte of the stream lost, the target's checker reports FAIL."""
     t = launch("tcp", env={"ZDTM_CORRUPT": "1"})
@@ -54,6 +84,104 @@ def test_damaged_state_is_noticed(engine, launch, images):
     t.restore(img)
     res = t.run_to_result()
     assert res.verdict and res.verdict.startswith("FAIL") and "cli->srv" in res.verdict, t.describe(res)
+
+
+# ----------------------------------------------------------------------------- without TCP_REPAIR
+
+def test_pairs_without_repair(engine, launch, images, no_repair):
+    """tcp_pair.c's connections come back as fresh pairs with their queued bytes, twice in a row."""
+    t = launch("tcp_pair")
+    img1 = images("first")
+    t.checkpoint(img1)
+    assert _plain_image(img1), "the image was not dumped without TCP_REPAIR"
+    t.restore(img1)
+    time.sleep(0.2)
+    img2 = images("second")
+    t.checkpoint(img2)
+    t.restore(img2)
+    t.expect_pass()
+
+
+def test_pairs_without_repair_leave_running(engine, launch, images, no_repair):
+    """The peeks leave the live process's queues as they were (it passes on); the image restores."""
+    t = launch("tcp_pair")
+    img = images()
+    t.checkpoint(img, leave_running=True)
+    assert _plain_image(img)
+    t.expect_pass()
+    t.reap()
+    t.restore(img)
+    t.expect_pass()
+
+
+def test_pairs_without_repair_damaged(engine, launch, images, no_repair):
+    """With one byte of a re-sent queue lost, the target's checker reports FAIL."""
+    t = launch("tcp_pair", env={"ZDTM_CORRUPT": "1"})
+    img = images()
+    t.checkpoint(img)
+    t.restore(img)
+    res = t.run_to_result()
+    assert res.verdict and res.verdict.startswith("FAIL") and "cli->srv" in res.verdict, t.describe(res)
+
+
+def test_unsent_bytes_refused_without_repair(engine, launch, images, no_repair):
+    """tcp.c fills a window: bytes wait in a send queue, which only TCP_REPAIR can read. The
+    dump is refused by name, and the target, which lost nothing to the peeks, goes on intact."""
+    t = launch("tcp")
+    img = images()
+    with pytest.raises(engine.UnsupportedError) as ei:
+        engine.dump(t.pid, str(img))
+    msg = str(ei.value)
+    assert f"process {t.pid}: fd " in msg and re.search(r"127\.0\.0\.1:\d+ -> 127\.0\.0\.1:\d+", msg), msg
+    assert re.search(r"\d+ byte\(s\) it sent are not yet acknowledged", msg), msg
+    assert "CAP_NET_ADMIN" in msg and "run as root" in msg and "retry when the peer has read them" in msg, msg
+    assert not img.exists()
+    time.sleep(0.1)
+    assert t.alive() and not _traced(t.pid), t.log()
+    t.expect_pass()
+
+
+def test_tcp_established_refused_without_repair(engine, launch_peer, server, images, no_repair):
+    """--tcp-established needs TCP repair: refused at dump, naming the connection and the ways out."""
+    srv = server()
+    t = launch_peer(srv.addr, srv.port, "live")
+    srv.wait(lambda: len(srv.conns) == 1)
+    img = images()
+    with pytest.raises(engine.UnsupportedError) as ei:
+        engine.dump(t.pid, str(img), options=engine.Options(tcp_established=True))
+    msg = str(ei.value)
+    assert str(t.pid) in msg and re.search(rf"\bfd {PEER_FD}\b", msg), msg
+    assert f"127.0.0.1:{t.port} -> 127.0.0.1:{srv.port}" in msg, msg
+    assert "CAP_NET_ADMIN" in msg and "run as root" in msg and "--tcp-close" in msg, msg
+    assert not img.exists()
+    time.sleep(0.1)
+    assert t.alive() and not _traced(t.pid), t.log()
+    t.expect_pass()                   # still talking to the server on its connection
+    assert len(srv.conns) == 1 and srv.resets == 0
+
+
+@pytest.mark.root_only
+def test_repair_image_refused_without_repair(engine, launch_peer, server, images, monkeypatch):
+    """A connection to an outside peer dumped with its repair state (root) cannot come back live
+    without TCP_REPAIR: refused before any process exists; with --tcp-close it comes back reset.
+    Root only: an ordinary user cannot make such an image."""
+    from nbcheckpoint.engine.sys import tcprepair
+    srv = server()
+    t = launch_peer(srv.addr, srv.port, "closed")
+    srv.wait(lambda: len(srv.conns) == 1)
+    img = images()
+    engine.dump(t.pid, str(img), options=engine.Options(tcp_established=True))
+    t.reap()
+    monkeypatch.setenv(tcprepair.FORCE_PLAIN_ENV, "1")
+    wait_pid_free(t.pid)
+    with pytest.raises(engine.RestoreError) as ei:
+        engine.restore(str(img), options=engine.Options(tcp_established=True))
+    msg = str(ei.value)
+    assert f"fd {PEER_FD}" in msg and f"127.0.0.1:{t.port} -> 127.0.0.1:{srv.port}" in msg, msg
+    assert "CAP_NET_ADMIN" in msg and "restore as root" in msg and "--tcp-close" in msg, msg
+    assert not os.path.exists(f"/proc/{t.pid}"), "a failed restore left a process"
+    _restore(engine, t, img, engine.Options(tcp_close=True))
+    t.expect_pass()
 
 
 # ----------------------------------------------------------------------------- outside peers
@@ -229,7 +357,7 @@ def test_tcp_established(engine, launch_peer, server, images, addr):
     assert srv.eofs == 1 and srv.resets == 0      # ...with a clean close
 
 
-def test_tcp_close_at_dump_and_restore(engine, launch_peer, server, images):
+def test_tcp_close_at_dump_and_restore(engine, launch_peer, server, images, way):
     srv = server()
     t = launch_peer(srv.addr, srv.port, "closed")
     srv.wait(lambda: len(srv.conns) == 1)
@@ -258,8 +386,7 @@ def test_tcp_established_restored_closed(engine, launch_peer, server, images):
     t.expect_pass()
 
 
-@pytest.mark.root_only
-def test_leave_running_outside_peer(engine, launch_peer, server, images):
+def test_leave_running_outside_peer(engine, launch_peer, server, images, way):
     """The original goes on using its connection after a --leave-running dump: the image cannot
     bring that connection back live (restore refuses it before any process exists), only
     closed (--tcp-close)."""

@@ -49,7 +49,9 @@ class Kernel:
         return "".join(out), reply["content"]
 
     def checkpoint(self, images: Path) -> None:
-        r = subprocess.run(NBCK + ["dump", "-t", str(self.pid), "-D", str(images), "--tcp-established",
+        from nbcheckpoint.engine.sys import tcprepair     # --tcp-established needs TCP_REPAIR (root)
+        outside = "--tcp-established" if tcprepair.allowed() else "--tcp-close"
+        r = subprocess.run(NBCK + ["dump", "-t", str(self.pid), "-D", str(images), outside,
                                    "--file-locks"], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         self.km.provisioner.process.wait(timeout=30)      # the engine killed it; reap it

@@ -50,6 +50,13 @@ Restore builds every inet socket of the image at the first open(), in the engine
    the process's first read returns ECONNRESET, later ones 0, poll() says ERR|HUP at once;
 9. buffer sizes, SO_PEEK_OFF, O_NONBLOCK.
 
+Without CAP_NET_ADMIN over the socket's network namespace (an ordinary user:
+``tcprepair.allowed()``), connections are dumped and rebuilt without TCP repair
+(``inet_plain.py``): both ends in the tree come back as a fresh pair with their queued bytes
+sent again; ``--tcp-close`` sockets by a real reset; what only repair can do (bytes waiting in
+a send queue, ``--tcp-established`` with an outside peer, the network lock) is refused by name
+before anything is killed or created.
+
 Limits (documented, not handled): accept-queue connections of clients outside the tree are
 dropped (their clients see a reset when the dumped listener dies); the order of several
 accept-queue entries is the kernel's listing order; out-of-order segments (none on loopback)
@@ -70,8 +77,8 @@ from ..errors import DumpError, EngineError, RestoreError, UnsupportedError
 from ..images import files_pb2, inet_pb2
 from ..sys import proc, sockdiag, tcprepair
 from ..sys.sockdiag import TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN
-from . import regfile
-from .kind import BuiltTogether, by_ino, set_status_flags
+from . import inet_plain, regfile
+from .kind import Built, BuiltTogether, by_ino, set_status_flags
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +249,11 @@ def _release(held: list[int], pids: list[int]) -> None:
 
 def _silence(fd: int) -> None:
     """Repair mode on the connection behind fd (best effort): closing its last reference
-    then sends no FIN or RST and leaves no TIME_WAIT."""
+    then sends no FIN or RST and leaves no TIME_WAIT.  Without TCP_REPAIR: a RST, and no
+    TIME_WAIT either."""
+    if not tcprepair.allowed():
+        inet_plain.end_quietly(fd)
+        return
     try:
         with socket.socket(fileno=os.dup(fd)) as sk:
             tcprepair.repair(sk, tcprepair.REPAIR_ON)
@@ -341,6 +352,7 @@ def _dump_tcp(ctx, st: _DumpState, pid: int, fd: int, sk: socket.socket, n, reus
         n.peer_kind = inet_pb2.INET_DEAD
     else:
         n.peer_kind = inet_pb2.INET_EXTERNAL
+    plain = not tcprepair.allowed()
     if n.peer_kind == inet_pb2.INET_EXTERNAL and not ctx.options.tcp_established:
         if ctx.options.tcp_close:
             n.closed = True
@@ -349,12 +361,19 @@ def _dump_tcp(ctx, st: _DumpState, pid: int, fd: int, sk: socket.socket, n, reus
             f"process {pid}: fd {fd} is an established TCP connection to an outside peer "
             f"({_show(n.src_addr, n.src_port)} -> {_show(n.dst_addr, n.dst_port)}, socket:[{n.ino}]). "
             "Dump with --tcp-established to checkpoint it with TCP repair (the peer keeps its end and the "
-            "restored process goes on with it), or with --tcp-close to restore it closed (the process "
-            "sees the connection reset)")
+            "restored process goes on with it" + (f"; that {inet_plain.WHY}: run as root" if plain else "")
+            + "), or with --tcp-close to restore it closed (the process sees the connection reset)")
+    if n.peer_kind == inet_pb2.INET_EXTERNAL and plain:
+        if not ctx.options.leave_running:
+            raise inet_plain.refuse_established(pid, fd, n)
+        return False    # no state: it can only come back closed (as a repair image of a leave-running dump)
     if n.peer_kind == inet_pb2.INET_EXTERNAL and not ctx.options.leave_running:
         # the peer must not reach this socket from now until restore (netlock.py)
         ctx.netlock.add(n.family, n.src_addr, n.src_port, n.dst_addr, n.dst_port, _desc(n))
-    _repair_dump(pid, fd, sk, n, reuse)
+    if plain:
+        inet_plain.dump(pid, fd, sk, n)
+    else:
+        _repair_dump(pid, fd, sk, n, reuse)
     if n.peer_kind == inet_pb2.INET_PENDING and n.tcp.recv_queue:
         raise UnsupportedError(f"process {pid}: fd {fd} ({_desc(n)}) holds received data on a connection its "
                                "listener has not accepted yet, which this version cannot restore")
@@ -454,6 +473,8 @@ def _check(ctx, pid: int, fdentry, f: files_pb2.FileEntry) -> None:
     moved on, and the peer knows only the original).  Connections inside the tree can: both
     of their ends come from the same image."""
     n = f.inet
+    if _plain(ctx) and ctx.inherited(f) is None:
+        inet_plain.check(ctx, pid, fdentry, n)
     if (n.proto == socket.IPPROTO_TCP and n.state in _CONNECTED and n.peer_kind == inet_pb2.INET_EXTERNAL
             and not n.closed and not ctx.options.tcp_close and ctx.inherited(f) is None
             and regfile.leave_running(ctx)):
@@ -463,6 +484,16 @@ def _check(ctx, pid: int, fdentry, f: files_pb2.FileEntry) -> None:
             "peer, which the process kept using after the dump",
             "Restore with --tcp-close (the restored process finds the connection reset), or take a new "
             "checkpoint")
+
+
+def _plain(ctx) -> bool:
+    """Restore connections without TCP_REPAIR (inet_plain.py): we may not use it, or the image
+    was dumped without it."""
+    st = ctx.state(KIND)
+    if st.plain is None:
+        st.plain = not tcprepair.allowed() or any(
+            f.kind == files_pb2.INET and f.inet.tcp.plain for f in ctx.files.values())
+    return st.plain
 
 
 def _addr(n, local: bool) -> tuple:
@@ -482,6 +513,8 @@ class _Restorer:
         self.mode: dict[int, int] = {}
         self.bumped: set[int] = set()
         self._defaults: dict[tuple, dict] = {}
+        self.plain = _plain(ctx)
+        self.temps: list[socket.socket] = []     # stand-ins for closed peers (inet_plain.py)
         tcp_close = ctx.options.tcp_close
         for ino, f in self.ents.items():
             n = f.inet
@@ -513,23 +546,32 @@ class _Restorer:
             for ino in self.ents:
                 if ino not in self.inh:
                     self._create(ino)
+            if self.plain:      # before the listeners: temporary ones take their ports meanwhile
+                inet_plain.pairs(self)
             self._each(self._of(self.LISTEN), "bind and listen", self._listen)
             self._each([i for i in self._of(self.PLAIN) if self.n(i).src_port], "bind", self._bind)
             self._udp()
-            self._each(self._of(self.REPAIR), "rebuild (TCP repair)", self._repair)
+            if not self.plain:
+                self._each(self._of(self.REPAIR), "rebuild (TCP repair)", self._repair)
             self._each(self._of(self.PENDING), "connect again", self._pending)
             self._each(self._of(self.CONNECT), "connect again", self._connect_again)
-            self._each(self._of(self.REPAIR), "leave repair mode", self._repair_off)
+            if not self.plain:
+                self._each(self._of(self.REPAIR), "leave repair mode", self._repair_off)
             self._each(list(self.socks), "set the options of", self._options)
-            self._each(self._of(self.REPAIR) + self._of(self.PENDING), "write the unsent data of", self._unsent)
+            self._each(self._of(self.PENDING) + ([] if self.plain else self._of(self.REPAIR)),
+                       "write the unsent data of", self._unsent)
             for ino in self.socks:
                 self._shutdown(ino)
-            self._each(self._of(self.CLOSED), "restore closed", self._closed)
+            self._each(self._of(self.CLOSED), "restore closed",
+                       lambda ino: inet_plain.closed(self, ino) if self.plain else self._closed(ino))
             self._each(list(self.socks), "set the buffers and flags of", self._finish)
         except BaseException:
             for s in self.socks.values():
                 s.close()
             raise
+        finally:
+            for s in self.temps:
+                s.close()
         for ino, s in self.socks.items():
             self.ctx.remember(self.ents[ino].id, s.detach())
 
@@ -596,8 +638,23 @@ class _Restorer:
         self.socks[ino].bind(_addr(self.n(ino), True))
 
     def _listen(self, ino: int) -> None:
+        if not self.plain:
+            self._bind(ino)
+            self.socks[ino].listen(self.n(ino).backlog)
+            return
+        # the rebuilt pairs' server ends (SO_REUSEADDR) may be on this port already
+        s = self.socks[ino]
+        s.setsockopt(SOL_SOCKET, SO_REUSEADDR, 1)
         self._bind(ino)
-        self.socks[ino].listen(self.n(ino).backlog)
+        s.listen(self.n(ino).backlog)
+        s.setsockopt(SOL_SOCKET, SO_REUSEADDR, int(self._opt(self.n(ino), "SO_REUSEADDR")))
+
+    def _setbuf(self, s: socket.socket, opt: int, half: int) -> None:
+        """SO_RCVBUF / SO_SNDBUF to 2 * half: with the *FORCE variant (past net.core.rmem_max /
+        wmem_max) if we may, else as an ordinary user may (up to the sysctl)."""
+        if not self.plain:
+            opt = SO_RCVBUFFORCE if opt == socket.SO_RCVBUF else SO_SNDBUFFORCE
+        s.setsockopt(SOL_SOCKET, opt, half)
 
     def _udp(self) -> None:
         udp = self._of(self.UDP)
@@ -620,7 +677,7 @@ class _Restorer:
         dest = tuple(dest)
         need = sum(len(p.data) + 1024 for p in n.queue) * 2
         if need > s.getsockopt(SOL_SOCKET, socket.SO_RCVBUF):
-            s.setsockopt(SOL_SOCKET, SO_RCVBUFFORCE, need // 2)
+            self._setbuf(s, socket.SO_RCVBUF, need // 2)
             self.bumped.add(ino)
         temps: dict[tuple, socket.socket] = {}
         lost = 0
@@ -653,11 +710,11 @@ class _Restorer:
     def _bufs(self, ino: int, rlen: int, slen: int) -> None:
         """Room for the queues about to be written (before connect: the window follows rcvbuf)."""
         n, s = self.n(ino), self.socks[ino]
-        for opt, force, qlen in ((socket.SO_RCVBUF, SO_RCVBUFFORCE, rlen), (socket.SO_SNDBUF, SO_SNDBUFFORCE, slen)):
+        for opt, qlen in ((socket.SO_RCVBUF, rlen), (socket.SO_SNDBUF, slen)):
             want = int(self._opt(n, "SO_RCVBUF" if opt == socket.SO_RCVBUF else "SO_SNDBUF"))
             need = 2 * qlen + (1 << 16) if qlen else 0
             if max(want, need) > s.getsockopt(SOL_SOCKET, opt):
-                s.setsockopt(SOL_SOCKET, force, max(want, need) // 2 + 1)
+                self._setbuf(s, opt, max(want, need) // 2 + 1)
                 self.bumped.add(ino)
 
     def _peer_replays_fin(self, n) -> bool:
@@ -711,6 +768,9 @@ class _Restorer:
         """bind() to a port that an old connection may still hold (repair mode may share it)."""
         n, s = self.n(ino), self.socks[ino]
         if not n.src_port:
+            return
+        if self.plain:
+            inet_plain.bind_old(self, ino)
             return
         tcprepair.repair(s, tcprepair.REPAIR_ON)
         s.bind(_addr(n, True))
@@ -802,17 +862,24 @@ class _Restorer:
     def _finish(self, ino: int) -> None:
         n, s = self.n(ino), self.socks[ino]
         dflt = self._default(n)
-        for name, force in (("SO_RCVBUF", SO_RCVBUFFORCE), ("SO_SNDBUF", SO_SNDBUFFORCE)):
+        for name, opt in (("SO_RCVBUF", socket.SO_RCVBUF), ("SO_SNDBUF", socket.SO_SNDBUF)):
             val = int(self._opt(n, name))
             if val and (val != dflt.get(name) or ino in self.bumped):
-                s.setsockopt(SOL_SOCKET, force, val // 2)
+                self._setbuf(s, opt, val // 2)
         if n.peek_off >= 0:
             s.setsockopt(SOL_SOCKET, SO_PEEK_OFF, n.peek_off)
         set_status_flags(s.fileno(), self.ents[ino].flags)
 
 
+class _RestoreState(Built):
+    plain: bool | None = None       # connections without TCP_REPAIR (_plain)
+
+
 class Inet(BuiltTogether):
     """Dump state: _DumpState; every socket is built at the first open (_Restorer)."""
+
+    def new_restore_state(self, ctx) -> _RestoreState:
+        return _RestoreState()
 
     new_dump_state = staticmethod(_DumpState)
     dump = staticmethod(_dump)

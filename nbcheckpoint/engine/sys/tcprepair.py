@@ -14,12 +14,16 @@ In repair mode a socket
 
 Leaving it (TCP_REPAIR 0) sends a window probe, or nothing with TCP_REPAIR_OFF_NO_WP, and
 resets SO_REUSEADDR (the caller sets it again).  Failures raise SysError.
+
+:func:`allowed` says whether this process may use it at all (an ordinary user may not:
+files/inet_plain.py is the way without it).
 """
 from __future__ import annotations
 
 import array
 import ctypes
 import fcntl
+import os
 import socket
 import struct
 
@@ -38,6 +42,29 @@ SIOCINQ, SIOCOUTQ, SIOCOUTQNSD = 0x541B, 0x5411, 0x894B
 _WINDOW = struct.Struct("=5I")      # snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup
 _U32 = struct.Struct("=I")
 _QNAMES = {TCP_RECV_QUEUE: "receive", TCP_SEND_QUEUE: "send"}
+
+
+# Hidden test knob: "1" makes allowed() False, so that root's test runs exercise the way
+# without TCP_REPAIR too (tests/test_inet_sockets.py).
+FORCE_PLAIN_ENV = "NBCHECKPOINT_NO_TCP_REPAIR"
+_allowed: dict[int, bool] = {}      # network namespace inode -> may we
+
+
+def allowed() -> bool:
+    """May this process use TCP_REPAIR in its network namespace (CAP_NET_ADMIN over it)?
+    Probed once per namespace on a fresh socket (a closed socket may enter repair mode)."""
+    if os.environ.get(FORCE_PLAIN_ENV) == "1":
+        return False
+    ns = os.stat("/proc/self/ns/net").st_ino
+    if ns not in _allowed:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sk:
+            try:
+                sk.setsockopt(SOL_TCP, TCP_REPAIR, REPAIR_ON)
+                sk.setsockopt(SOL_TCP, TCP_REPAIR, REPAIR_OFF_NO_WP)
+                _allowed[ns] = True
+            except PermissionError:
+                _allowed[ns] = False
+    return _allowed[ns]
 
 
 def _fail(e: OSError, request: str) -> SysError:
