@@ -9,10 +9,12 @@
  *          through a mapping), then mapped MAP_SHARED (all of it) and MAP_PRIVATE (first
  *          256 KB; pages 3 and 5 written there: copied-on-write), and closed
  *   held   a memfd at fd 10, 1 MB, only its first 64 KB mapped MAP_SHARED, pattern written
+ *          through the mapping; fd 10's offset at 777
  * Parent and child wait for SIGUSR1 (the child on a flag in `anon`).
  * After SIGUSR1: every byte of each object is as written (never-touched pages zero), the
  * private mapping keeps its own pages 3 and 5 and shows the memfd elsewhere, fd 10 is still
- * a 1 MB memfd; then the child checks its view and writes into anon, shm and mfd, and the
+ * the very object mapped at `held` (a write through either shows in the other), 1 MB, at
+ * offset 777; then the child checks its view and writes into anon, shm and mfd, and the
  * parent sees those writes: the objects are still shared between the two processes.
  */
 #include "zdtm.h"
@@ -97,6 +99,7 @@ int main(void)
 	check(held != MAP_FAILED, "mmap held");
 	for (size_t i = 0; i < 64 * 1024; i++)
 		held[i] = pat(4, i);
+	check(lseek(10, 777, SEEK_SET) == 777, "lseek held");
 
 	pid_t child = fork();
 	if (child == 0) {
@@ -145,9 +148,15 @@ int main(void)
 			fail("held memfd differs at %#zx", i);
 		}
 	struct stat st;
-	if (fstat(10, &st) || st.st_size != (off_t)MB) {
+	if (fstat(10, &st) || st.st_size != (off_t)MB || lseek(10, 0, SEEK_CUR) != 777) {
 		kill(child, SIGKILL);
-		fail("fd 10: size %lld, expected %lu", (long long)st.st_size, MB);
+		fail("fd 10: size %lld, expected %lu, or offset not 777", (long long)st.st_size, MB);
+	}
+	unsigned char c = 0;
+	if (pwrite(10, "\x99", 1, 4321) != 1 || held[4321] != 0x99 || (held[100] = 0x42, pread(10, &c, 1, 100) != 1)
+	    || c != 0x42) {
+		kill(child, SIGKILL);
+		fail("fd 10 and the mapping of the held memfd are no longer the same object");
 	}
 	ctl->go = 1;
 	double deadline = now_mono() + 20;
