@@ -41,6 +41,7 @@ from .options import Options
 from .images import core_pb2, files_pb2, imagedir, inventory_pb2, names, pstree_pb2
 from . import sigframe, snapshot
 from .inject import Remote, find_syscall_insn, libc_guard
+from .mapped import MappedObjects
 from .mm import dump_mm, private_dirty_vmas
 from .images import mm_pb2
 from . import pages, timers
@@ -85,6 +86,7 @@ def dump(pid: int, images_dir, leave_running: bool = False, progress=None, optio
         if progress:
             progress("frozen", len(frozen.all_tids()), 0)
         ns = PidView(pid, frozen)
+        objects = MappedObjects(frozen.order)
         files.prepare(frozen.order)
         tree = img.messages(names.PSTREE, pstree_pb2.Process)
         nthreads = nvmas = pages_bytes = 0
@@ -93,9 +95,11 @@ def dump(pid: int, images_dir, leave_running: bool = False, progress=None, optio
         for p in frozen.order:
             tree.add(ns.process(p, tids=[ns.v(t, p) for t in frozen.tids[p]], stopped=p in frozen.stopped))
             leftovers = [ns.v(z) for z, parent in frozen.leftovers.items() if parent == p]
-            d = _dump_process(p, frozen.tids[p], img, files, shmem_done, ns, leftovers)
+            d = _dump_process(p, frozen.tids[p], img, files, shmem_done, ns, objects, leftovers)
             procs.append(d)
             nthreads, nvmas, pages_bytes = nthreads + d.nthreads, nvmas + len(d.mm.vmas), pages_bytes + d.nbytes
+        for shmem_id, where in objects.pending():     # now that every process told where it maps them
+            pages_bytes += pages.dump_shmem_mapped(shmem_id, where, img)
         for z, status in frozen.zombies.items():
             tree.add(ns.process(z, zombie=True, exit_status=status, comm=proc.stat(z)[2]))
         files.dump_done()
@@ -220,7 +224,7 @@ class PidView:
 
 
 def _dump_process(pid: int, tids: list[int], img, files: DumpContext, shmem_done: set, ns: PidView,
-                  leftovers: list[int] = ()) -> _Proc:
+                  objects: MappedObjects, leftovers: list[int] = ()) -> _Proc:
     """One live process: address space, fds, per-process and per-thread state, shmem.
 
     `pid` and `tids` are the engine's view; files and records use ns.v().
@@ -228,14 +232,14 @@ def _dump_process(pid: int, tids: list[int], img, files: DumpContext, shmem_done
     snapshot children of an earlier dump whose engine died (seize.py), which
     the process is made to reap (their pids as it sees them).
     """
-    mm = dump_mm(pid)
+    mm = dump_mm(pid, objects)
     fds = files.dump_fds(pid)
     locks.dump_locks(files, pid, fds, vpid=ns.v(pid))
     vdso = next((v for v in mm.vmas if v.kind == mm_pb2.VDSO), None)
     if vdso is None:
         raise DumpError(f"process {pid} has no [vdso] mapping; the engine needs one to run syscalls in it")
     syscall_addr = find_syscall_insn(pid, vdso.start, vdso.end)
-    task, threads, task_timers = _inject_phase(pid, tids, mm, syscall_addr, leftovers)
+    task, threads, task_timers = _inject_phase(pid, tids, mm, syscall_addr, objects, leftovers)
     vpid = ns.v(pid)
     task.pid = vpid
     for t in threads:
@@ -244,7 +248,9 @@ def _dump_process(pid: int, tids: list[int], img, files: DumpContext, shmem_done
     for v in mm.vmas:
         if v.shmem_id and v.shmem_id not in shmem_done:
             shmem_done.add(v.shmem_id)
-            nbytes += pages.dump_shmem(pid, v, img)
+            source = objects.shmem_source(pid, v)
+            if source is not None:          # (else objects.pending(), once every process is probed)
+                nbytes += pages.dump_shmem(source, v, img)
     img.messages(names.task(vpid), core_pb2.TaskCore).add(task)
     cores = img.messages(names.core(vpid), core_pb2.ThreadCore)
     for t in threads:
@@ -279,7 +285,8 @@ def _gadget_page(pid: int, mm, syscall_addr: int):
             boot.syscall("munmap", base, size)
 
 
-def _inject_phase(pid: int, tids: list[int], mm, syscall_addr: int, leftovers: list[int] = ()):
+def _inject_phase(pid: int, tids: list[int], mm, syscall_addr: int, objects: MappedObjects,
+                  leftovers: list[int] = ()):
     """State only the process itself can tell us, read by injected syscalls.
 
     Every call runs at the gadget page (sigframe.py), so that if the engine
@@ -295,6 +302,7 @@ def _inject_phase(pid: int, tids: list[int], mm, syscall_addr: int, leftovers: l
             threads = [dump_thread(pid, pid, main, xsize)]
             for z in leftovers:
                 main.syscall("wait4", z, 0, snapshot.WALL | snapshot.WNOHANG, 0, check=False)
+            objects.probe(main, pid)
         for tid in tids[1:]:
             with Remote(pid, tid, syscall_addr, scratch=data, guard=guard) as r:
                 threads.append(dump_thread(pid, tid, r, xsize))

@@ -19,6 +19,7 @@ import struct
 
 from .errors import ImageError, RestoreError, UnsupportedError
 from .images import mm_pb2
+from .mapped import MappedObjects
 from .sys import proc
 from .sys.libc import PAGE_SIZE
 from .sys.x86_64 import TASK_SIZE
@@ -51,7 +52,9 @@ def is_shmem(v: mm_pb2.Vma) -> bool:
 
 
 # --- dump ----------------------------------------------------------------------
-def dump_mm(pid: int) -> mm_pb2.Mm:
+def dump_mm(pid: int, objects: MappedObjects | None = None) -> mm_pb2.Mm:
+    """objects: how to reach the files and shmem objects behind the mappings (mapped.py)."""
+    objects = objects or MappedObjects([pid])
     mm = mm_pb2.Mm(**proc.mm_fields(pid))
     # brk is not in /proc/PID/stat: dump.py asks the process (injected brk(0)).
     maps = proc.maps(pid)
@@ -59,11 +62,11 @@ def dump_mm(pid: int) -> mm_pb2.Mm:
     exe = proc.exe(pid)
     mm.exe.CopyFrom(file_stat(exe, proc.exe_stat(pid)))
     for m in maps:
-        mm.vmas.append(_dump_vma(pid, m))
+        mm.vmas.append(_dump_vma(pid, m, objects))
     return mm
 
 
-def _dump_vma(pid: int, m: proc.MapLine) -> mm_pb2.Vma:
+def _dump_vma(pid: int, m: proc.MapLine, objects: MappedObjects) -> mm_pb2.Vma:
     v = mm_pb2.Vma(start=m.start, end=m.end, prot=_prot(m.perms), pgoff=m.offset,
                    vmflags=sorted(m.vmflags), name=m.path)
     where = f"process {pid}: mapping {m.start:#x}-{m.end:#x} {m.perms} {m.path or '(anonymous)'}"
@@ -84,19 +87,18 @@ def _dump_vma(pid: int, m: proc.MapLine) -> mm_pb2.Vma:
         if m.shared:
             raise UnsupportedError(f"{where}: shared anonymous mapping without a shmem inode")
         return v
-    link = proc.map_file(pid, m.start, m.end)
-    s = os.stat(link)
-    if m.path.startswith(SHMEM_PREFIXES) or (m.deleted and s.st_dev in proc.tmpfs_devices()):
+    s = os.stat(proc.map_file(pid, m.start, m.end)) if objects.direct else None
+    if m.path.startswith(SHMEM_PREFIXES) or (m.deleted and (s.st_dev if s else m.device) in proc.tmpfs_devices()):
         # (a file deleted from a tmpfs -- a POSIX semaphore or shm_open object
         # after unlink -- lives only in memory, exactly like a memfd)
         # Shared anonymous memory and memfds are shmem objects: their content
         # is saved once (by inode) and mapped from a new memfd at restore.
         v.kind = mm_pb2.ANON_SHARED if m.shared else mm_pb2.FILE_PRIVATE
-        v.shmem_id = s.st_ino
-        v.shmem_size = s.st_size
+        v.shmem_id, v.shmem_size = (s.st_ino, s.st_size) if s else objects.shmem(pid, m)
         return v
     if m.path.startswith("/SYSV"):
         raise UnsupportedError(f"{where}: System V shared memory is not supported")
+    s = s or objects.file_stat(pid, m, where)
     if not st.S_ISREG(s.st_mode):
         raise UnsupportedError(f"{where}: mapping of a non-regular file (mode {oct(s.st_mode)}) is not supported")
     if m.deleted:

@@ -246,12 +246,13 @@ def _write_runs(pid: int, src, runs, progress) -> int:
 SEEK_DATA, SEEK_HOLE = 3, 4
 
 
-def dump_shmem(pid: int, vma, img) -> int:
-    """Save the content of the shmem object behind `vma` (by SEEK_DATA/SEEK_HOLE)."""
+def dump_shmem(path: str, vma, img) -> int:
+    """Save the content of the shmem object behind `vma`, opened by `path` (its
+    /proc/PID/map_files or /proc/PID/fd entry: mapped.py), by SEEK_DATA/SEEK_HOLE."""
     name = f"shmem-{vma.shmem_id}"
     entries = img.messages(names.pagemap(name), pagemap_pb2.PagemapEntry)
     out = img.pages(names.pages(name))
-    fd = os.open(proc.map_file(pid, vma.start, vma.end), os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY)
     done = 0
     try:
         size = os.fstat(fd).st_size
@@ -276,19 +277,63 @@ def dump_shmem(pid: int, vma, img) -> int:
     return done
 
 
+def dump_shmem_mapped(shmem_id: int, where: dict[int, tuple[int, int]], img) -> int:
+    """Save the content of a shmem object no fd reaches, through the tree's mappings of it:
+    `where` maps each page offset worth reading to (pid, address) of a mapping (mapped.py).
+    Pages of zeros are left out, as holes would be."""
+    name = f"shmem-{shmem_id}"
+    entries = img.messages(names.pagemap(name), pagemap_pb2.PagemapEntry)
+    out = img.pages(names.pages(name))
+    runs: list[list[int]] = []              # [offset, pid, addr, length]: contiguous in both
+    for off in sorted(where):
+        pid, addr = where[off]
+        r = runs[-1] if runs else None
+        if r and r[0] + r[3] == off and r[1] == pid and r[2] + r[3] == addr and r[3] < CHUNK:
+            r[3] += PAGE_SIZE
+        else:
+            runs.append([off, pid, addr, PAGE_SIZE])
+    mems: dict[int, ProcMem] = {}
+    zero = bytes(PAGE_SIZE)
+    run = [0, 0]                            # the entry being gathered: offset, pages
+    try:
+        for off, pid, addr, length in runs:
+            mem = mems.get(pid) or mems.setdefault(pid, ProcMem(pid))
+            data = memoryview(mem.pread(length, addr))
+            for i in range(0, length, PAGE_SIZE):
+                page = data[i:i + PAGE_SIZE]
+                if page == zero:
+                    continue
+                if run[1] and run[0] + run[1] * PAGE_SIZE != off + i:
+                    entries.add(pagemap_pb2.PagemapEntry(vaddr=run[0], nr_pages=run[1]))
+                    run = [off + i, 0]
+                elif not run[1]:
+                    run[0] = off + i
+                run[1] += 1
+                out.write(page)
+        if run[1]:
+            entries.add(pagemap_pb2.PagemapEntry(vaddr=run[0], nr_pages=run[1]))
+    finally:
+        for mem in mems.values():
+            mem.close()
+    return out.size
+
+
 def restore_shmem(reader, vma) -> int:
     """A new shmem object with the saved content; returns an fd in the engine.
 
     Shared anonymous memory is recreated as such (an anonymous shared mapping
     of the engine's own, reopened through /proc/self/map_files), so the
     restored mapping is again "/dev/zero (deleted)"; memfds come back as
-    memfds with their name.
+    memfds with their name.  Without map_files (proc.map_files_allowed()) every
+    object comes back as a memfd: shared anonymous memory, and a file deleted
+    from a tmpfs, named by its old name ("/memfd:/dev/zero (deleted)").
     """
     name = f"shmem-{vma.shmem_id}"
     size = vma.shmem_size
-    if vma.name.startswith("/memfd:"):
-        label = vma.name[len("/memfd:"):].removesuffix(" (deleted)")
-        fd = os.memfd_create(label, os.MFD_CLOEXEC)
+    memfd = vma.name.startswith("/memfd:")
+    if memfd or not proc.map_files_allowed():
+        label = vma.name[len("/memfd:"):] if memfd else vma.name
+        fd = os.memfd_create(label.removesuffix(" (deleted)"), os.MFD_CLOEXEC)
         os.ftruncate(fd, size)
     else:
         m = mmap.mmap(-1, max(size, PAGE_SIZE), flags=mmap.MAP_SHARED)

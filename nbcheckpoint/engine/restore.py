@@ -316,6 +316,10 @@ def _open_everything(img: _Image, engine_fds: list[int]) -> _Prepared:
         engine_fds.append(new)
         return new
 
+    for pr in img.live:     # first: an fd on one of them opens it again (files/regfile.py)
+        for v in pr.mm.vmas:
+            if v.shmem_id and v.shmem_id not in p.shmem:
+                p.shmem[v.shmem_id] = img.files.shmem[v.shmem_id] = high(pages.restore_shmem(img.reader, v))
     for pr in img.live:
         for e in pr.fds:
             if e.id not in p.ofd:
@@ -326,9 +330,6 @@ def _open_everything(img: _Image, engine_fds: list[int]) -> _Prepared:
             if path in p.maps:
                 continue
             p.maps[path] = high(_open_regular(path, flags, "mapped file"))
-        for v in pr.mm.vmas:
-            if v.shmem_id and v.shmem_id not in p.shmem:
-                p.shmem[v.shmem_id] = high(pages.restore_shmem(img.reader, v))
         if pr.mm.exe.path not in p.exe:
             p.exe[pr.mm.exe.path] = high(_open_regular(pr.mm.exe.path, os.O_RDONLY, "executable"))
         p.fs[pr.pid] = {k: high(fd) for k, fd in taskmod.fs_fds(pr.task).items()}

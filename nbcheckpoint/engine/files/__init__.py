@@ -255,6 +255,7 @@ class RestoreContext:
         self.files = {f.id: f for f in files}
         self.opened: dict[int, int] = {}
         self._states: dict = {}
+        self.shmem: dict[int, int] = {}     # shmem objects the tree maps, restored: id (inode) -> fd
 
     def state(self, kind):
         """kind's own state for this restore, made by kind.new_restore_state(self) at first use."""

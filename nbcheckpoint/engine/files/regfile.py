@@ -72,7 +72,7 @@ class RegFile(FileKind):
         r = f.reg
         flags = (f.flags & ~_OPEN_ONLY) | os.O_CLOEXEC
         if r.deleted:
-            return _recreate_deleted(ctx.reader, f, flags)
+            return _recreate_deleted(ctx, f, flags)
         try:
             # O_NONBLOCK: a FIFO put there since check() must not block the open
             fd = os.open(r.stat.path, flags | os.O_NONBLOCK)
@@ -149,9 +149,25 @@ def _ftype(mode: int) -> str:
     return f"file of mode {mode:o}"
 
 
-def _recreate_deleted(reader, f: files_pb2.FileEntry, flags: int) -> int:
+def _recreate_deleted(ctx, f: files_pb2.FileEntry, flags: int) -> int:
     r = f.reg
-    data = reader.read_bytes(names.file_data(f.id))
+    shared = ctx.shmem.get(r.stat.ino) if os.major(r.stat.dev) == 0 else None
+    if shared is not None or r.stat.path.startswith("/memfd:"):
+        # a memfd or a file unlinked from a tmpfs: when the tree maps it too, this fd must
+        # open that very object (restored with the mappings' content), else a new memfd
+        own = None
+        if shared is None:
+            own = shared = os.memfd_create(r.stat.path[len("/memfd:"):], os.MFD_CLOEXEC)
+        try:
+            if own is not None:
+                os.write(own, ctx.reader.read_bytes(names.file_data(f.id)))
+            new = os.open(f"/proc/self/fd/{shared}", flags)     # (its own open file description)
+        finally:
+            if own is not None:
+                os.close(own)
+        os.lseek(new, r.pos, os.SEEK_SET)
+        return new
+    data = ctx.reader.read_bytes(names.file_data(f.id))
     d = os.path.dirname(r.stat.path) or "/"
     base = r.stat.path if not os.path.exists(r.stat.path) else os.path.join(
         d, f".nbcheckpoint-ghost-{os.getpid()}-{f.id}")

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..errors import ProcessGone, SysError
+from . import userns
 
 
 def _error(e: OSError, what: str, pid: int | None) -> SysError:
@@ -46,6 +47,13 @@ class MapLine:
     inode: int
     path: str           # "" for anonymous; "[heap]", "/lib/x (deleted)" ...
     vmflags: set = field(default_factory=set)
+    swap_kb: int = 0    # smaps "Swap:" (for a shmem mapping: its object's pages in swap there)
+
+    @property
+    def device(self) -> int:
+        """The dev column as a userspace st_dev."""
+        major, _, minor = self.dev.partition(":")
+        return os.makedev(int(major, 16), int(minor, 16))
 
     @property
     def shared(self) -> bool:
@@ -72,6 +80,8 @@ def maps(pid: int, vmflags: bool = True) -> list[MapLine]:
                                int(parts[4]), parts[5] if len(parts) > 5 else ""))
         elif head == "VmFlags:" and out:
             out[-1].vmflags = set(line.split()[1:])
+        elif head == "Swap:" and out:
+            out[-1].swap_kb = int(line.split()[1])
     return out
 
 
@@ -131,8 +141,21 @@ def exe_stat(pid: int) -> os.stat_result:
 
 
 def map_file(pid: int, start: int, end: int) -> str:
-    """/proc/PID/map_files/START-END: the file behind a mapping, to stat or open."""
+    """/proc/PID/map_files/START-END: the file behind a mapping, to stat or open
+    (only if map_files_allowed())."""
     return f"/proc/{pid}/map_files/{start:x}-{end:x}"
+
+
+NO_MAP_FILES = "NBCHECKPOINT_NO_MAP_FILES"
+
+
+def map_files_allowed() -> bool:
+    """May we use /proc/PID/map_files?  readlink, stat and open there need CAP_SYS_ADMIN or
+    CAP_CHECKPOINT_RESTORE in the initial user namespace (fs/proc/base.c), which an ordinary
+    user has nowhere, not even in a user namespace of their own (engine/mapped.py does
+    without).  NBCHECKPOINT_NO_MAP_FILES=1 makes a privileged engine do without too (the
+    tests run both ways)."""
+    return userns.privileged() and not os.environ.get(NO_MAP_FILES)
 
 
 def children(pid: int, tid: int | None = None) -> list[int]:

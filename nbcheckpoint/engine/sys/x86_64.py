@@ -13,7 +13,7 @@ from ptrace.binding.linux_struct import user_regs_struct
 # asm/unistd_64.h
 NR = dict(
     read=0, write=1, open=2, close=3, lseek=8, mmap=9, mprotect=10, munmap=11,
-    brk=12, rt_sigaction=13, rt_sigprocmask=14, mremap=25, madvise=28, dup=32,
+    brk=12, rt_sigaction=13, rt_sigprocmask=14, mremap=25, mincore=27, madvise=28, dup=32,
     dup2=33, pause=34, getpid=39, getppid=110, exit=60, kill=62, fcntl=72, ftruncate=77,
     chdir=80, fchdir=81, umask=95, setgroups=116, setresuid=117, setresgid=119,
     capset=126, rt_sigqueueinfo=129, sigaltstack=131, personality=135,
