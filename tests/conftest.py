@@ -15,6 +15,7 @@ Typical engine test::
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
 import shutil
 import signal
@@ -543,9 +544,30 @@ def pytest_configure(config):
     # single-threaded process can do.  Enter it now, before any test starts a thread, so that
     # every test runs alike; what the suite launches still runs as the user without
     # capabilities (exec drops them), as after `nbcheckpoint restore`.
+    # A mount namespace of the suite's own, there, lets tests mount small filesystems (mount()).
     if os.getuid() != 0:
         from nbcheckpoint.engine.sys import userns
         userns.ensure()
+        if _libc.unshare(0x00020000) != 0 or _libc.mount(b"none", b"/", None, 0x4000 | 0x40000, None) != 0:
+            raise OSError(ctypes.get_errno(), "a mount namespace for the suite")   # CLONE_NEWNS; MS_REC|MS_PRIVATE
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def mount(fstype: str, target, options: str = "") -> None:
+    """mount -t FSTYPE -o OPTIONS FSTYPE TARGET, for a test's own small filesystem: as root on
+    the host, as an ordinary user in the suite's own user + mount namespace (pytest_configure)."""
+    if _libc.mount(fstype.encode(), os.fsencode(target), fstype.encode(), 0, options.encode() or None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount -t {fstype} -o {options} {target}: {os.strerror(err)}")
+
+
+def umount(target) -> None:
+    """umount -l TARGET (MNT_DETACH)."""
+    if _libc.umount2(os.fsencode(target), 2) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"umount {target}: {os.strerror(err)}")
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

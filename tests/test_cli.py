@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import mount, umount
 from nbcheckpoint import cli
 from nbcheckpoint.engine import EngineError
 from nbcheckpoint.engine.check import check
@@ -196,7 +197,7 @@ def test_disk_full_says_which_file_and_how_much(launch, tmp_path, capsys):
     t = launch("counter")
     small = tmp_path / "small"
     small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], check=True)
+    mount("tmpfs", small, "size=64k")
     try:
         assert cli.main(["dump", "-t", str(t.pid), "-D", str(small / "img"), "-R"]) == 1
         err = capsys.readouterr().err
@@ -205,7 +206,7 @@ def test_disk_full_says_which_file_and_how_much(launch, tmp_path, capsys):
                          r"after [\d,]+ bytes of this file; [\d,]+ bytes free on its filesystem", err), err
         assert os.listdir(small) == []                  # the partial image is gone
     finally:
-        subprocess.run(["umount", str(small)], check=True)
+        umount(small)
     t.expect_pass()                                      # left running, unharmed
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_c, TARGETS_DIR, wait_pid_free
+from conftest import build_c, mount, TARGETS_DIR, umount, wait_pid_free
 
 RUN_BEFORE_DUMP = 0.3
 JOB_SRC = TARGETS_DIR / "external" / "ttyjob.c"
@@ -116,11 +116,9 @@ def devpts(tmp_path):
     """A devpts instance of its own, mounted under tmp_path."""
     d = tmp_path / "pts"
     d.mkdir()
-    r = subprocess.run(["mount", "-t", "devpts", "-o", "newinstance,ptmxmode=0666,mode=620", "devpts", str(d)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, f"cannot mount a devpts instance (the tests run as root): {r.stderr.strip()}"
+    mount("devpts", d, "newinstance,ptmxmode=0666,mode=620")
     yield d
-    subprocess.run(["umount", "-l", str(d)], capture_output=True)
+    umount(d)
 
 
 def test_devpts_elsewhere(engine, launch, images, devpts):
