@@ -370,14 +370,17 @@ def _talk(master: int, pid: int) -> bytes:
     return out
 
 
-def _wait_exit(pid: int, timeout: float = 10.0) -> int:
+def _wait_exit(res, timeout: float = 10.0) -> int:
+    """The restored job's exit status: it is our child, or its namespace's init is (whose
+    status is the job's)."""
+    pid = res.init_pid or res.pid
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         p, status = os.waitpid(pid, os.WNOHANG)
         if p:
             return os.waitstatus_to_exitcode(status)
         time.sleep(0.01)
-    raise AssertionError(f"restored job {pid} did not exit")
+    raise AssertionError(f"restored job {res.pid} did not exit")
 
 
 def test_shell_job_refused_without_option(engine, shell_job, images):
@@ -414,7 +417,7 @@ def test_shell_job_inherit_fd(engine, shell_job, images, leader):
         res = engine.restore(str(img), options=engine.Options(shell_job=True, inherit_fd={j.key(): slave}))
         os.close(slave)
         slave = None
-        assert res.pid == j.pid
+        assert res.vpid == j.pid                   # (res.pid: as we see it; differs in a PID namespace)
         st = _stat(res.pid)
         new_rdev = os.stat(os.readlink(f"/proc/{res.pid}/fd/0")).st_rdev
         assert int(st[7]) == new_rdev, "the job's controlling tty is not the new terminal"
@@ -422,7 +425,7 @@ def test_shell_job_inherit_fd(engine, shell_job, images, leader):
         assert int(st[8]) == res.pid, "not the foreground job"
         out = _talk(master, res.pid)
         assert b"pong ping 42" in out, out
-        assert _wait_exit(res.pid) == 0
+        assert _wait_exit(res) == 0
     finally:
         if slave is not None:
             os.close(slave)
