@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 import traceback
@@ -95,7 +96,26 @@ def cmd_restore(args) -> int:
             break
         except InterruptedError:
             continue
+    if args.shell_job:
+        _take_terminal_back()
     return waitstatus.exit_code(status)
+
+
+def _take_terminal_back() -> None:
+    """A shell job restored onto our terminal was its foreground job: as a shell does, make our
+    group the foreground one again once it is done (SIGTTOU ignored: we are in the background)."""
+    from .engine.files.tty import TIOCGSID
+    from .engine.sys.ioctl import get_int
+    if not os.isatty(0):
+        return
+    old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    try:
+        if get_int(0, TIOCGSID, "TIOCGSID") == os.getsid(0) and os.tcgetpgrp(0) != os.getpgrp():
+            os.tcsetpgrp(0, os.getpgrp())
+    except OSError:
+        pass                    # not our session's terminal (any more)
+    finally:
+        signal.signal(signal.SIGTTOU, old)
 
 
 def cmd_show(args) -> int:

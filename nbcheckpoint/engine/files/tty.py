@@ -31,7 +31,7 @@ import time
 
 from ..errors import DumpError, ImageError, RestoreError, SysError, UnsupportedError
 from ..images import files_pb2, names, pstree_pb2, tty_pb2
-from ..sys import proc
+from ..sys import proc, userns
 from ..sys.fd import Fd
 from ..sys.ioctl import get_int, ioctl, ioctl_buf, set_int
 from .kind import FileKind, set_status_flags
@@ -682,13 +682,16 @@ def after_setsid(ctx, stub, process) -> None:
     pid = process.pid
     if (ctx.options.shell_job and pid == ctx.reader.inventory.root_pid and process.sid != pid
             and process.sid not in st.pids()):
-        if proc.stat(stub.pid)[6] != str(stub.pid):
+        joins = _joins_our_session(ctx)
+        if not joins and proc.stat(stub.pid)[6] != str(stub.pid):
             stub.syscall("setsid")
         st.sidmap[process.sid] = pid
         outside_pgid = process.pgid not in st.pids()
         process.sid = pid
         if outside_pgid:
             process.pgid = pid
+        if joins:
+            stub.syscall("setpgid", 0, 0)       # a job of our session, in a group of its own
     if process.sid != pid:
         return
     for key, f in st.terminals().items():
@@ -696,7 +699,7 @@ def after_setsid(ctx, stub, process) -> None:
         if not s.session or st.sidmap.get(s.session, s.session) != pid:
             continue
         ident = _ident(ctx, f)
-        if ident is None:
+        if ident is None or _has_ctty(stub.pid, ident):
             continue
         with stub.remote() as r:
             stub.ensure_scratch(r)
@@ -709,6 +712,23 @@ def after_setsid(ctx, stub, process) -> None:
             finally:
                 if opened is not None:
                     r.syscall("close", opened)
+
+
+def _joins_our_session(ctx) -> bool:
+    """A shell job restored onto the terminal we run on takes it from our session's leader
+    (TIOCSCTTY's steal), which needs CAP_SYS_ADMIN: without root it joins our session instead,
+    as a job of our shell's, in a process group of its own that becomes the foreground one
+    (getsid() then names our session, outside its PID namespace: 0)."""
+    if userns.privileged():
+        return False
+    for f in ctx.state(KIND).terminals().values():
+        if f.tty.external and ctx.inherited(f) is None:
+            try:
+                with Fd(os.open(_default_terminal(ctx), os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)) as fd:
+                    return get_int(fd.fileno(), TIOCGSID, "TIOCGSID") == os.getsid(0)
+            except (OSError, SysError):
+                return False                # not our controlling terminal
+    return False
 
 
 def _remote_open(r, scratch: int, path: str, flags: int) -> int:
