@@ -309,6 +309,55 @@ def test_failed_restore_raises(tmp_path, store):
     arun(main())
 
 
+# Starts a kernel where no user namespace can be made: in one of our own whose limit of user
+# namespaces is 0 (user.max_user_namespaces is per user namespace), and, after the exec, with no
+# capability left (the bounding set is emptied; an ordinary user has none anyway), as an
+# ordinary user on a machine where an administrator turned them off.
+NO_USERNS = """
+import ctypes, os, sys
+from nbcheckpoint.engine.sys import userns
+userns.enter()
+with open("/proc/sys/user/max_user_namespaces", "w") as f:
+    f.write("0")
+prctl = ctypes.CDLL(None, use_errno=True).prctl
+for cap in range(64):
+    prctl(24, cap, 0, 0, 0)                                 # PR_CAPBSET_DROP
+os.execv(sys.executable, [sys.executable, "-c", sys.argv[1]])
+"""
+START = """
+import asyncio, time
+from jupyter_client.manager import AsyncKernelManager
+async def main():
+    km = AsyncKernelManager(kernel_name="python3-checkpointable")
+    t0 = time.monotonic()
+    try:
+        await km.start_kernel()
+    except Exception as e:
+        print(f"REFUSED after {time.monotonic() - t0:.1f} s: {type(e).__name__}: {e}")
+    else:
+        print("STARTED")
+        await km.shutdown_kernel(now=True)
+asyncio.run(main())
+"""
+
+
+def test_no_user_namespace_fails_the_start_clearly(tmp_path, store):
+    """The shim of an ordinary user's kernel needs a user namespace of its own: where none
+    can be made, start_kernel fails at once with the reason and the administrator's fix
+    (not a kernel that never answers), and the server log (the shim's stderr) says it too."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", NO_USERNS, START], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    out = r.stdout.strip().splitlines()
+    assert out and out[-1].startswith("REFUSED after "), (r.stdout, r.stderr)
+    assert float(out[-1].split()[2]) < 30, out
+    assert "ShimError: starting the kernel failed: cannot start the checkpointable kernel: " \
+           "cannot create a user namespace" in out[-1], out
+    assert "user.max_user_namespaces=0" in out[-1] and "sysctl user.max_user_namespaces=" in out[-1], out
+    assert "cannot create a user namespace" in r.stderr, r.stderr     # the shim's log
+
+
 def test_interrupt_shutdown_and_death(tmp_path, store):
     async def main():
         k = await K(tmp_path).start()

@@ -44,7 +44,7 @@ import os
 import select
 import time
 
-from .errors import ImageError, LazyError, ProcessGone, SysError
+from .errors import AccessDenied, ImageError, LazyError, ProcessGone, RestoreError, SysError
 from .images import mm_pb2
 from .images.imagedir import BLOCK
 from .mm import PROT_WRITE
@@ -56,6 +56,16 @@ from .sys.memory import PagemapScanner, ProcMem, pidfd_getfd, pidfd_open
 LAZY_MIN = 1 << 20          # VMAs with less saved data are written at restore
 STREAM = 1 << 20            # bytes per UFFDIO_COPY while streaming
 _NOT_LAZY = {"gd", "lo", "dc", "wf"}    # growsdown, mlocked, DONTFORK, WIPEONFORK
+
+
+def unavailable() -> str | None:
+    """Why this process cannot restore lazily (sys/uffd.py check_lazy()), or None.
+    Cheap: callers check it before they stop anything."""
+    try:
+        uffd.check_lazy()
+    except AccessDenied as e:
+        return str(e)
+    return None
 
 
 def choose(runs) -> set[int]:
@@ -154,6 +164,10 @@ class PageServer:
     restored processes wait for it whenever they touch a page still to come."""
 
     def __init__(self, init, release: bool = True):
+        why = unavailable()
+        if why:
+            raise RestoreError(f"lazy restore (--lazy-pages) is not possible here: {why}. "
+                               "Restore without --lazy-pages, or as root")
         self.init = init                    # pstree.Stub of the namespace's init (the lifeline)
         self.release = release              # cut the lifeline once every page is in
         self.spaces: list[_Space] = []

@@ -19,7 +19,7 @@ import uuid
 
 from .. import control, engine
 from ..control import CHANNELS, Channel
-from ..engine import pstree, seize
+from ..engine import lazy, pstree, seize
 from ..engine.sys import memory, proc
 from ..kernel_image import checkpoint_meta, dump_options, outside_terminals, restore_options
 from ..engine.units import format_size
@@ -296,6 +296,15 @@ class Kernel:
         log(f"kernel restored from {ck.name!r}: pid {self.kernel_pid}, {res.seconds:.2f} s"
             + (f", {format_size(res.lazy.total)} of memory to come lazily" if res.lazy else ""))
 
+    def can_be_lazy(self) -> bool:
+        """Can this shim restore lazily?  If not, restores are full ones (the lazy_restore
+        option is about speed: a user who did not turn it off expects a restore, not a refusal),
+        and the log says why -- before anything is stopped."""
+        why = lazy.unavailable()
+        if why:
+            log(f"restoring with all memory in place, not lazily: {why}")
+        return why is None
+
     def fill_memory(self) -> None:
         """After a lazy restore (engine thread, the shim's `busy` held): serve the kernel's
         memory until all of it is in.  The kernel runs and answers meanwhile; checkpoint
@@ -332,7 +341,7 @@ class _Plan:
         except BaseException:
             self.close()
             raise
-        self.opts = restore_options(bool(meta.pidns), kernel.args.lazy_pages, inherit)
+        self.opts = restore_options(bool(meta.pidns), kernel.args.lazy_pages and kernel.can_be_lazy(), inherit)
 
     def close(self) -> None:
         self.ours.close()

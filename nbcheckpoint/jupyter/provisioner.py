@@ -49,13 +49,16 @@ class CheckpointableProvisioner(LocalProvisioner):
     pidns = Bool(
         True, config=True,
         help="Run each kernel in a PID namespace of its own, so a checkpoint can be restored "
-             "anywhere without PID collisions (needs root; ignored otherwise).")
+             "anywhere without PID collisions. An ordinary user's kernel gets it inside a user "
+             "namespace of its own (the kernel keeps the user's uid).")
 
     lazy_restore = Bool(
         True, config=True,
         help="Restore kernels lazily: the kernel answers as soon as it runs, and its big arrays "
              "come in from the checkpoint behind it (first the pages it touches). Needs the "
-             "PID namespace (pidns). False: restore returns once all memory is in place.")
+             "PID namespace (pidns) and userfaultfd (an ordinary user: vm.unprivileged_userfaultfd=1 "
+             "or access to /dev/userfaultfd; without them the restore is a full one, and the shim's "
+             "log says why). False: restore returns once all memory is in place.")
 
     _restore_name: str | None = None
     _restarting = False                            # cleanup(restart=True) came: a restart is next
@@ -155,17 +158,17 @@ class CheckpointableProvisioner(LocalProvisioner):
             os.close(fd)
         self._listener_fds = []
         await super().post_launch(**kwargs)
-        if self._restore_name:
-            await self._wait_restored(self._restore_name)
+        await self._wait_started(self._restore_name)
 
-    async def _wait_restored(self, name: str, timeout: float = 600) -> None:
-        """Return once the shim has restored the kernel; raise with its error if it failed
-        (otherwise the manager would take a dead start for a kernel, and a restarter
-        would quietly replace it by an empty one)."""
+    async def _wait_started(self, name: str | None, timeout: float = 600) -> None:
+        """Return once the shim has launched the kernel, or restored checkpoint `name`;
+        raise with its error if that failed (otherwise the manager would take a dead start
+        for a kernel, wait for it in vain, and a restarter would quietly replace it)."""
+        what = f"restoring checkpoint {name!r}" if name else "starting the kernel"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
-                raise ShimError(f"restoring checkpoint {name!r} failed: the kernel's shim exited "
+                raise ShimError(f"{what} failed: the kernel's shim exited "
                                 f"with status {self.process.returncode if self.process else '?'} (see the server log)")
             try:
                 st = await self._request({"op": control.STATUS}, timeout=5)
@@ -173,11 +176,11 @@ class CheckpointableProvisioner(LocalProvisioner):
                 await asyncio.sleep(0.02)
                 continue
             except NbcheckpointError as e:                 # the shim's answer: the type it gave
-                raise type(e)(f"restoring checkpoint {name!r} failed: {e}") from None
-            if st.get("restored_from") == name:
+                raise type(e)(f"{what} failed: {e}") from None
+            if st.get("restored_from") == name if name else not st.get("starting"):
                 return
             await asyncio.sleep(0.02)
-        raise ShimError(f"restoring checkpoint {name!r} did not finish within {timeout:.0f} s")
+        raise ShimError(f"{what} did not finish within {timeout:.0f} s")
 
     # ------------------------------------------------------------------ checkpoint / restore
 

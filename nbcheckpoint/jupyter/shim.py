@@ -35,7 +35,7 @@ from functools import partial
 
 from .. import control, engine
 from ..control import Channel
-from ..engine.sys import libc, memory, waitstatus
+from ..engine.sys import libc, memory, userns, waitstatus
 from ..engine.sys.x86_64 import NR
 from ..store import StoreError
 from .operations import Kernel, log, progress
@@ -115,7 +115,8 @@ class Shim:
 
     # ------------------------------------------------------------------ main loop
 
-    def run(self) -> int:
+    def run(self, refused: BaseException | None = None) -> int:
+        """refused: the kernel cannot be started (the reason): only answer `status` with it."""
         for s in FORWARDED:
             signal.signal(s, self._on_signal)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -144,6 +145,8 @@ class Shim:
 
         def first():
             try:
+                if refused is not None:
+                    raise refused
                 self.kernel.start()
             except BaseException as e:          # noqa: BLE001 -- reported to the manager
                 if not isinstance(e, (engine.EngineError, StoreError)):
@@ -337,16 +340,22 @@ def main(argv=None) -> int:
         args.cmd = args.cmd[1:]
     if not args.cmd and not args.restore:
         ap.error("give the kernel's command after --")
-    if os.geteuid() != 0 and args.pidns:
-        log("not root: running the kernel without a PID namespace of its own "
-            "(restoring it will need its PIDs to be free)")
-        args.pidns = False
     parent = os.environ.get("JPY_PARENT_PID")
     if parent and parent.isdigit():
         libc.syscall(NR["prctl"], 1, signal.SIGTERM, request="prctl(PR_SET_PDEATHSIG)")
         if os.getppid() != int(parent):
             return 1                                 # the server is already gone
-    return Shim(args).run()
+    # An ordinary user gets the rights over the kernel's PID + mount namespaces (and so
+    # over its PIDs at restore) in a user namespace of its own, entered while this process
+    # is single-threaded (no thread has started yet); the kernel keeps the user's uid.
+    refused = None
+    if args.pidns:
+        try:
+            if userns.ensure():
+                log(f"in a user namespace of our own (uid {os.getuid()}, gid {os.getgid()})")
+        except userns.UserNamespaceError as e:
+            refused = engine.EngineError(f"cannot start the checkpointable kernel: {e}")
+    return Shim(args).run(refused)
 
 
 if __name__ == "__main__":

@@ -185,13 +185,14 @@ def exec_init(path: str, argv: list[str], env: dict[str, str], fds: dict[int, in
     c_path = ctypes.c_char_p(os.fsencode(path))
     srcs, tgts = list(fds.values()), list(fds.keys())
     top = max(tgts + [2]) + 1
-    return _clone3(lambda: _spawned_init(c_path, c_argv, c_env, srcs, tgts, top, errw),
+    return _clone3(lambda: _spawned_init(c_path, c_argv, c_env, srcs, tgts, top, max(srcs + [top]) + 1, errw),
                    "clone3(CLONE_NEWPID|CLONE_NEWNS)", "a new PID namespace needs CAP_SYS_ADMIN",
                    flags=CLONE_NEWNS | CLONE_NEWPID)
 
 
-def _spawned_init(c_path, c_argv, c_env, srcs, tgts, top, errw) -> None:
-    """exec_init's children (never returns).  Only raw syscalls."""
+def _spawned_init(c_path, c_argv, c_env, srcs, tgts, top, free, errw) -> None:
+    """exec_init's children (never returns).  Only raw syscalls.  `free`: above every fd of
+    `srcs` and `tgts` (and within RLIMIT_NOFILE, 1024 for an ordinary user)."""
     def fail(what):
         _sc("write", errw, struct.pack("ii", what, ctypes.get_errno()), 8)
         _sc("exit_group", 127)
@@ -202,7 +203,7 @@ def _spawned_init(c_path, c_argv, c_env, srcs, tgts, top, errw) -> None:
         _sc("setsid")
         high = []
         for i, s in enumerate(srcs):                            # two passes: a source may be another's target
-            h = _sc("fcntl", s, 0, 1024 + i)                    # F_DUPFD
+            h = _sc("fcntl", s, 0, free)                        # F_DUPFD
             if h < 0:
                 fail(1)
             high.append(h)

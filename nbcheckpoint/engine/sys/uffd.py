@@ -23,7 +23,8 @@ import os
 import struct
 
 from ..errors import SysError
-from .libc import check
+from .libc import check, syscall
+from .x86_64 import NR
 
 UFFD_API = 0xAA
 # features (UFFDIO_API)
@@ -97,6 +98,37 @@ def api(fd: int, pid: int | None, features: int = LAZY_FEATURES) -> None:
     if a.features & features != features:
         raise SysError(errno.EINVAL, "ioctl UFFDIO_API", pid,
                        f"this kernel lacks userfaultfd features {features & ~a.features:#x}")
+
+
+def check_lazy() -> None:
+    """Can this process (and restore's stubs, which have its credentials) make the
+    userfaultfds a lazy restore needs?  Tries one: userfaultfd(2), then the UFFDIO_API
+    handshake with LAZY_FEATURES.  Raises AccessDenied saying why not.
+
+    The fork events are the crux: a process that forks while pages are still to come must
+    pass them to its child (whose copy of the memory would read zeros there otherwise), and
+    the kernel gives UFFD_FEATURE_EVENT_FORK only to CAP_SYS_PTRACE in the initial user
+    namespace (fs/userfaultfd.c) -- however the userfaultfd was made: neither
+    vm.unprivileged_userfaultfd=1 nor access to /dev/userfaultfd (Linux >= 6.1) grant it,
+    and UFFD_USER_MODE_ONLY would make the kernel's own reads of a page still to come fail."""
+    why = ("lazy restore needs CAP_SYS_PTRACE in the initial user namespace (root): the kernel "
+           "gives the userfaultfd fork events it relies on (a process that forks while its memory "
+           "is still coming in must pass the pages still to come to its child) to no one else -- "
+           "neither vm.unprivileged_userfaultfd=1 nor access to /dev/userfaultfd allow them")
+    try:
+        fd = syscall(NR["userfaultfd"], os.O_CLOEXEC, request="userfaultfd")
+    except SysError as e:
+        if e.errno == errno.EPERM:
+            raise SysError(errno.EPERM, "userfaultfd", None, why) from None
+        raise
+    try:
+        api(fd, None)
+    except SysError as e:
+        if e.errno == errno.EPERM:
+            raise SysError(errno.EPERM, "ioctl UFFDIO_API (UFFD_FEATURE_EVENT_FORK)", None, why) from None
+        raise
+    finally:
+        os.close(fd)
 
 
 def register_missing(fd: int, start: int, length: int, pid: int | None) -> None:
