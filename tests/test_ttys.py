@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_c, mount, TARGETS_DIR, umount, wait_pid_free
+from conftest import build_c, mount, nspids, TARGETS_DIR, umount, wait_pid_free
+from nbcheckpoint.engine.sys import userns
 
 RUN_BEFORE_DUMP = 0.3
 JOB_SRC = TARGETS_DIR / "external" / "ttyjob.c"
@@ -41,6 +42,18 @@ def _stat(pid: int) -> list[str]:
     with open(f"/proc/{pid}/stat") as f:
         data = f.read()
     return ["", "", ""] + data[data.rindex(")") + 2:].split()     # 1-based like proc(5)
+
+
+def _restored_job(cli: int, vpid: int) -> int | None:
+    """The process restored by the CLI `cli` as `vpid`: its child, or its namespace init's."""
+    kids = _children(cli)
+    for k in kids + [g for k in kids for g in _children(k)]:
+        try:
+            if nspids(k)[-1] == vpid:
+                return k
+        except OSError:
+            pass
+    return None
 
 
 def _image_ttys(img):
@@ -451,15 +464,18 @@ def test_shell_job_cli_own_terminal(engine, shell_job, images):
         os.close(slave)
         slave = None
         deadline = time.monotonic() + 30
-        while not os.path.exists(f"/proc/{j.pid}") or _stat(j.pid)[4] != str(cli.pid):
+        while (pid := _restored_job(cli.pid, j.pid)) is None:
             assert cli.poll() is None, (cli.returncode, os.read(master, 4096))
             assert time.monotonic() < deadline, "no restored job"
             time.sleep(0.02)
         time.sleep(0.3)
-        st = _stat(j.pid)
-        new_rdev = os.stat(os.readlink(f"/proc/{j.pid}/fd/0")).st_rdev
-        assert int(st[7]) == new_rdev and int(st[6]) == j.pid and int(st[8]) == j.pid, st
-        out = _talk(master, j.pid)
+        st = _stat(pid)
+        new_rdev = os.stat(os.readlink(f"/proc/{pid}/fd/0")).st_rdev
+        # root: a session of its own that took the terminal over; an ordinary user may not take
+        # it from the CLI's session (TIOCSCTTY's steal): the job joins that session instead
+        session = pid if userns.privileged() else cli.pid
+        assert int(st[7]) == new_rdev and int(st[6]) == session and int(st[5]) == pid and int(st[8]) == pid, st
+        out = _talk(master, pid)
         assert b"pong ping 42" in out, out
         assert cli.wait(timeout=10) == 0
     finally:
