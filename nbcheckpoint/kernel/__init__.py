@@ -15,8 +15,9 @@ def load_ipython_extension(ip) -> None:
     from . import core
     from .frontend import gate
     from .magics import CheckpointMagics
-    core.get(ip)                 # the listener starts now: a checkpoint taken while idle needs it
+    side = core.get(ip)          # the listener starts now: a checkpoint taken while idle needs it
     ip.register_magics(CheckpointMagics)
+    ip.events.register("pre_run_cell", side.pre_run_cell)
     ip.events.register("pre_run_cell", gate.pre_run_cell)
 
 

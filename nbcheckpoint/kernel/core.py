@@ -39,6 +39,7 @@ class KernelSide:
         self.lock = threading.Lock()             # one checkpoint/restore at a time from here
         self.last: dict | None = None            # the last result: {"event": "saved"|"restored", ...}
         self.history: list[dict] = []            # every result seen by this process (and its image)
+        self.cell: int | None = None             # In[N] of the cell running now (pre_run_cell)
         if self.kernel is not None:
             frontend.watch.install(self.kernel)
 
@@ -52,8 +53,15 @@ class KernelSide:
         ns = getattr(self.shell, "user_ns", {}) or {}
         return os.environ.get("JPY_SESSION_NAME") or ns.get("__session__") or None
 
+    def pre_run_cell(self, *_info) -> None:
+        """Note the running cell's number.  IPython >= 9.8 (ipython#15088) counts a cell before
+        running it, older ones after; at pre_run_cell both have stored the N-1 earlier inputs."""
+        count = getattr(self.shell, "execution_count", None)
+        hist = getattr(getattr(self.shell, "history_manager", None), "input_hist_raw", None)
+        self.cell = min(count, len(hist)) if count is not None and hist is not None else count
+
     def _execution_count(self) -> int | None:
-        return getattr(self.shell, "execution_count", None)
+        return self.cell if self.cell is not None else getattr(self.shell, "execution_count", None)
 
     def _record(self, result: dict) -> dict:
         self.last = result
