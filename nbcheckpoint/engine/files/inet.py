@@ -78,13 +78,13 @@ from ..images import files_pb2, inet_pb2
 from ..sys import proc, sockdiag, tcprepair
 from ..sys.sockdiag import TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN
 from . import inet_plain, regfile
-from .kind import Built, BuiltTogether, by_ino, set_status_flags
+from .kind import Built, BuiltTogether, by_ino, set_buffer, set_status_flags
 
 log = logging.getLogger(__name__)
 
 SOL_SOCKET, SOL_IP, SOL_IPV6, SOL_TCP = socket.SOL_SOCKET, socket.IPPROTO_IP, socket.IPPROTO_IPV6, socket.IPPROTO_TCP
 SO_REUSEADDR = socket.SO_REUSEADDR
-SO_SNDBUFFORCE, SO_RCVBUFFORCE, SO_PEEK_OFF = 32, 33, 42
+SO_PEEK_OFF = 42
 TCP_SYN_SENT = sockdiag.TCP_SYN_SENT
 _CONNECTED = {TCP_ESTABLISHED, sockdiag.TCP_FIN_WAIT1, sockdiag.TCP_FIN_WAIT2, sockdiag.TCP_CLOSE_WAIT,
               sockdiag.TCP_LAST_ACK, sockdiag.TCP_CLOSING}
@@ -649,12 +649,6 @@ class _Restorer:
         s.listen(self.n(ino).backlog)
         s.setsockopt(SOL_SOCKET, SO_REUSEADDR, int(self._opt(self.n(ino), "SO_REUSEADDR")))
 
-    def _setbuf(self, s: socket.socket, opt: int, half: int) -> None:
-        """SO_RCVBUF / SO_SNDBUF to 2 * half: with the *FORCE variant (past net.core.rmem_max /
-        wmem_max) if we may, else as an ordinary user may (up to the sysctl)."""
-        if not self.plain:
-            opt = SO_RCVBUFFORCE if opt == socket.SO_RCVBUF else SO_SNDBUFFORCE
-        s.setsockopt(SOL_SOCKET, opt, half)
 
     def _udp(self) -> None:
         udp = self._of(self.UDP)
@@ -677,7 +671,7 @@ class _Restorer:
         dest = tuple(dest)
         need = sum(len(p.data) + 1024 for p in n.queue) * 2
         if need > s.getsockopt(SOL_SOCKET, socket.SO_RCVBUF):
-            self._setbuf(s, socket.SO_RCVBUF, need // 2)
+            set_buffer(s, socket.SO_RCVBUF, need // 2)
             self.bumped.add(ino)
         temps: dict[tuple, socket.socket] = {}
         lost = 0
@@ -714,7 +708,7 @@ class _Restorer:
             want = int(self._opt(n, "SO_RCVBUF" if opt == socket.SO_RCVBUF else "SO_SNDBUF"))
             need = 2 * qlen + (1 << 16) if qlen else 0
             if max(want, need) > s.getsockopt(SOL_SOCKET, opt):
-                self._setbuf(s, opt, max(want, need) // 2 + 1)
+                set_buffer(s, opt, max(want, need) // 2 + 1)
                 self.bumped.add(ino)
 
     def _peer_replays_fin(self, n) -> bool:
@@ -865,7 +859,7 @@ class _Restorer:
         for name, opt in (("SO_RCVBUF", socket.SO_RCVBUF), ("SO_SNDBUF", socket.SO_SNDBUF)):
             val = int(self._opt(n, name))
             if val and (val != dflt.get(name) or ino in self.bumped):
-                self._setbuf(s, opt, val // 2)
+                set_buffer(s, opt, val // 2)
         if n.peek_off >= 0:
             s.setsockopt(SOL_SOCKET, SO_PEEK_OFF, n.peek_off)
         set_status_flags(s.fileno(), self.ents[ino].flags)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 
 from ..errors import RestoreError
 from ..images import files_pb2
@@ -62,6 +63,28 @@ class FileKind:
     def facts(self, f: files_pb2.FileEntry) -> dict:
         """Kind-specific fields of ``show.objects`` (e.g. an inet socket's port)."""
         return {}
+
+
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+
+
+def set_buffer(s: socket.socket, opt: int, half: int) -> None:
+    """SO_RCVBUF / SO_SNDBUF to 2 * half: past net.core.rmem_max / wmem_max with the *FORCE
+    variant where we may (CAP_NET_ADMIN), else as far as those sysctls let an ordinary user."""
+    try:
+        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE if opt == socket.SO_RCVBUF else SO_SNDBUFFORCE, half)
+    except PermissionError:
+        s.setsockopt(socket.SOL_SOCKET, opt, half)
+
+
+def buffer_limit(opt: int) -> str:
+    """What caps `opt` for an ordinary user, for messages: "net.core.wmem_max=212992"."""
+    name = "rmem_max" if opt == socket.SO_RCVBUF else "wmem_max"
+    try:
+        with open(f"/proc/sys/net/core/{name}") as f:
+            return f"net.core.{name}={f.read().strip()}"
+    except OSError:
+        return f"net.core.{name}"
 
 
 def set_status_flags(fd: int, flags: int, mask: int = os.O_NONBLOCK) -> None:

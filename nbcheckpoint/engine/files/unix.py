@@ -66,12 +66,12 @@ from ..errors import DumpError, EngineError, ImageError, RestoreError, Unsupport
 from ..images import files_pb2, unix_pb2
 from ..sys import sockdiag
 from ..sys.sockdiag import TCP_ESTABLISHED, TCP_LISTEN
-from .kind import Built, BuiltTogether, by_ino, set_status_flags
+from .kind import Built, BuiltTogether, buffer_limit, by_ino, set_buffer, set_status_flags
 
 log = logging.getLogger(__name__)
 
 SOL_SOCKET = socket.SOL_SOCKET
-SO_SNDBUFFORCE, SO_RCVBUFFORCE, SO_PEEK_OFF = 32, 33, 42     # not in Python's socket module
+SO_PEEK_OFF = 42     # not in Python's socket module
 _TIMEVAL = 16
 _ANC = socket.CMSG_SPACE(253 * 4) + socket.CMSG_SPACE(12) + 64   # SCM_MAX_FD fds + ucred + secdata
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT | MSG_CMSG_CLOEXEC
@@ -536,7 +536,7 @@ class _Restorer:
                                 "not in the image)", u.ino, sum(len(p.data) for p in u.queue), _peer_desc(u))
                 continue
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as tmp:
-                tmp.setsockopt(SOL_SOCKET, SO_SNDBUFFORCE, self._need(u))
+                set_buffer(tmp, socket.SO_SNDBUF, self._need(u))
                 addr = _addr(u)
                 with self._failing(ino, f"write back {len(u.queue)} queued datagrams to"):
                     for p in u.queue:
@@ -611,7 +611,7 @@ class _Restorer:
             if not u.queue:
                 continue
             with self._failing(ino, f"write back {sum(len(p.data) for p in u.queue)} queued bytes of"):
-                w.setsockopt(SOL_SOCKET, SO_SNDBUFFORCE, self._need(u))
+                set_buffer(w, socket.SO_SNDBUF, self._need(u))
                 for wino, ws in self.socks.items():
                     if ws is w:
                         self.bumped.add(wino)
@@ -744,9 +744,9 @@ class _Restorer:
     def _options(self, ino: int, s: socket.socket, u) -> None:
         rcv, snd = self._default_bufs(u.type)
         if u.rcvbuf and u.rcvbuf != rcv:
-            s.setsockopt(SOL_SOCKET, SO_RCVBUFFORCE, u.rcvbuf // 2)
+            set_buffer(s, socket.SO_RCVBUF, u.rcvbuf // 2)
         if u.sndbuf and (u.sndbuf != snd or ino in self.bumped):
-            s.setsockopt(SOL_SOCKET, SO_SNDBUFFORCE, u.sndbuf // 2)
+            set_buffer(s, socket.SO_SNDBUF, u.sndbuf // 2)
         if u.passcred:
             s.setsockopt(SOL_SOCKET, SO_PASSCRED, 1)
         if u.passsec:
@@ -769,8 +769,12 @@ class _Restorer:
         except OSError as e:
             u = self.u(ino)
             name = f" ({_show(u.name)})" if u.name else ""
+            why = e.strerror or str(e)
+            if isinstance(e, BlockingIOError):      # a queue bigger than the buffer we could get
+                why += (f": the queue is bigger than the socket buffer an ordinary user may set "
+                        f"({buffer_limit(socket.SO_SNDBUF)}); restore as root, or raise that sysctl")
             raise RestoreError(f"cannot {what} unix {_TYPES.get(u.type, u.type)} socket:[{u.ino}]{name}: "
-                               f"{e.strerror or e}") from None
+                               f"{why}") from None
 
 
 class Unix(BuiltTogether):
