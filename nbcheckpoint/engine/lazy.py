@@ -68,6 +68,14 @@ def unavailable() -> str | None:
     return None
 
 
+def require() -> None:
+    """RestoreError, naming why, if this process cannot restore lazily."""
+    why = unavailable()
+    if why:
+        raise RestoreError(f"lazy restore (--lazy-pages) is not possible here: {why}. "
+                           "Restore without --lazy-pages, or as root")
+
+
 def choose(runs) -> set[int]:
     """ids of the VMAs whose pages are left for the page server.
 
@@ -164,10 +172,7 @@ class PageServer:
     restored processes wait for it whenever they touch a page still to come."""
 
     def __init__(self, init, release: bool = True):
-        why = unavailable()
-        if why:
-            raise RestoreError(f"lazy restore (--lazy-pages) is not possible here: {why}. "
-                               "Restore without --lazy-pages, or as root")
+        require()
         self.init = init                    # pstree.Stub of the namespace's init (the lifeline)
         self.release = release              # cut the lifeline once every page is in
         self.spaces: list[_Space] = []

@@ -179,14 +179,11 @@ def restore(images_dir, progress=None, options: Options | None = None) -> Restor
     t0 = time.monotonic()
     options = options or Options()
     img = _Image(os.fspath(images_dir), options)
-    privileged = userns.privileged()
-    taskmod.check_identity([p.task for p in img.live], img.reader.inventory, privileged, f"image {img.reader.dir}")
-    if img.reader.inventory.in_pidns and not options.pidns or not privileged:
-        # its PIDs mean something only in a namespace of its own; without root, a PID namespace
-        # (owned by our user namespace) is the only place we may choose PIDs
-        options = dataclasses.replace(options, pidns=True)
-    if not privileged:
-        userns.ensure()
+    try:
+        options = _privileges(img, options)
+    except BaseException:
+        img.files.close()
+        raise
     if options.lazy_pages and not options.pidns:
         raise RestoreError("--lazy-pages needs --pidns: the restored tree must live in a PID namespace "
                            "that dies with the engine, should it die while pages are still to come")
@@ -259,6 +256,22 @@ def restore(images_dir, progress=None, options: Options | None = None) -> Restor
     return RestoreResult(pid=root.pid, seconds=time.monotonic() - t0, pages_bytes=npages,
                          pids=[stubs[p.pid].pid for p in img.live], vpid=root.vpid,
                          init_pid=init.pid if init else None, lazy=server, init=init)
+
+
+def _privileges(img: _Image, options: Options) -> Options:
+    """Before any process exists: may we restore this image, and where.  Without root: only
+    for who took it, and into a new user + PID namespace (sys/userns.py), entered now."""
+    privileged = userns.privileged()
+    taskmod.check_identity([p.task for p in img.live], img.reader.inventory, privileged, f"image {img.reader.dir}")
+    if img.reader.inventory.in_pidns and not options.pidns or not privileged:
+        # its PIDs mean something only in a namespace of its own; without root, a PID namespace
+        # (owned by our user namespace) is the only place we may choose PIDs
+        options = dataclasses.replace(options, pidns=True)
+    if not privileged:
+        userns.ensure()
+    if options.lazy_pages:
+        lazy.require()
+    return options
 
 
 def _unlock(name: str) -> None:
