@@ -136,3 +136,52 @@ def test_image_taken_as_root_does_not_restore_for_a_user(launch, images):
     assert "restores only for the user who took it" in r.stderr
     t.restore(img)                          # still root's to restore
     t.expect_pass()
+
+
+@pytest.mark.root_only
+def test_a_file_the_user_can_no_longer_open_is_named():
+    """A user's process opened root's file while it could; root closed the file to others since.
+    The user's restore says which file, for what, and what would allow it.  (The user's own
+    files always reopen: in the restore's user namespace the user's files are its own.)"""
+    pw, py, user_env = _user_python()
+    box = Path(tempfile.mkdtemp(prefix="nbck-reopen-"))
+    os.chmod(box, 0o755)
+    shared, work = box / "shared.txt", box / "work"
+    shared.write_text("x")
+    os.chmod(shared, 0o644)
+    work.mkdir()
+    os.chown(work, pw.pw_uid, pw.pw_gid)
+    runuser = shutil.which("runuser", path="/usr/sbin:/sbin:/usr/bin:/bin")
+    env = {"HOME": pw.pw_dir, "PATH": "/usr/bin:/bin", "NBCHECKPOINT_KEY_FILE": str(work / "image.key"), **user_env}
+
+    def as_user(*argv, **kw):
+        return subprocess.run([runuser, "-u", TEST_USER, "--", *map(str, argv)], capture_output=True, text=True,
+                              timeout=120, env=env, **kw)
+    log = work / "out.log"
+    log.touch()
+    os.chown(log, pw.pw_uid, pw.pw_gid)                 # the user's, as the rest of the process's files
+    with open(log, "ab") as out:
+        p = subprocess.Popen([runuser, "-u", TEST_USER, "--", "/usr/bin/python3", "-c",
+                              f"import time; f = open({str(shared)!r}); print('READY', flush=True); time.sleep(600)"],
+                             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while b"READY" not in log.read_bytes():
+            assert time.monotonic() < deadline and p.poll() is None, log.read_text()
+            time.sleep(0.05)
+        target = int(subprocess.run(["pgrep", "-u", TEST_USER, "-f", str(shared)], capture_output=True,
+                                    text=True).stdout.split()[0])
+        r = as_user(py, "-m", "nbcheckpoint", "dump", "-t", target, "-D", work / "img")
+        assert r.returncode == 0, r.stderr
+        p.wait(timeout=20)
+        os.chmod(shared, 0o600)
+        r = as_user(py, "-m", "nbcheckpoint", "restore", "-D", work / "img", "-d")
+        assert r.returncode == 1, r.stdout
+        assert (f"cannot reopen {shared} (for reading): Permission denied: an ordinary user reopens a file "
+                "with their own permissions") in r.stderr, r.stderr
+        assert "restore as root" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        p.kill()
+        p.wait()
+        subprocess.run(["pkill", "-9", "-u", TEST_USER, "-f", str(shared)])
+        shutil.rmtree(box)

@@ -16,6 +16,7 @@ import stat
 from ..errors import ImageError, RestoreError
 from ..images import files_pb2, names
 from ..mm import file_stat
+from ..sys import userns
 from .kind import FileKind
 
 # (major, minor) of devices whose state is just their path: mem(4) / random(4).
@@ -76,6 +77,12 @@ class RegFile(FileKind):
         try:
             # O_NONBLOCK: a FIFO put there since check() must not block the open
             fd = os.open(r.stat.path, flags | os.O_NONBLOCK)
+        except PermissionError as ex:
+            hint = "" if userns.privileged() else (
+                ": an ordinary user reopens a file with their own permissions, and the process had "
+                "opened it while it could (its mode, or a directory's on its path, changed since, or "
+                "root opened it for the process). Give yourself access to it, or restore as root")
+            raise RestoreError(f"cannot reopen {r.stat.path} ({_mode_name(flags)}): {ex.strerror}{hint}") from None
         except OSError as ex:
             raise RestoreError(f"cannot reopen {r.stat.path}: {ex.strerror}") from None
         if stat.S_IFMT(os.fstat(fd).st_mode) != stat.S_IFMT(r.stat.mode):
@@ -125,6 +132,11 @@ def same_machine(ctx) -> bool:
 
 _PUT_BACK = ("Put the file back as it was at the dump (same content, size and mtime: e.g. cp -a "
              "from a snapshot), or take a new checkpoint")
+
+
+def _mode_name(flags: int) -> str:
+    return {os.O_RDONLY: "for reading", os.O_WRONLY: "for writing", os.O_RDWR: "for reading and writing"}.get(
+        flags & os.O_ACCMODE, "")
 
 
 def leave_running_hazard(what: str, fix: str = "Take a new checkpoint") -> RestoreError:
