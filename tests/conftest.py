@@ -322,6 +322,8 @@ class Target:
                 return not self._stuck_zombie()
             self.status = rc
             return False
+        if self.init_pid and self.is_child is False and self._reap_init():
+            return False
         if self.is_child:
             try:
                 pid, st = os.waitpid(self.pid, os.WNOHANG | _WALL)
@@ -334,6 +336,19 @@ class Target:
                 return False
         state = _proc_state(self.pid)
         return state is not None and state not in "ZX"
+
+    def _reap_init(self) -> bool:
+        """The incarnation's namespace init, if it is our child (an in-process restore), exits
+        with the root's status once the root is gone: reap it (True), else it stays a zombie."""
+        try:
+            pid, st = os.waitpid(self.init_pid, os.WNOHANG)
+        except ChildProcessError:
+            return False                    # not ours (a CLI restored it)
+        if pid == 0:
+            return False
+        self.status = os.waitstatus_to_exitcode(st)
+        self.init_pid = None
+        return True
 
     def _stuck_zombie(self) -> bool:
         """A zombie leader that waitpid cannot reap for over a second (its other threads
