@@ -157,14 +157,26 @@ def create_init(root_vpid: int) -> "Stub":
     memory was still to come.  EOF before either means restore failed.
     """
     rfd, wfd = os.pipe()
+    ready_r, ready_w = os.pipe()
     try:
-        r = spawn.namespace_init(rfd, wfd, root_vpid)
+        r = spawn.namespace_init(rfd, wfd, root_vpid, ready_w)
     except BaseException:
         os.close(wfd)
+        os.close(ready_r)
         raise
     finally:
         os.close(rfd)
+        os.close(ready_w)
     try:
+        # its /proc first: traced before, the init would mount it only once the tree runs
+        with Fd(ready_r) as ready:
+            answer = os.read(ready.fileno(), 1)
+        if answer != b"\0":
+            err = answer[0] if answer else 0
+            raise RestoreError("cannot mount /proc for the new PID namespace: " + (
+                f"{errno.errorcode.get(err, err)} ({os.strerror(err)}); a /proc with parts hidden by "
+                "mounts over them (as in some containers) cannot be mounted again without root"
+                if err else "its init died"))
         ptrace.seize(r, TRACE_OPTIONS)
         ptrace.interrupt(r)
         wait_event_stop(r)
@@ -222,7 +234,8 @@ def spawn_init(argv: list[str], env: dict[str, str], fds: dict[int, int]) -> tup
     if data:
         os.waitpid(r, 0)
         what, code = struct.unpack("ii", data)
-        raise SysError(code, ("execve", "setup")[what] + f"({path!r})", None, "starting the program failed")
+        raise SysError(code, ("execve", "setup", "mount /proc")[what] + f"({path!r})", None,
+                       "starting the program in its new PID namespace failed")
     for _ in range(2000):
         if kids := proc.children(r):
             return r, kids[0]

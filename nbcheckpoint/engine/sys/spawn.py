@@ -105,25 +105,31 @@ def fork_with_pid(pid: int) -> int:
     return syscall(NR["clone3"], ctypes.byref(args), ctypes.sizeof(args), request="clone3", pid=pid)
 
 
-def namespace_init(rfd: int, wfd: int, root_vpid: int) -> int:
+def namespace_init(rfd: int, wfd: int, root_vpid: int, ready: int) -> int:
     """pstree.create_init's init: PID 1 of a new PID + mount namespace, told by the engine
-    over the pipe rfd/wfd when to go (see there)."""
-    return _clone3(lambda: _init_main(rfd, wfd, root_vpid), "clone3(CLONE_NEWPID|CLONE_NEWNS)",
+    over the pipe rfd/wfd when to go (see there).  Once its /proc is mounted it writes one byte
+    to `ready`: 0, or the errno of the mount that failed."""
+    return _clone3(lambda: _init_main(rfd, wfd, root_vpid, ready), "clone3(CLONE_NEWPID|CLONE_NEWNS)",
                    "a new PID namespace needs CAP_SYS_ADMIN", flags=CLONE_NEWNS | CLONE_NEWPID)
 
 
-def _mount_proc() -> None:
-    _sc("mount", ctypes.c_char_p(b"none"), ctypes.c_char_p(b"/"), None, MS_REC | MS_PRIVATE, None)
-    _sc("mount", ctypes.c_char_p(b"proc"), ctypes.c_char_p(b"/proc"), ctypes.c_char_p(b"proc"), 0, None)
+def _mount_proc() -> int:
+    """A private mount tree and a /proc of the new PID namespace; 0 or the errno."""
+    for args in ((ctypes.c_char_p(b"none"), ctypes.c_char_p(b"/"), None, MS_REC | MS_PRIVATE, None),
+                 (ctypes.c_char_p(b"proc"), ctypes.c_char_p(b"/proc"), ctypes.c_char_p(b"proc"), 0, None)):
+        if _sc("mount", *args) < 0:
+            return ctypes.get_errno() or errno.EIO
+    return 0
 
 
-def _init_main(rfd: int, wfd: int, root_vpid: int) -> None:
+def _init_main(rfd: int, wfd: int, root_vpid: int, ready: int) -> None:
     """The namespace's init (runs in the child; never returns).  Only raw syscalls.
 
     All signals are blocked here (_clone3 masks them around the clone)."""
     _sc("prctl", 1, signal.SIGKILL)                             # die with the engine until released
     _sc("close", wfd)
-    _mount_proc()
+    _sc("write", ready, ctypes.c_char_p(bytes([min(_mount_proc(), 255)])), 1)
+    _sc("close", ready)
     buf = ctypes.create_string_buffer(1)
     while (n := _sc("read", rfd, buf, 1)) < 0 and ctypes.get_errno() == errno.EINTR:
         pass
@@ -179,7 +185,7 @@ def _reap_then_exit(root: int) -> None:
 def exec_init(path: str, argv: list[str], env: dict[str, str], fds: dict[int, int], errw: int) -> int:
     """pstree.spawn_init's init, PID 1 of a new PID + mount namespace, and its child PID 2,
     which execs `path`; a failure before the exec is written to `errw` as struct (what, errno),
-    what 0: execve, 1: setup."""
+    what 0: execve, 1: setup, 2: mounting /proc."""
     c_argv = (ctypes.c_char_p * (len(argv) + 1))(*[os.fsencode(a) for a in argv], None)
     c_env = (ctypes.c_char_p * (len(env) + 1))(*[os.fsencode(f"{k}={v}") for k, v in env.items()], None)
     c_path = ctypes.c_char_p(os.fsencode(path))
@@ -197,7 +203,8 @@ def _spawned_init(c_path, c_argv, c_env, srcs, tgts, top, free, errw) -> None:
         _sc("write", errw, struct.pack("ii", what, ctypes.get_errno()), 8)
         _sc("exit_group", 127)
     _sc("prctl", 1, signal.SIGKILL)                             # PR_SET_PDEATHSIG: die with the launcher
-    _mount_proc()
+    if _mount_proc():
+        fail(2)
     child = _sc("fork")
     if child == 0:
         _sc("setsid")
