@@ -4,7 +4,11 @@ memory is in, and the engine's page server fills it -- faults first, the rest st
 The lazy_mem target changes its memory in every way that matters to the server (a write
 into a page still to come, mprotect splitting a VMA, MADV_DONTNEED, mremap, munmap + mmap,
 fork) first thing after SIGUSR1; with the stream held back those all meet pages still to
-come, and the server's event counters prove it."""
+come, and the server's event counters prove it.
+
+Lazy restore is root's (userfaultfd's fork events need CAP_SYS_PTRACE in the initial user
+namespace): these tests run in the root pass; what an ordinary user gets -- a refusal before
+any process exists, and the Jupyter shim's full restore -- is tests/test_lazy_access.py's."""
 import os
 import signal
 import subprocess
@@ -15,6 +19,8 @@ import time
 import pytest
 
 from conftest import ALL_TARGETS, _proc_state, force_reap
+
+pytestmark = pytest.mark.root_only
 
 
 @pytest.fixture(scope="module")
