@@ -95,8 +95,11 @@ def test_image_contents(engine, launch, images):
     t.expect_pass()
 
 
+@pytest.mark.root_only
 def test_index_taken(engine, launch, images, caplog):
-    """The pair's index is held by someone else at restore: another one is used, and said."""
+    """The pair's index is held by someone else at restore: another one is used, and said.
+    (Root only: an ordinary user's restore, always into a PID namespace, gets a devpts
+    instance of its own, where the index is free: test_pidns.)"""
     t = launch("pty", env={"ZDTM_PTY_ANY_INDEX": "1"})
     img = images()
     t.checkpoint(img)
@@ -221,9 +224,11 @@ def _pidns_pass(t, res, before: int) -> None:
 
 
 def test_pidns(engine, launch, images):
-    """Restored into a new PID namespace (the original runs on, so its pids and its ptys'
-    indices are taken): sessions and groups are set with the namespace's numbers."""
-    t = launch("pty", env={"ZDTM_PTY_ANY_INDEX": "1"})
+    """Restored into a new PID namespace while the original runs on (its pids and its ptys'
+    numbers are taken on the host): sessions and groups are set with the namespace's numbers,
+    and the ptys get their old numbers in a devpts instance of the namespace's own
+    (sys/mountns.py; the target checks its pty's name)."""
+    t = launch("pty")
     img = images()
     t.checkpoint(img, leave_running=True)
     t.expect_pass()                                      # the original, unharmed

@@ -49,7 +49,7 @@ from .files import locks, tty
 from .images import core_pb2, files_pb2, imagedir, mm_pb2, names, pstree_pb2
 from .inject import BATCH_AREA, Remote
 from .options import Options
-from .sys import proc, ptrace, spawn, userns, x86_64
+from .sys import mountns, proc, ptrace, spawn, userns, x86_64
 from .sys.libc import PAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -204,6 +204,8 @@ def restore(images_dir, progress=None, options: Options | None = None) -> Restor
         _unlock(lock)
         lock = ""
     try:
+        if options.pidns and tty.wants_private_devpts(img.files):
+            _private_devpts()
         prepared = _open_everything(img, engine_fds)
         if options.pidns:
             init = pstree.create_init(img.procs[0].pid)
@@ -272,6 +274,15 @@ def _privileges(img: _Image, options: Options) -> Options:
     if options.lazy_pages:
         lazy.require()
     return options
+
+
+def _private_devpts() -> None:
+    """Before the files are opened and the init copies our mount namespace (sys/mountns.py)."""
+    try:
+        mountns.private_devpts()
+    except SysError as e:
+        log.warning("no devpts instance of the restore's own (%s): ptys are made on the host's, "
+                    "where their old numbers may be taken", e)
 
 
 def _unlock(name: str) -> None:

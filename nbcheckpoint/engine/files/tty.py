@@ -546,6 +546,16 @@ def _open_external(ctx, f: files_pb2.FileEntry) -> int:
     return fd
 
 
+def wants_private_devpts(ctx) -> bool:
+    """The image has a pty whose master is in the tree, on the usual /dev/pts, and no terminal
+    outside it (a --shell-job's, reached through the host's /dev/pts): a devpts instance of the
+    restore's own gives every pty its old index (sys/mountns.py)."""
+    ttys = [f.tty for f in ctx.files.values() if f.kind == files_pb2.TTY]
+    usual = lambda t: t.pts_dir in ("", "/dev/pts") and t.ptmx_path in ("", "/dev/ptmx", "/dev/pts/ptmx")  # noqa: E731
+    return (any(t.type == tty_pb2.PTY_MASTER for t in ttys) and not any(t.external for t in ttys)
+            and all(usual(t) for t in ttys if t.type in (tty_pb2.PTY_MASTER, tty_pb2.PTY_SLAVE)))
+
+
 def _alloc_master(path: str, want: int) -> int:
     """A master with index `want` if it is free (the kernel hands out the lowest free one:
     open and hold until it comes), else the lowest free one."""
