@@ -43,8 +43,10 @@ C_TARGETS = sorted(p.stem for p in TARGETS_DIR.glob("*.c"))
 PY_TARGETS = sorted(p.stem for p in TARGETS_DIR.glob("*.py"))
 ALL_TARGETS = C_TARGETS + PY_TARGETS
 # targets an ordinary user cannot dump, by design: tcp.c fills a TCP window, and unsent bytes
-# can be read only with TCP_REPAIR (files/inet_plain.py refuses them by name: test_inet_sockets)
-ROOT_ONLY_TARGETS = {"tcp"}
+# can be read only with TCP_REPAIR (files/inet_plain.py refuses them by name: test_inet_sockets);
+# inotify.c's watches name inodes, whose paths only open_by_handle_at finds, with
+# CAP_DAC_READ_SEARCH (files/anon.py refuses them by name: test_anon_files)
+ROOT_ONLY_TARGETS = {"tcp", "inotify"}
 
 
 def target_params(names) -> list:

@@ -7,6 +7,7 @@ blocked in epoll_wait wakes, timers keep firing, inotify events carry the old wd
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -78,6 +79,29 @@ def test_inotify_wd_gap_and_paths(tmp_path):
         assert int.from_bytes(ev[:4], "little", signed=True) == 2
     finally:
         os.close(fd)
+
+
+@pytest.mark.ordinary_user_only      # root finds the path with open_by_handle_at: test_engine_targets[inotify]
+def test_inotify_refused_by_name_without_root(launch, images):
+    """An inotify watch names an inode, not a path; finding the path needs CAP_DAC_READ_SEARCH.
+    Without it the dump is refused naming the process, the fd, the watch and why -- and the
+    target runs on, untraced, and passes its own check."""
+    from nbcheckpoint.engine import UnsupportedError, dump
+    t = launch("inotify")
+    img = images()
+    with pytest.raises(UnsupportedError) as ei:
+        dump(t.pid, str(img))
+    msg = str(ei.value)
+    watched = os.stat(t.workdir / "data")             # wd 1, the first the dump meets
+    assert re.search(rf"^process {t.pid}: inotify fd \d+ watch 1 \(inode {watched.st_ino} on device "
+                     rf"{os.major(watched.st_dev)}:{os.minor(watched.st_dev)}\): ", msg), msg
+    assert "needs CAP_DAC_READ_SEARCH" in msg and "open_by_handle_at" in msg and "root only" in msg, msg
+    assert "Dump as root" in msg, msg
+    assert t.alive(), t.log()
+    for tid in os.listdir(f"/proc/{t.pid}/task"):
+        with open(f"/proc/{t.pid}/task/{tid}/status") as f:
+            assert "TracerPid:\t0\n" in f.read(), f"thread {tid} still traced"
+    t.expect_pass()
 
 
 def proc_fdinfo_dict(text: str) -> dict[str, str]:

@@ -51,6 +51,28 @@ def test_dump_restore_dump_restore(engine, launch, images, name):
     t.expect_pass()
 
 
+# targets whose image records a TID beyond the threads' own (timers: a SIGEV_THREAD_ID timer's)
+IN_PIDNS_AGAIN = ["timers"]
+
+
+@pytest.mark.parametrize("name", IN_PIDNS_AGAIN)
+def test_dump_in_pidns_restore(engine, launch, images, name):
+    """Restored into a PID namespace (--pidns; always without root), the process is dumped
+    again from outside it, where its TIDs differ: the image must hold the TIDs it sees."""
+    t = launch(name)
+    time.sleep(RUN_BEFORE_DUMP)
+    img1 = images("first")
+    t.checkpoint(img1)
+    t.adopt_restored(engine.restore(str(img1), options=engine.Options(pidns=True)))
+    assert t.init_pid is not None and t.pid != t.vpid
+    time.sleep(RUN_BEFORE_DUMP)
+    assert t.alive(), t.log()
+    img2 = images("second")
+    t.checkpoint(img2)
+    t.restore(img2)
+    t.expect_pass()
+
+
 # mappings: its MAP_SHARED file *is* its memory, and the original goes on writing it after
 # the dump -- the image then sees newer file contents, the hazard --leave-running documents.
 LEAVE_RUNNING = [n for n in ALL_TARGETS if n != "mappings"]

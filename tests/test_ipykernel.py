@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from jupyter_client import BlockingKernelClient, KernelManager
 
-from conftest import output_hook
+from conftest import nspids, output_hook
 from nbcheckpoint.control import CHANNELS
 from nbcheckpoint.engine.images import files_pb2, imagedir
 
@@ -84,7 +84,8 @@ class Kernel:
             sk.close()                         # the kernel has its own copies now
         assert r.returncode == 0, r.stderr
         self.restored_pid = int(pidfile.read_text())
-        assert self.restored_pid == self.pid
+        # the pid it sees itself as: without root it lives in a new PID namespace, under another pid for us
+        assert nspids(self.restored_pid)[-1] == self.pid
         kc = BlockingKernelClient(connection_file=str(cf))
         kc.load_connection_file()
         kc.start_channels()
@@ -93,11 +94,10 @@ class Kernel:
         return kc
 
     def kill(self) -> None:
-        for pid in {self.pid, self.restored_pid} - {None}:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        try:      # the restored kernel, once there is one (without root, the original's pid is not its pid)
+            os.kill(self.restored_pid or self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         try:
             self.km.provisioner.process.wait(timeout=5)
         except Exception:

@@ -15,9 +15,11 @@ by an injected clone; the private pages are read out of those children after the
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -364,32 +366,51 @@ def _cgroup_of(pid: int, root: Path) -> Path:
     raise AssertionError(f"pid {pid} is in no pids cgroup")
 
 
-def test_clone_refused_falls_back_to_frozen_copy(engine, launch, images, caplog):
-    """pids.max leaves no room for the fork: the dump copies while frozen, as without a
-    snapshot, and says so (warning naming the process and the error, progress "no-snapshot",
-    DumpStats.snapshot False); the image is whole."""
+@contextlib.contextmanager
+def _no_room_for_a_fork(pid: int):
+    """Process PID may not fork for a while (its clone fails with EAGAIN): as root, a pids
+    cgroup of its own at its count (pids.max; root ignores RLIMIT_NPROC); as an ordinary user,
+    whose cgroups are root's, RLIMIT_NPROC 0 (prlimit on a process of one's own; the dump
+    records it, and the restored process has it too)."""
+    from nbcheckpoint.engine.sys import userns
+    if not userns.privileged():
+        old = resource.prlimit(pid, resource.RLIMIT_NPROC)
+        resource.prlimit(pid, resource.RLIMIT_NPROC, (0, old[1]))
+        try:
+            yield
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NPROC, old)
+        return
     mounts = Path(tempfile.mkdtemp(prefix="nbck-cg-"))
     root = _pids_cgroup_root(mounts)
-    t = launch("cow_churn")
-    time.sleep(0.3)
-    home = _cgroup_of(t.pid, root)
-    cg = root / f"nbcheckpoint-test-{os.getpid()}-{t.pid}"
+    home = _cgroup_of(pid, root)
+    cg = root / f"nbcheckpoint-test-{os.getpid()}-{pid}"
     if (root / "cgroup.subtree_control").exists():           # v2: the children need the controller
         (root / "cgroup.subtree_control").write_text("+pids")
     cg.mkdir()
     try:
-        (cg / "cgroup.procs").write_text(str(t.pid))
+        (cg / "cgroup.procs").write_text(str(pid))
         (cg / "pids.max").write_text((cg / "pids.current").read_text().strip())
-        img = images()
-        log: list[str] = []
-        with caplog.at_level(logging.WARNING, logger="nbcheckpoint"):
-            stats = engine.dump(t.pid, str(img), leave_running=True, progress=lambda ph, d, n: log.append(ph))
+        yield
     finally:
-        (home / "cgroup.procs").write_text(str(t.pid))
+        (home / "cgroup.procs").write_text(str(pid))
         cg.rmdir()
         if root.is_relative_to(mounts):
             subprocess.run(["umount", str(root)])
         shutil.rmtree(mounts, ignore_errors=True)
+
+
+def test_clone_refused_falls_back_to_frozen_copy(engine, launch, images, caplog):
+    """No room for the fork (pids.max, or RLIMIT_NPROC without root): the dump copies while
+    frozen, as without a snapshot, and says so (warning naming the process and the error,
+    progress "no-snapshot", DumpStats.snapshot False); the image is whole."""
+    t = launch("cow_churn")
+    time.sleep(0.3)
+    with _no_room_for_a_fork(t.pid):
+        img = images()
+        log: list[str] = []
+        with caplog.at_level(logging.WARNING, logger="nbcheckpoint"):
+            stats = engine.dump(t.pid, str(img), leave_running=True, progress=lambda ph, d, n: log.append(ph))
     assert not stats.snapshot
     assert _phases(log) == ["frozen", "no-snapshot", "pages", "thawed", "sync"], log
     assert f"process {t.pid}" in caplog.text and "EAGAIN" in caplog.text, caplog.text

@@ -3,46 +3,60 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from nbcheckpoint.engine import restore
 
 
-def _tree(pid: int) -> dict[int, tuple]:
-    """pid -> (ppid, pgid, sid, state, comm) of pid and its descendants."""
-    out, todo = {}, [pid]
+def _tree(t) -> dict[int, tuple]:
+    """pid -> (ppid, pgid, sid, state, comm) of target T's root and its descendants, as they
+    see them: through their own /proc (without root a restored tree lives in a PID namespace of
+    its own, under other pids as we see it and its old ones inside)."""
+    proc = f"/proc/{t.pid}/root/proc"
+    out, todo = {}, [t.vpid]
     while todo:
         p = todo.pop()
-        with open(f"/proc/{p}/stat") as f:
+        with open(f"{proc}/{p}/stat") as f:
             raw = f.read()
         comm = raw[raw.index("(") + 1:raw.rindex(")")]
         fields = raw[raw.rindex(")") + 2:].split()
         state = "S" if fields[0] in "RSD" else fields[0]     # running vs sleeping is a matter of timing
         out[p] = (int(fields[1]), int(fields[2]), int(fields[3]), state, comm)
-        for tid in os.listdir(f"/proc/{p}/task"):
-            with open(f"/proc/{p}/task/{tid}/children") as f:
+        for tid in os.listdir(f"{proc}/{p}/task"):
+            with open(f"{proc}/{p}/task/{tid}/children") as f:
                 todo += [int(c) for c in f.read().split()]
     return out
 
 
+def _restored(before: dict, t) -> dict:
+    """BEFORE as T's restored tree must look: the same, but for the root's parent, which in a
+    PID namespace of the tree's own (always without root) is the namespace's init, 1 there."""
+    if not t.init_pid:
+        return before
+    ppid, *rest = before[t.vpid]
+    return {**before, t.vpid: (1, *rest)}
+
+
 def test_tree_round_trip(launch, images):
     t = launch("tree")
-    before = _tree(t.pid)
+    before = _tree(t)
     assert len(before) == 5 and sorted(s[3] for s in before.values()) == ["S", "S", "S", "T", "Z"]
     img = images()
     t.checkpoint(img)
     t.restore(img)
-    after = _tree(t.pid)
-    assert after == before, "same pids, parents, groups, sessions, states and names"
+    after = _tree(t)
+    assert after == _restored(before, t), "same pids, parents, groups, sessions, states and names"
     t.expect_pass()
 
 
 def test_tree_twice(launch, images):
     t = launch("tree")
-    before = _tree(t.pid)
+    before = _tree(t)
     for tag in ("one", "two"):
         img = images(tag)
         t.checkpoint(img)
         t.restore(img)
-        assert _tree(t.pid) == before
+        assert _tree(t) == _restored(before, t)
     t.expect_pass()
 
 
@@ -64,12 +78,10 @@ def _ns_view(host_pid: int) -> tuple[str, list[str]]:
     return ns, nspid
 
 
-def test_pidns_restore_while_original_runs(launch, images, tmp_path):
-    """--pidns: the PIDs are taken (the original runs on), so the tree comes back in a
-    new PID namespace with the same numbers there, under an init, with /proc to match."""
-    import signal
-    import time
-    from nbcheckpoint.engine import Options, RestoreError
+@pytest.mark.root_only      # without root every restore goes into a new PID namespace: no PID is taken there
+def test_restore_over_running_original_needs_pidns(launch, images):
+    """Without --pidns the tree's PIDs are the host's, taken while the original runs on."""
+    from nbcheckpoint.engine import RestoreError
     t = launch("tree")
     img = images()
     t.checkpoint(img, leave_running=True)
@@ -79,6 +91,18 @@ def test_pidns_restore_while_original_runs(launch, images, tmp_path):
         assert f"PID {t.pid}" in str(e) and "taken" in str(e)
     else:
         raise AssertionError("restore over a running original must fail without --pidns")
+    t.expect_pass()
+
+
+def test_pidns_restore_while_original_runs(launch, images, tmp_path):
+    """--pidns: the PIDs are taken (the original runs on), so the tree comes back in a
+    new PID namespace with the same numbers there, under an init, with /proc to match."""
+    import signal
+    import time
+    from nbcheckpoint.engine import Options
+    t = launch("tree")
+    img = images()
+    t.checkpoint(img, leave_running=True)
     res = restore(img, options=Options(pidns=True))
     try:
         assert res.vpid == t.pid and res.pid != t.pid and res.init_pid is not None

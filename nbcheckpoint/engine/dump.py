@@ -244,6 +244,9 @@ def _dump_process(pid: int, tids: list[int], img, files: DumpContext, shmem_done
     task.pid = vpid
     for t in threads:
         t.tid = ns.v(t.tid, pid)
+    for pt in task_timers.posix:      # a SIGEV_THREAD_ID timer's thread, as /proc told the engine
+        if pt.notify_tid:
+            pt.notify_tid = ns.v(pt.notify_tid, pid)
     nbytes = 0
     for v in mm.vmas:
         if v.shmem_id and v.shmem_id not in shmem_done:

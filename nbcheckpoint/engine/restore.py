@@ -16,8 +16,9 @@ Phases, in order (why, where it matters):
    any page is written), map every VMA, write the pages (with
    --lazy-pages, not those of the big anonymous VMAs: lazy.py);
 5. fds into place (dup3), everything else closed; cwd, umask, personality,
-   signal handlers, rlimits, pdeathsig, child subreaper;
-6. threads by injected clone3(set_tid=[tid]); per-thread state injected into
+   signal handlers, pdeathsig, child subreaper;
+6. threads by injected clone3(set_tid=[tid]), then rlimits (RLIMIT_NPROC may
+   leave no room for the threads); per-thread state injected into
    each thread; with --lazy-pages, the userfaultfd registered (after every
    step that may touch the process's memory, before the credentials);
    credentials last (clone3 with set_tid needs our privileges); zombies exit
@@ -436,10 +437,11 @@ def _rebuild(stub: pstree.Stub, pr: _Proc, img: _Image, p: _Prepared, progress, 
         locks.restore_locks(img.files, r, pr.pid, pr.fds)
         taskmod.restore_sigactions(r, t)
         taskmod.restore_misc(r, t)
-        taskmod.restore_rlimits(pid, t)
         # 6. threads
         for th in threads[1:]:
             tids[th.tid] = _clone_thread(r, th.tid)
+        # once its threads exist (as CRIU does): its RLIMIT_NPROC may leave no room for them
+        taskmod.restore_rlimits(pid, t)
         for th in threads[1:]:
             with Remote(pid, tids[th.tid], r.syscall_addr, scratch=r.scratch, vpid=pr.pid, vtid=th.tid) as tr:
                 tr.batch_area = r.batch_area

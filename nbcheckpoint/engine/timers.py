@@ -40,7 +40,9 @@ MAX_ID_GAP = 1 << 16                   # throw-away timers to close one gap, at 
 
 
 def dump(pid: int, remote) -> timers_pb2.Timers:
-    """Read every timer of `pid`; `remote` is a Remote in one of its threads, with scratch."""
+    """Read every timer of `pid`; `remote` is a Remote in one of its threads, with scratch.
+    A SIGEV_THREAD_ID timer's thread (notify_tid) is the engine's view of its TID (/proc's):
+    the caller records it as the process sees it (dump.PidView)."""
     out = timers_pb2.Timers()
     buf = remote.scratch
     for which in ITIMERS:

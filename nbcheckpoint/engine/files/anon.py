@@ -128,6 +128,12 @@ def _watch_path(pid: int, fd: int, w: dict, mounts: dict[int, int]) -> tuple[str
     except SysError as e:
         if e.errno == errno.ESTALE:
             raise UnsupportedError(f"{what}: the watched file or directory was deleted") from None
+        if e.errno == errno.EPERM:
+            # the kernel keeps a watch by inode, not by path: nothing else a user may read names it
+            raise UnsupportedError(
+                f"{what}: finding the watched file's path needs CAP_DAC_READ_SEARCH in the initial user "
+                "namespace (open_by_handle_at): root only. Dump as root, or have the process remove "
+                "that watch (or close the inotify fd) before the checkpoint") from None
         raise
     try:
         path = os.readlink(f"/proc/self/fd/{hfd}")

@@ -78,19 +78,16 @@ from ..images import files_pb2, inet_pb2
 from ..sys import proc, sockdiag, tcprepair
 from ..sys.sockdiag import TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN
 from . import inet_plain, regfile
+from .inet_common import CONNECTED as _CONNECTED, FIN_RECEIVED as _FIN_RECEIVED, FIN_SENT as _FIN_SENT, SO_PEEK_OFF
+from .inet_common import addr as _addr, desc as _desc, norm as _norm, show as _show, wildcard as _wildcard
 from .kind import Built, BuiltTogether, by_ino, set_buffer, set_status_flags
 
 log = logging.getLogger(__name__)
 
 SOL_SOCKET, SOL_IP, SOL_IPV6, SOL_TCP = socket.SOL_SOCKET, socket.IPPROTO_IP, socket.IPPROTO_IPV6, socket.IPPROTO_TCP
 SO_REUSEADDR = socket.SO_REUSEADDR
-SO_PEEK_OFF = 42
 TCP_SYN_SENT = sockdiag.TCP_SYN_SENT
-_CONNECTED = {TCP_ESTABLISHED, sockdiag.TCP_FIN_WAIT1, sockdiag.TCP_FIN_WAIT2, sockdiag.TCP_CLOSE_WAIT,
-              sockdiag.TCP_LAST_ACK, sockdiag.TCP_CLOSING}
-_FIN_SENT = {sockdiag.TCP_FIN_WAIT1, sockdiag.TCP_FIN_WAIT2, sockdiag.TCP_CLOSING, sockdiag.TCP_LAST_ACK}
 _FIN_UNACKED = {sockdiag.TCP_FIN_WAIT1, sockdiag.TCP_CLOSING, sockdiag.TCP_LAST_ACK}
-_FIN_RECEIVED = {sockdiag.TCP_CLOSE_WAIT, sockdiag.TCP_CLOSING, sockdiag.TCP_LAST_ACK}
 _EMBRYO = {TCP_ESTABLISHED, sockdiag.TCP_CLOSE_WAIT}      # accept-queue entries (no file)
 _ORPHAN = {sockdiag.TCP_FIN_WAIT1, sockdiag.TCP_FIN_WAIT2, sockdiag.TCP_TIME_WAIT, sockdiag.TCP_LAST_ACK,
            sockdiag.TCP_CLOSING, TCP_CLOSE}
@@ -163,33 +160,8 @@ def _get_opts(sk: socket.socket, family: int, proto: int) -> dict[str, int | byt
     return out
 
 
-def _norm(addr: str) -> str:
-    """An address as the other end sees it: IPv4-mapped IPv6 addresses as IPv4."""
-    if addr.startswith("::ffff:") and "." in addr:
-        return addr[7:]
-    return addr
-
-
-def _show(addr: str, port: int) -> str:
-    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
-
-
 def _tuple(d: sockdiag.InetDiag) -> tuple:
     return (_norm(d.src), d.sport, _norm(d.dst), d.dport)
-
-
-def _wildcard(addr: str) -> bool:
-    return addr in ("0.0.0.0", "::")
-
-
-def _desc(n) -> str:
-    proto = "TCP" if n.proto == socket.IPPROTO_TCP else "UDP"
-    what = f"{proto} socket:[{n.ino}]"
-    if n.src_port:
-        what += f" {_show(n.src_addr, n.src_port)}"
-    if n.dst_port:
-        what += f" -> {_show(n.dst_addr, n.dst_port)}"
-    return what
 
 
 # ----------------------------------------------------------------------------- dump
@@ -494,13 +466,6 @@ def _plain(ctx) -> bool:
         st.plain = not tcprepair.allowed() or any(
             f.kind == files_pb2.INET and f.inet.tcp.plain for f in ctx.files.values())
     return st.plain
-
-
-def _addr(n, local: bool) -> tuple:
-    addr, port, scope = (n.src_addr, n.src_port, n.src_scope) if local else (n.dst_addr, n.dst_port, n.dst_scope)
-    if n.family == socket.AF_INET6:
-        return (addr or "::", port, 0, scope)
-    return (addr or "0.0.0.0", port)
 
 
 class _Restorer:

@@ -44,7 +44,7 @@ import time
 from ..errors import DumpError, RestoreError, UnsupportedError
 from ..images import inet_pb2
 from ..sys import tcprepair
-from . import inet
+from . import inet_common
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +71,14 @@ def dump(pid: int, fd: int, sk: socket.socket, n) -> None:
     else:
         if outq:
             raise UnsupportedError(
-                f"process {pid}: fd {fd} ({inet._desc(n)}): {outq} byte(s) it sent are not yet acknowledged by its "
-                f"peer ({nsd} never sent: the peer's receive window is full). Reading them {WHY}: retry when the "
+                f"process {pid}: fd {fd} ({inet_common.desc(n)}): {outq} byte(s) it sent are not yet acknowledged "
+                f"by its peer ({nsd} never sent: the peer's receive window is full). Reading them {WHY}: retry when the "
                 "peer has read them, or run as root")
-        raise DumpError(f"process {pid}: fd {fd} ({inet._desc(n)}): its receive queue kept changing while being "
+        raise DumpError(f"process {pid}: fd {fd} ({inet_common.desc(n)}): its receive queue kept changing while being "
                         f"read ({_TRIES} tries); is its peer outside the tree still sending?")
     t.plain = True
     t.recv_queue = rq
-    t.fin_sent, t.fin_received = state in inet._FIN_SENT, state in inet._FIN_RECEIVED
+    t.fin_sent, t.fin_received = state in inet_common.FIN_SENT, state in inet_common.FIN_RECEIVED
     n.state = state
 
 
@@ -86,20 +86,21 @@ def _peek(sk: socket.socket, inq: int, peek_off: int) -> bytes:
     if inq <= 0:
         return b""
     if peek_off >= 0:
-        sk.setsockopt(SOL_SOCKET, inet.SO_PEEK_OFF, 0)
+        sk.setsockopt(SOL_SOCKET, inet_common.SO_PEEK_OFF, 0)
     try:
         return sk.recv(inq + 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except BlockingIOError:
         return b""
     finally:
         if peek_off >= 0:
-            sk.setsockopt(SOL_SOCKET, inet.SO_PEEK_OFF, peek_off)
+            sk.setsockopt(SOL_SOCKET, inet_common.SO_PEEK_OFF, peek_off)
 
 
 def refuse_established(pid: int, fd: int, n) -> UnsupportedError:
     return UnsupportedError(
         f"process {pid}: fd {fd} is an established TCP connection to an outside peer "
-        f"({inet._show(n.src_addr, n.src_port)} -> {inet._show(n.dst_addr, n.dst_port)}, socket:[{n.ino}]); "
+        f"({inet_common.show(n.src_addr, n.src_port)} -> {inet_common.show(n.dst_addr, n.dst_port)}, "
+        f"socket:[{n.ino}]); "
         f"--tcp-established checkpoints it with TCP repair, which {WHY}: run as root, or dump with "
         "--tcp-close to restore it closed (the process sees the connection reset)")
 
@@ -117,10 +118,10 @@ def end_quietly(fd: int) -> None:
 
 def check(ctx, pid: int, fdentry, n) -> None:
     """Before any process exists: what only TCP repair could bring back."""
-    if n.proto != socket.IPPROTO_TCP or n.state not in inet._CONNECTED or n.closed or not n.HasField("tcp"):
+    if n.proto != socket.IPPROTO_TCP or n.state not in inet_common.CONNECTED or n.closed or not n.HasField("tcp"):
         return
-    where = (f"process {pid}: fd {fdentry.fd}, TCP {inet._show(n.src_addr, n.src_port)} -> "
-             f"{inet._show(n.dst_addr, n.dst_port)} (socket:[{n.ino}])")
+    where = (f"process {pid}: fd {fdentry.fd}, TCP {inet_common.show(n.src_addr, n.src_port)} -> "
+             f"{inet_common.show(n.dst_addr, n.dst_port)} (socket:[{n.ino}])")
     if n.peer_kind == inet_pb2.INET_EXTERNAL and not ctx.options.tcp_close:
         raise RestoreError(f"{where} is an established connection to an outside peer, which the image holds with "
                            f"its TCP repair state; rebuilding it live {WHY}: restore as root, or with --tcp-close "
@@ -152,7 +153,8 @@ def _is_server(r, a: int, b: int) -> bool:
     def listens(ino):
         n = r.n(ino)
         return any(m == r.LISTEN and r.n(i).src_port == n.src_port and r.n(i).family == n.family
-                   and (inet._wildcard(r.n(i).src_addr) or inet._norm(r.n(i).src_addr) == inet._norm(n.src_addr))
+                   and (inet_common.wildcard(r.n(i).src_addr)
+                        or inet_common.norm(r.n(i).src_addr) == inet_common.norm(n.src_addr))
                    for i, m in r.mode.items())
     la, lb = listens(a), listens(b)
     return la if la != lb else r.n(a).src_port <= r.n(b).src_port
@@ -183,7 +185,7 @@ def _listener(r, fam: int, addr: tuple, server_ino: int | None, what: str) -> so
                 raise
             t.bind((addr[0], 0) + tuple(addr[2:]))
             log.info("%s: its server address %s is taken (an inherited listener?): the pair uses port %d",
-                     what, inet._show(addr[0], addr[1]), t.getsockname()[1])
+                     what, inet_common.show(addr[0], addr[1]), t.getsockname()[1])
         t.listen(8)
         return t
     except BaseException:
@@ -219,8 +221,8 @@ def _incoming(r, ino: int) -> bytes:
 def _pair(r, cli: int, srv: int | None) -> None:
     cn, cs = r.n(cli), r.socks[cli]
     fam = r.n(srv).family if srv is not None else cn.family
-    saddr = inet._addr(r.n(srv), True) if srv is not None else _target(fam, inet._addr(cn, False))
-    what = inet._desc(cn)
+    saddr = inet_common.addr(r.n(srv), True) if srv is not None else _target(fam, inet_common.addr(cn, False))
+    what = inet_common.desc(cn)
     lst = _listener(r, fam, saddr, srv, what)
     try:
         _room(r, cs, cli)
@@ -259,15 +261,15 @@ def bind_old(r, ino: int) -> None:
         return
     s.setsockopt(SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        s.bind(inet._addr(n, True))
+        s.bind(inet_common.addr(n, True))
     except OSError as e:
         if e.errno != errno.EADDRINUSE:
             raise
-        a = inet._addr(n, True)
+        a = inet_common.addr(n, True)
         s.bind((a[0], 0) + tuple(a[2:]))
         log.warning("%s: its port is still taken (by the connection of the original, ended after a "
                     "--leave-running dump?); restored on port %d. Rebinding a taken port %s, or run as root",
-                    inet._desc(n), s.getsockname()[1], WHY)
+                    inet_common.desc(n), s.getsockname()[1], WHY)
     s.setsockopt(SOL_SOCKET, socket.SO_REUSEADDR, int(r._opt(n, "SO_REUSEADDR")))
 
 
@@ -278,7 +280,7 @@ def _accept(lst: socket.socket, want: tuple) -> socket.socket:
     while True:
         s, peer = lst.accept()
         s.settimeout(None)
-        if inet._norm(peer[0]) == inet._norm(want[0]) and peer[1] == want[1]:
+        if inet_common.norm(peer[0]) == inet_common.norm(want[0]) and peer[1] == want[1]:
             return s
         s.close()
 
@@ -320,7 +322,7 @@ def closed(r, ino: int) -> None:
             bind_old(r, ino)
             r.socks[ino].connect(_target(n.family, lst.getsockname()))
         except OSError as e:            # its old address cannot reach loopback: without it
-            log.info("%s: restored closed without its old address (%s)", inet._desc(n), e.strerror or e)
+            log.info("%s: restored closed without its old address (%s)", inet_common.desc(n), e.strerror or e)
             r.socks[ino].close()
             del r.socks[ino]
             r._create(ino)
@@ -334,7 +336,7 @@ def closed(r, ino: int) -> None:
     p = select.poll()
     p.register(s, select.POLLERR)
     if not p.poll(_TIMEOUT * 1000):
-        raise RestoreError(f"{inet._desc(n)}: the reset that restores it closed did not arrive")
+        raise RestoreError(f"{inet_common.desc(n)}: the reset that restores it closed did not arrive")
     try:
         s.shutdown(socket.SHUT_RDWR)
     except OSError:
