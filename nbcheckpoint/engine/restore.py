@@ -248,6 +248,7 @@ def restore(images_dir, progress=None, options: Options | None = None) -> Restor
                 server.close()
             if init is not None:
                 init.release_fd.close()
+                init.ready_fd.close()
                 pstree.kill(init.pid)
         for fd in engine_fds:
             os.close(fd)

@@ -108,7 +108,8 @@ def fork_with_pid(pid: int) -> int:
 def namespace_init(rfd: int, wfd: int, root_vpid: int, ready: int) -> int:
     """pstree.create_init's init: PID 1 of a new PID + mount namespace, told by the engine
     over the pipe rfd/wfd when to go (see there).  Once its /proc is mounted it writes one byte
-    to `ready`: 0, or the errno of the mount that failed."""
+    to `ready`: 0, or the errno of the mount that failed; once told to go and no longer bound
+    to die with the engine's thread, one more (0)."""
     return _clone3(lambda: _init_main(rfd, wfd, root_vpid, ready), "clone3(CLONE_NEWPID|CLONE_NEWNS)",
                    "a new PID namespace needs CAP_SYS_ADMIN", flags=CLONE_NEWNS | CLONE_NEWPID)
 
@@ -129,13 +130,14 @@ def _init_main(rfd: int, wfd: int, root_vpid: int, ready: int) -> None:
     _sc("prctl", 1, signal.SIGKILL)                             # die with the engine until released
     _sc("close", wfd)
     _sc("write", ready, ctypes.c_char_p(bytes([min(_mount_proc(), 255)])), 1)
-    _sc("close", ready)
     buf = ctypes.create_string_buffer(1)
     while (n := _sc("read", rfd, buf, 1)) < 0 and ctypes.get_errno() == errno.EINTR:
         pass
     if n != 1:
         _sc("exit_group", 1)                                    # restore failed: the engine kills us
     _sc("prctl", 1, 0)                                          # outlive the engine's thread...
+    _sc("write", ready, ctypes.c_char_p(b"\0"), 1)              # ...from now on: it may exit
+    _sc("close", ready)
     if buf.raw == b"g":
         # ...but not the engine itself: reap while watching the lifeline
         _sc("close_range", 0, rfd - 1, 0) if rfd > 0 else None
