@@ -126,6 +126,8 @@ class Stub:
                 if e.errno == errno.EEXIST:
                     raise RestoreError(f"PID {child_vpid} is taken ({describe(child_vpid)}); "
                                        "the image needs that exact PID") from None
+                if e.errno == errno.EAGAIN:
+                    raise RestoreError(f"process {child_vpid}: cannot create it: {e}; {spawn.NO_ROOM}") from None
                 raise
             host = r.clone_tids[-1]            # the fork event tells its PID in our namespace
         if new != child_vpid:

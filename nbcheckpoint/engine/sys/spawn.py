@@ -42,6 +42,11 @@ def _sc(name, *a):
     return _pysyscall(ctypes.c_long(NR[name]), *[ctypes.c_long(x) if isinstance(x, int) else x for x in a])
 
 
+# why a clone fails with EAGAIN (the kernel's limits on tasks: for root, the pids cgroup; for
+# anyone else RLIMIT_NPROC too, counted per user in the restore's user namespace)
+NO_ROOM = "a pids cgroup or RLIMIT_NPROC leaves no room for it"
+
+
 def _clone3(child, request: str, detail: str, flags: int = 0, set_tid: int = 0, pidfd=None) -> int:
     """clone3 from the engine itself; the child runs `child()`, which never returns.
     With `pidfd` (a ctypes.c_int32), CLONE_PIDFD: the kernel puts the child's pidfd there.
@@ -64,7 +69,7 @@ def _clone3(child, request: str, detail: str, flags: int = 0, set_tid: int = 0, 
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
     if r < 0:
-        raise SysError(err, request, set_tid or None, detail)
+        raise SysError(err, request, set_tid or None, NO_ROOM if err == errno.EAGAIN else detail)
     return r
 
 
