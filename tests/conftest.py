@@ -580,6 +580,13 @@ def mount(fstype: str, target, options: str = "") -> None:
         raise OSError(err, f"mount -t {fstype} -o {options} {target}: {os.strerror(err)}")
 
 
+def bind(source, target) -> None:
+    """mount --bind SOURCE TARGET (as mount())."""
+    if _libc.mount(os.fsencode(source), os.fsencode(target), None, 0x1000, None) != 0:     # MS_BIND
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount --bind {source} {target}: {os.strerror(err)}")
+
+
 def umount(target) -> None:
     """umount -l TARGET (MNT_DETACH)."""
     if _libc.umount2(os.fsencode(target), 2) != 0:

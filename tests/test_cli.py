@@ -229,3 +229,56 @@ def test_lower_hard_rlimit_named(launch, images):
     assert "the image's RLIMIT_AS (soft unlimited, hard unlimited) is above the hard limit this restore runs " \
            f"under ({64 << 30}), and raising a hard limit needs CAP_SYS_RESOURCE" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+
+
+# `nbcheckpoint restore -d --pidns` N times from a process that exits the moment the CLI
+# returns (no interpreter teardown, as the fuzz runner's children), all on one CPU: one line per restore, the
+# restored root's state 0.2 s later (then it is killed).  A fresh process: without root it
+# enters a user namespace of its own, as the command does.
+DETACHED_RESTORES = """
+import os, signal, sys, time
+from nbcheckpoint import cli
+img, pidfile, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})    # one CPU: the init runs only once the CLI yields
+for _ in range(n):
+    child = os.fork()
+    if child == 0:
+        rc = 1
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)        # (-d prints the pid)
+            rc = cli.main(["restore", "-d", "--pidns", "-D", img, "--pidfile", pidfile])
+        finally:
+            os._exit(rc)
+    _, st = os.waitpid(child, 0)
+    if st:
+        sys.exit(f"restore failed: status {st}")
+    pid = int(open(pidfile).read())
+    time.sleep(0.2)
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(") ", 1)[1][0]
+        os.kill(pid, signal.SIGKILL)
+    except (OSError, IndexError):
+        state = "gone"
+    print(state, flush=True)
+    time.sleep(0.1)
+"""
+
+
+def test_detached_pidns_restore_outlives_the_cli(launch, images, tmp_path):
+    """`restore -d --pidns` (every restore of an ordinary user's) returns only once the
+    namespace's init no longer dies with the CLI (PR_SET_PDEATHSIG): a CLI exiting at once
+    used to take the tree it had just restored along, one time in three (found by tests/fuzz)."""
+    t = launch("counter")
+    img = images()
+    t.checkpoint(img)
+    r = subprocess.run([sys.executable, "-c", DETACHED_RESTORES, str(img), str(tmp_path / "pid"), "12"],
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    states = r.stdout.split()
+    assert r.returncode == 0 and len(states) == 12, r
+    assert all(s in "RS" for s in states), f"restored trees gone right after the CLI exited: {states}"
+    t.restore(img)
+    t.expect_pass()

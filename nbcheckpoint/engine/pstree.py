@@ -126,6 +126,8 @@ class Stub:
                 if e.errno == errno.EEXIST:
                     raise RestoreError(f"PID {child_vpid} is taken ({describe(child_vpid)}); "
                                        "the image needs that exact PID") from None
+                if e.errno == errno.EAGAIN:
+                    raise RestoreError(f"process {child_vpid}: cannot create it: {e}; {spawn.NO_ROOM}") from None
                 raise
             host = r.clone_tids[-1]            # the fork event tells its PID in our namespace
         if new != child_vpid:
@@ -167,10 +169,10 @@ def create_init(root_vpid: int) -> "Stub":
     finally:
         os.close(rfd)
         os.close(ready_w)
+    ready = Fd(ready_r)
     try:
         # its /proc first: traced before, the init would mount it only once the tree runs
-        with Fd(ready_r) as ready:
-            answer = os.read(ready.fileno(), 1)
+        answer = os.read(ready.fileno(), 1)
         if answer != b"\0":
             err = answer[0] if answer else 0
             raise RestoreError("cannot mount /proc for the new PID namespace: " + (
@@ -182,18 +184,25 @@ def create_init(root_vpid: int) -> "Stub":
         wait_event_stop(r)
     except BaseException:
         os.close(wfd)
+        ready.close()
         kill(r)
         raise
     stub = Stub(r, 1)
     stub.release_fd = Fd(wfd)
+    stub.ready_fd = ready
     return stub
 
 
 def init_go(init: "Stub", lifeline: bool) -> None:
-    """Let create_init's init start reaping; `lifeline`: it dies with us until init_release."""
+    """Let create_init's init start reaping; `lifeline`: it dies with us until init_release.
+    Returns once the init no longer dies with our thread (PR_SET_PDEATHSIG): a CLI that
+    exits right after a restore (-d) killed the namespace it had just restored if it
+    exited before the init had read the word."""
     os.write(init.release_fd.fileno(), b"g" if lifeline else b"r")
     if not lifeline:
         init.release_fd.close()
+    with init.ready_fd:
+        os.read(init.ready_fd.fileno(), 1)      # b"" if the init is gone: nothing to wait for
 
 
 def init_release(init: "Stub") -> None:

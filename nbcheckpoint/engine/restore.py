@@ -251,6 +251,7 @@ def restore(images_dir, progress=None, options: Options | None = None) -> Restor
                 server.close()
             if init is not None:
                 init.release_fd.close()
+                init.ready_fd.close()
                 pstree.kill(init.pid)
         for fd in engine_fds:
             os.close(fd)
@@ -482,7 +483,7 @@ def _clone_thread(r: Remote, vtid: int) -> int:
     try:
         new = r.syscall("clone3", s, len(args))
     except SysError as e:
-        hint = "; a pids cgroup or RLIMIT_NPROC leaves no room for it" if e.errno == errno.EAGAIN else ""
+        hint = f"; {spawn.NO_ROOM}" if e.errno == errno.EAGAIN else ""
         raise RestoreError(f"process {r.vpid}: cannot create its thread {vtid}: {e}{hint}") from None
     if new != vtid:
         raise RestoreError(f"thread {vtid} came back as {new}")

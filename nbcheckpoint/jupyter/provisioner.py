@@ -159,6 +159,8 @@ class CheckpointableProvisioner(LocalProvisioner):
         self._listener_fds = []
         await super().post_launch(**kwargs)
         await self._wait_started(self._restore_name)
+        if not self._restore_name:
+            await self._wait_listening()
 
     async def _wait_started(self, name: str | None, timeout: float = 600) -> None:
         """Return once the shim has launched the kernel, or restored checkpoint `name`;
@@ -181,6 +183,30 @@ class CheckpointableProvisioner(LocalProvisioner):
                 return
             await asyncio.sleep(0.02)
         raise ShimError(f"{what} did not finish within {timeout:.0f} s")
+
+    async def _wait_listening(self, timeout: float = 60) -> None:
+        """Return once the new kernel accepts connections on its channel ports (tcp), or
+        its shim exited, or after `timeout` (the manager's own wait then decides).  A client
+        that connects before the kernel listens retries each socket on its own (ZeroMQ,
+        every 100 ms): its shell could then get the first reply before its IOPub
+        subscription is in, and a client that waits for that cell's "idle" on IOPub
+        (jupyter console) waited for ever.  Once the ports listen, all of a client's sockets
+        connect at once.  (A restored kernel's listeners are bound before it starts.)"""
+        km = self.parent
+        if getattr(km, "transport", "tcp") != "tcp":
+            return
+        ports = [getattr(km, f"{ch}_port", 0) for ch in CHANNELS]
+        ports = [p for p in ports if p]
+        deadline = time.monotonic() + timeout
+        while ports and time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                return                      # the manager sees the exit and says so
+            try:
+                _, w = await asyncio.wait_for(asyncio.open_connection(km.ip or "127.0.0.1", ports[0]), 1)
+                w.close()
+                ports.pop(0)
+            except (OSError, asyncio.TimeoutError):
+                await asyncio.sleep(0.02)
 
     # ------------------------------------------------------------------ checkpoint / restore
 

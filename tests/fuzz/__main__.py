@@ -4,8 +4,8 @@ Fuzzing and fault injection of nbcheckpoint (docs/security.md, "Fuzzing"): image
 (structural resealed, byte-level, special files, forged), the engine SIGKILLed during dump
 and restore, restores under resource limits.  Prints the counts per class and per kind;
 exits 1 if anything hung, printed a traceback, left a process, restored wrong from an
-image it should have refused, or accepted a forged image.  Run as root, from the project
-directory, with PYTHONPATH set to it.
+image it should have refused, or accepted a forged image.  Run from the project directory,
+with PYTHONPATH set to it, as root or as an ordinary user (limits/runner say what differs).
 """
 from __future__ import annotations
 

@@ -3,7 +3,9 @@
 Each must end refused clearly or restored right: RLIMIT_NOFILE low, RLIMIT_AS low (soft,
 or hard: a hard limit below the image's is an expected clear refusal), a cpuset without
 the dumped CPU, a pids cgroup, a memory cgroup near its limit (cgroup v1 or v2; every
-cgroup made is removed).
+cgroup made is removed).  Making a cgroup is root's: without root, the same limits are set
+as an ordinary user can -- the engine's affinity (as taskset sets it) without the dumped CPU,
+RLIMIT_NPROC (in the restore's own user namespace), RLIMIT_AS near the restore's own peak.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import os
 import resource
 import time
 from pathlib import Path
+
+from nbcheckpoint.engine.sys import userns
 
 from .runner import NOT_RUN, Runner
 
@@ -72,7 +76,7 @@ def run_case(r: Runner, case: str) -> None:
     name = r.rng.choice(["threads", "counter", "tree", "pipes", "unix_sockets"])
     seed = r.seeds[name]
     inf = resource.RLIM_INFINITY
-    limits, settings, controller, what = (), None, None, case
+    limits, settings, controller, what, cpus = (), None, None, case, None
     if case == "nofile":
         n = r.rng.choice([4, 6, 8, 12, 16, 24, 32, 64])
         limits, what = [(resource.RLIMIT_NOFILE, (n, n))], f"RLIMIT_NOFILE {n}"
@@ -84,7 +88,13 @@ def run_case(r: Runner, case: str) -> None:
         if len(os.sched_getaffinity(0)) < 2 or "pinned" not in r.seeds:
             r.record(f"limit {case}", NOT_RUN, "needs 2 CPUs", "")
             return
-        seed, controller = r.seeds["pinned"], "cpuset"
+        seed = r.seeds["pinned"]
+        if not userns.privileged():
+            cpus, what = {0}, "the engine's affinity {0}, threads pinned to CPU 1 at the dump"
+            cls, why = r.restore(seed, seed.image, "pristine", cpus=cpus)
+            r.record(f"limit {case}", cls, f"{seed.name}: {what}", why)
+            return
+        controller = "cpuset"
         root = _cgroup_root("cpuset")
         settings = {"cpuset.cpus": "0"}
         if root is not None and (root / "cpuset.mems").exists():
@@ -92,7 +102,15 @@ def run_case(r: Runner, case: str) -> None:
         what = "cpuset {0}, threads pinned to CPU 1 at the dump"
     elif case == "pids":
         n = r.rng.choice([1, 2, 3, 4, 6, 8])
-        controller, settings, what = "pids", {"pids.max": str(n)}, f"pids.max {n}"
+        if userns.privileged():
+            controller, settings, what = "pids", {"pids.max": str(n)}, f"pids.max {n}"
+        else:
+            hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+            limits, what = [(resource.RLIMIT_NPROC, (n, hard))], f"RLIMIT_NPROC {n} in the restore's user namespace"
+    elif case == "memory" and not userns.privileged():
+        peak = _peak_as(r, seed)
+        n = peak + r.rng.choice([-(16 << 20), 0, 1 << 20, 16 << 20])
+        limits, what = [(resource.RLIMIT_AS, (n, inf))], f"RLIMIT_AS {n} (the restore's peak: {peak})"
     elif case == "memory":
         controller = "memory"
         limit_file = "memory.limit_in_bytes" if _cgroup_root("memory") and \
@@ -121,3 +139,10 @@ def _peak_memory(r: Runner, seed) -> int | None:
         r.restore(seed, seed.image, "pristine", cgroup=cg)
         peak = cg / ("memory.max_usage_in_bytes" if v1 else "memory.peak")
         return int(peak.read_text()) if peak.exists() else None
+
+
+def _peak_as(r: Runner, seed) -> int:
+    """The peak address space of a restore of seed without limits (VmPeak of the engine)."""
+    out = r.dir / "peak"
+    r.restore(seed, seed.image, "pristine", peak=out)
+    return int(out.read_text())

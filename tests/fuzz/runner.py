@@ -35,6 +35,7 @@ if "NBCHECKPOINT_KEY_FILE" not in os.environ:          # a key of the run's own,
     os.environ["NBCHECKPOINT_KEY_FILE"] = os.path.join(KEY_DIR, "image.key")
 import conftest                                         # noqa: E402  (build_c)
 from nbcheckpoint import cli                            # noqa: E402
+from nbcheckpoint.engine.sys import userns              # noqa: E402
 
 from . import mutate                                    # noqa: E402
 
@@ -91,6 +92,12 @@ class Runner:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+        if not userns.privileged():
+            # a user + mount namespace of the run's own (the one every restore would enter):
+            # mutate.special binds devices there, as it cannot mknod them
+            userns.ensure()
+            if libc.unshare(0x00020000) != 0 or libc.mount(b"none", b"/", None, 0x4000 | 0x40000, None) != 0:
+                raise OSError(ctypes.get_errno(), "a mount namespace for the run")   # CLONE_NEWNS; MS_REC|MS_PRIVATE
 
     # -- processes -----------------------------------------------------------------------
 
@@ -116,8 +123,9 @@ class Runner:
             time.sleep(0.005)
 
     def cli(self, argv: list[str], timeout: float | None = None, *, limits=(), cgroup: Path | None = None,
-            kill_after: float | None = None) -> Run:
-        """`nbcheckpoint ARGV` in a forked child, with rlimits and in a cgroup if given."""
+            cpus: set | None = None, peak: Path | None = None, kill_after: float | None = None) -> Run:
+        """`nbcheckpoint ARGV` in a forked child, with rlimits, in a cgroup, on CPUS (its
+        affinity, as taskset sets it) if given; `peak`: the child writes its VmPeak there."""
         out, err = self.dir / "cli.out", self.dir / "cli.err"
         self.reap_all()
         self.statuses.clear()           # a new case: a pid reaped before is another incarnation
@@ -133,9 +141,17 @@ class Runner:
                 os.dup2(os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), 2)
                 if cgroup is not None:
                     (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+                if cpus is not None:
+                    os.sched_setaffinity(0, cpus)
+                if limits and not userns.privileged():
+                    # a user namespace of the restore's own: RLIMIT_NPROC counts the tasks of the
+                    # user namespace it is set in (there: only the restore's, not the run's)
+                    userns.enter()
                 for res, lim in limits:
                     resource.setrlimit(res, lim)
                 rc = cli.main([str(a) for a in argv])
+                if peak is not None:
+                    peak.write_text(str(_vm_peak()))
             except SystemExit as e:
                 rc = e.code if isinstance(e.code, int) else 1
             except BaseException:                           # noqa: BLE001 - what python itself would print
@@ -202,13 +218,15 @@ class Runner:
     def verdict(self, pid: int, log: Path, timeout: float = 15.0) -> tuple[bool, str]:
         """SIGUSR1 to a restored (or original) target of ours: (passed, why)."""
         mark = log.stat().st_size
+        reaped = _reaped_as(pid)
         try:
             os.kill(pid, signal.SIGUSR1)
         except ProcessLookupError:
             pass
-        status = self.wait(pid, timeout)
+        status = self.wait(reaped, timeout)
         text = log.read_bytes()[mark:].decode(errors="replace")
         if status is None:
+            self.kill(reaped)
             self.kill(pid)
             return False, f"no exit within {timeout}s after SIGUSR1; log: {text[-300:]!r}"
         lines = [ln for ln in text.splitlines() if ln == "PASS" or ln.startswith("FAIL")]
@@ -216,11 +234,34 @@ class Runner:
         return ok, f"status {status}, {lines[:1] or 'no verdict'}" + ("" if ok else f"; log: {text[-300:]!r}")
 
     def kill(self, pid: int) -> None:
+        """SIGKILL pid; reap it if it is our child, else wait until it is gone (its parent,
+        a PID namespace's init, reaps it)."""
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             return
-        self.wait(pid, 10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            self.reap_all()
+            if self.statuses.pop(pid, None) is not None or not os.path.exists(f"/proc/{pid}"):
+                return
+            time.sleep(0.005)
+
+    def incarnation(self, vpid: int) -> int | None:
+        """The running, complete target that sees itself as vpid, as we see it: vpid itself
+        (restored with the host's PIDs), or -- restored into a PID namespace of its own, as
+        every restore without root is -- another pid of ours."""
+        if _running_target(vpid, self.bin):
+            return vpid
+        depth = len(conftest.nspids(os.getpid()))
+        for pid in self.marked():
+            try:
+                ns = conftest.nspids(pid)
+            except OSError:
+                continue
+            if len(ns) > depth and ns[-1] == vpid and _running_target(pid, self.bin):
+                return pid
+        return None
 
     def marked(self) -> list[int]:
         """Processes of this run still alive (or unreaped) besides the runner."""
@@ -295,10 +336,11 @@ class Runner:
 
     # -- cases ---------------------------------------------------------------------------
 
-    def restore(self, seed: Seed, img: Path, trust: str, *, limits=(), cgroup=None,
+    def restore(self, seed: Seed, img: Path, trust: str, *, limits=(), cgroup=None, cpus=None, peak=None,
                 kill_after=None, extra=()) -> tuple[str, str]:
         """Restore img (detached), check the target's verdict; (class, detail)."""
-        r = self.cli(["restore", "-D", img, "-d", *extra], limits=limits, cgroup=cgroup, kill_after=kill_after)
+        r = self.cli(["restore", "-D", img, "-d", *extra], limits=limits, cgroup=cgroup, cpus=cpus, peak=peak,
+                     kill_after=kill_after)
         cls, why = self.classify(r)
         if cls == "ok":
             pid = int(r.out.split()[0])
@@ -313,8 +355,9 @@ class Runner:
                     self.kill(p)
         elif r.killed:
             cls = KILLED_CLEAN
-            if _running_target(seed.pid, self.bin):     # killed once its work was done: whole?
-                ok, why = self.verdict(seed.pid, seed.log)
+            pid = self.incarnation(seed.pid)
+            if pid is not None:                         # killed once its work was done: whole?
+                ok, why = self.verdict(pid, seed.log)
                 cls = "completed" if ok else WRONG
                 for p in self.marked():
                     self.kill(p)
@@ -375,9 +418,29 @@ class Runner:
         if self.rng.random() < 0.5 or m.trust != "resealed":
             cls, why = self.show(img, m.trust)
             self.record(m.kind + " (show)", cls, what, why, img)
+        _unbind(img)
         _rmtree(img)
         for p in self.dir.glob(".mutant-*.orig"):         # special(): the file a link points to
             p.unlink()
+
+
+def _reaped_as(pid: int) -> int:
+    """The child of ours whose end tells pid's: pid itself, or -- in a PID namespace below
+    ours (a restore without root) -- that namespace's init, which exits with its root's
+    status (it is the child of the restore, then ours: we are a subreaper)."""
+    try:
+        if len(conftest.nspids(pid)) > len(conftest.nspids(os.getpid())):
+            with open(f"/proc/{pid}/status") as f:
+                return int(next(ln.split()[1] for ln in f if ln.startswith("PPid:")))
+    except (OSError, StopIteration):
+        pass
+    return pid
+
+
+def _vm_peak() -> int:
+    """This process's peak address space, in bytes."""
+    with open("/proc/self/status") as f:
+        return int(next(ln.split()[1] for ln in f if ln.startswith("VmPeak:"))) * 1024
 
 
 def _running_target(pid: int, bin_dir: Path) -> bool:
@@ -408,6 +471,15 @@ def _copy_regular(src, dst):
         shutil.copy2(src, dst)
     else:
         Path(dst).write_text(f"(not copied: {src})\n")
+
+
+def _unbind(img: Path) -> None:
+    """Unmount what mutate.special bound in img (without root: a device)."""
+    if userns.privileged() or not img.is_dir():
+        return
+    for p in img.iterdir():
+        if p.is_char_device() and not p.is_symlink():
+            conftest.umount(p)
 
 
 def _rmtree(p: Path) -> None:

@@ -42,6 +42,11 @@ def _sc(name, *a):
     return _pysyscall(ctypes.c_long(NR[name]), *[ctypes.c_long(x) if isinstance(x, int) else x for x in a])
 
 
+# why a clone fails with EAGAIN (the kernel's limits on tasks: for root, the pids cgroup; for
+# anyone else RLIMIT_NPROC too, counted per user in the restore's user namespace)
+NO_ROOM = "a pids cgroup or RLIMIT_NPROC leaves no room for it"
+
+
 def _clone3(child, request: str, detail: str, flags: int = 0, set_tid: int = 0, pidfd=None) -> int:
     """clone3 from the engine itself; the child runs `child()`, which never returns.
     With `pidfd` (a ctypes.c_int32), CLONE_PIDFD: the kernel puts the child's pidfd there.
@@ -64,7 +69,7 @@ def _clone3(child, request: str, detail: str, flags: int = 0, set_tid: int = 0, 
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
     if r < 0:
-        raise SysError(err, request, set_tid or None, detail)
+        raise SysError(err, request, set_tid or None, NO_ROOM if err == errno.EAGAIN else detail)
     return r
 
 
@@ -108,7 +113,8 @@ def fork_with_pid(pid: int) -> int:
 def namespace_init(rfd: int, wfd: int, root_vpid: int, ready: int) -> int:
     """pstree.create_init's init: PID 1 of a new PID + mount namespace, told by the engine
     over the pipe rfd/wfd when to go (see there).  Once its /proc is mounted it writes one byte
-    to `ready`: 0, or the errno of the mount that failed."""
+    to `ready`: 0, or the errno of the mount that failed; once told to go and no longer bound
+    to die with the engine's thread, one more (0)."""
     return _clone3(lambda: _init_main(rfd, wfd, root_vpid, ready), "clone3(CLONE_NEWPID|CLONE_NEWNS)",
                    "a new PID namespace needs CAP_SYS_ADMIN", flags=CLONE_NEWNS | CLONE_NEWPID)
 
@@ -129,13 +135,14 @@ def _init_main(rfd: int, wfd: int, root_vpid: int, ready: int) -> None:
     _sc("prctl", 1, signal.SIGKILL)                             # die with the engine until released
     _sc("close", wfd)
     _sc("write", ready, ctypes.c_char_p(bytes([min(_mount_proc(), 255)])), 1)
-    _sc("close", ready)
     buf = ctypes.create_string_buffer(1)
     while (n := _sc("read", rfd, buf, 1)) < 0 and ctypes.get_errno() == errno.EINTR:
         pass
     if n != 1:
         _sc("exit_group", 1)                                    # restore failed: the engine kills us
     _sc("prctl", 1, 0)                                          # outlive the engine's thread...
+    _sc("write", ready, ctypes.c_char_p(b"\0"), 1)              # ...from now on: it may exit
+    _sc("close", ready)
     if buf.raw == b"g":
         # ...but not the engine itself: reap while watching the lifeline
         _sc("close_range", 0, rfd - 1, 0) if rfd > 0 else None
