@@ -152,7 +152,7 @@ def test_restore_into_new_kernel(tmp_path, store):
         k = await K(tmp_path).start()
         try:
             await k.ok(STATE)
-            meta = await k.km.provisioner.checkpoint(name="ck")
+            await k.km.provisioner.checkpoint(name="ck")
         finally:
             await k.stop()                  # the kernel is gone
         old = store.get("ck").meta["connection"]          # with the key (meta.json, 0600)

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import ALL_TARGETS, _proc_state, force_reap
+from conftest import ALL_TARGETS, _proc_state
 
 pytestmark = pytest.mark.root_only
 
