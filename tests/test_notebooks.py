@@ -16,7 +16,6 @@ What the kernel said meanwhile becomes the cell's output in the executed noteboo
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from pathlib import Path
 
