@@ -78,8 +78,10 @@ def _plain_image(img) -> bool:
 @pytest.mark.root_only
 def test_damaged_state_is_noticed(engine, launch, images):
     """With one byte of the stream lost, the target's checker reports FAIL."""
-    t = launch("tcp", env={"ZDTM_CORRUPT": "1"})
-    img = images()
+    _damage_noticed(launch("tcp", env={"ZDTM_CORRUPT": "1"}), images())
+
+
+def _damage_noticed(t, img) -> None:
     t.checkpoint(img)
     t.restore(img)
     res = t.run_to_result()
@@ -116,12 +118,7 @@ def test_pairs_without_repair_leave_running(engine, launch, images, no_repair):
 
 def test_pairs_without_repair_damaged(engine, launch, images, no_repair):
     """With one byte of a re-sent queue lost, the target's checker reports FAIL."""
-    t = launch("tcp_pair", env={"ZDTM_CORRUPT": "1"})
-    img = images()
-    t.checkpoint(img)
-    t.restore(img)
-    res = t.run_to_result()
-    assert res.verdict and res.verdict.startswith("FAIL") and "cli->srv" in res.verdict, t.describe(res)
+    _damage_noticed(launch("tcp_pair", env={"ZDTM_CORRUPT": "1"}), images())
 
 
 def test_unsent_bytes_refused_without_repair(engine, launch, images, no_repair):

@@ -8,13 +8,13 @@ import time
 import pytest
 
 from nbcheckpoint.engine import UnsupportedError
-from nbcheckpoint.engine.sys import proc
+from nbcheckpoint.engine.sys import proc, userns
 
 
 @pytest.fixture
 def no_map_files(monkeypatch):
-    monkeypatch.setenv(proc.NO_MAP_FILES, "1")
-    assert not proc.map_files_allowed()
+    monkeypatch.setenv(userns.NO_MAP_FILES, "1")
+    assert not userns.map_files_allowed()
 
 
 def _maps(pid: int) -> str:

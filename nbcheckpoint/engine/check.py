@@ -11,7 +11,6 @@ import errno
 import fcntl
 import mmap
 import os
-import pwd
 import signal
 import struct
 from dataclasses import dataclass
@@ -38,7 +37,6 @@ KCMP_FILE = 0
 UFFDIO_API = (3 << 30) | (24 << 16) | (0xAA << 8) | 0x3F   # _IOWR(0xAA, 0x3F, uffdio_api)
 UFFD_API = 0xAA
 UFFD_FEATURE_WP_ASYNC = 1 << 15
-CAP_SYS_ADMIN, CAP_SYS_RESOURCE, CAP_CHECKPOINT_RESTORE = 21, 24, 40
 PM_SOFT_DIRTY = 1 << 55
 PROT_READ, MAP_PRIVATE, MAP_ANONYMOUS = 1, 0x02, 0x20
 
@@ -167,15 +165,16 @@ def _in_helper(probe) -> str:
     r, w = os.pipe()
     helper = os.fork()
     if helper == 0:
-        os.close(r)
-        try:
-            if not userns.privileged():
-                userns.ensure()
-            msg = "ok:" + probe()
-        except BaseException as e:     # the helper must never return into the caller's code
-            msg = "err:" + (str(e) or type(e).__name__)
+        try:                            # the helper must never return into the caller's code
+            os.close(r)
+            try:
+                if not userns.privileged():
+                    userns.ensure()
+                msg = "ok:" + probe()
+            except BaseException as e:
+                msg = "err:" + (str(e) or type(e).__name__)
+            os.write(w, msg.encode()[:4000])
         finally:
-            os.write(w, msg.encode()[:4000]) if "msg" in locals() else None
             os._exit(0)
     os.close(w)
     try:
@@ -315,12 +314,8 @@ def _soft_dirty() -> str:
     return "soft-dirty bit set by a write after clear_refs"
 
 
-def _cap_eff() -> int:
-    return int(proc.status("self")["CapEff"], 16)
-
-
 def _cap_sys_resource() -> str:
-    if not _cap_eff() >> CAP_SYS_RESOURCE & 1:
+    if not userns.has_cap(userns.CAP_SYS_RESOURCE):
         raise RuntimeError("not in the effective set; the engine uses PR_SET_MM_MAP instead")
     return "in the effective set"
 
@@ -348,8 +343,7 @@ def _run(name: str, required: bool, purpose: str, fn, *args) -> Feature:
 
 def identity() -> str:
     """Who the checks ran as, and what follows for restores."""
-    uid = os.getuid()
-    who = f"uid {uid} ({pwd.getpwuid(uid).pw_name})" if uid in {p.pw_uid for p in pwd.getpwall()} else f"uid {uid}"
+    who = userns.who(os.getuid())
     if userns.privileged():
         return f"{who}, privileged: restores recreate PIDs where asked (the host's PID namespace too)"
     return (f"{who}, without root: every restore goes into a new user + PID namespace of yours "

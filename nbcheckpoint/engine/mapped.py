@@ -1,7 +1,7 @@
 """The file or shared memory object behind a mapping, with or without /proc/PID/map_files.
 
 /proc/PID/map_files (readlink, stat, open) needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE in
-the initial user namespace, which an ordinary user never has; proc.map_files_allowed()
+the initial user namespace, which an ordinary user never has; userns.map_files_allowed()
 decides, once per dump.  Without it:
 
 - a mapped file is the path /proc/PID/maps shows if that path still names the inode the VMA
@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 
 from .errors import UnsupportedError
-from .sys import proc
+from .sys import proc, userns
 from .sys.libc import PAGE_SIZE
 from .sys.memory import PagemapScanner
 
@@ -30,7 +30,7 @@ class MappedObjects:
     """Where the dump of one tree finds what its mappings map (see the module docstring)."""
 
     def __init__(self, pids):
-        self.direct = proc.map_files_allowed()
+        self.direct = userns.map_files_allowed()
         self.pids = list(pids)
         self._fds: dict[tuple[int, int], str] | None = None
         self._extent: dict[tuple[int, int], int] | None = None

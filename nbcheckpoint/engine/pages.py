@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from .errors import ImageError
 from .images import names, pagemap_pb2
 from .mm import PROT_READ, PROT_WRITE, VmaIndex
-from .sys import proc
+from .sys import proc, userns
 from .sys.libc import PAGE_SIZE, address_of
 from .sys.memory import PagemapScanner, ProcMem, vm_read, vm_write
 
@@ -324,14 +324,14 @@ def restore_shmem(reader, vma) -> int:
     Shared anonymous memory is recreated as such (an anonymous shared mapping
     of the engine's own, reopened through /proc/self/map_files), so the
     restored mapping is again "/dev/zero (deleted)"; memfds come back as
-    memfds with their name.  Without map_files (proc.map_files_allowed()) every
+    memfds with their name.  Without map_files (userns.map_files_allowed()) every
     object comes back as a memfd: shared anonymous memory, and a file deleted
     from a tmpfs, named by its old name ("/memfd:/dev/zero (deleted)").
     """
     name = f"shmem-{vma.shmem_id}"
     size = vma.shmem_size
     memfd = vma.name.startswith("/memfd:")
-    if memfd or not proc.map_files_allowed():
+    if memfd or not userns.map_files_allowed():
         label = vma.name[len("/memfd:"):] if memfd else vma.name
         fd = os.memfd_create(label.removesuffix(" (deleted)"), os.MFD_CLOEXEC)
         os.ftruncate(fd, size)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pwd
 import resource
 import struct
 
@@ -165,7 +164,7 @@ def check_identity(tasks, inv, privileged: bool, where: str) -> None:
     (the only ids our user namespace maps, sys/userns.py)."""
     me = userns.outer_id("uid", os.getuid())
     if inv.HasField("owner_uid") and inv.owner_uid != me:
-        raise RestoreError(f"{where} was taken by {_who(inv.owner_uid)}, and you are {_who(me)}: a checkpoint "
+        raise RestoreError(f"{where} was taken by {userns.who(inv.owner_uid)}, and you are {userns.who(me)}: a checkpoint "
                            "restores only for the user who took it (one taken as root, only as root). Restore it "
                            "as that user, or take a new checkpoint as yourself")
     if privileged:
@@ -178,13 +177,6 @@ def check_identity(tasks, inv, privileged: bool, where: str) -> None:
                                "(real, effective, saved, filesystem); without root, nbcheckpoint restores only "
                                f"processes that ran with your own uid {uid} and gid {gid} (your user namespace "
                                "maps no other id): restore it as root")
-
-
-def _who(uid: int) -> str:
-    try:
-        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
-    except KeyError:
-        return f"uid {uid}"
 
 
 def _groups_here(groups) -> list[int]:

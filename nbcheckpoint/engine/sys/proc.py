@@ -8,7 +8,6 @@ import os
 from dataclasses import dataclass, field
 
 from ..errors import ProcessGone, SysError
-from . import userns
 
 
 def _error(e: OSError, what: str, pid: int | None) -> SysError:
@@ -142,20 +141,14 @@ def exe_stat(pid: int) -> os.stat_result:
 
 def map_file(pid: int, start: int, end: int) -> str:
     """/proc/PID/map_files/START-END: the file behind a mapping, to stat or open
-    (only if map_files_allowed())."""
+    (only if userns.map_files_allowed())."""
     return f"/proc/{pid}/map_files/{start:x}-{end:x}"
 
 
-NO_MAP_FILES = "NBCHECKPOINT_NO_MAP_FILES"
-
-
-def map_files_allowed() -> bool:
-    """May we use /proc/PID/map_files?  readlink, stat and open there need CAP_SYS_ADMIN or
-    CAP_CHECKPOINT_RESTORE in the initial user namespace (fs/proc/base.c), which an ordinary
-    user has nowhere, not even in a user namespace of their own (engine/mapped.py does
-    without).  NBCHECKPOINT_NO_MAP_FILES=1 makes a privileged engine do without too (the
-    tests run both ways)."""
-    return userns.privileged() and not os.environ.get(NO_MAP_FILES)
+def id_map(kind: str, pid="self") -> list[tuple[int, int, int]]:
+    """/proc/PID/{uid,gid}_map: (first id inside, first id outside, count) per line."""
+    return [tuple(int(x) for x in line.split())
+            for line in _read(f"/proc/{pid}/{kind}_map", None if pid == "self" else pid).decode().splitlines()]
 
 
 def children(pid: int, tid: int | None = None) -> list[int]:

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import errno
 import os
+import pwd
 
 from ..errors import EngineError, SysError
+from . import proc
 from .libc import syscall
 from .x86_64 import NR
 
 CLONE_NEWUSER = 0x10000000
-CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_SYS_ADMIN, CAP_CHECKPOINT_RESTORE = 12, 19, 21, 40
+CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_SYS_ADMIN, CAP_SYS_RESOURCE, CAP_CHECKPOINT_RESTORE = 12, 19, 21, 24, 40
+NO_MAP_FILES = "NBCHECKPOINT_NO_MAP_FILES"
 
 # what an administrator can look at, in the order they usually matter
 SYSCTLS = ("user.max_user_namespaces", "kernel.unprivileged_userns_clone",
@@ -31,23 +34,14 @@ class UserNamespaceError(EngineError):
     """This process could not get a user namespace of its own."""
 
 
-def _cap_eff() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    return 0
-
-
 def has_cap(cap: int) -> bool:
     """`cap` is in our effective set (over our own user namespace)."""
-    return bool(_cap_eff() >> cap & 1)
+    return bool(int(proc.status("self")["CapEff"], 16) >> cap & 1)
 
 
 def in_initial() -> bool:
     """We are in the initial user namespace (its uid_map maps the whole range to itself)."""
-    with open("/proc/self/uid_map") as f:
-        return f.read().split() == ["0", "0", "4294967295"]
+    return proc.id_map("uid") == [(0, 0, 4294967295)]
 
 
 def privileged() -> bool:
@@ -62,33 +56,47 @@ def owns_namespaces() -> bool:
     return has_cap(CAP_SYS_ADMIN) or has_cap(CAP_CHECKPOINT_RESTORE)
 
 
+def map_files_allowed() -> bool:
+    """May we use /proc/PID/map_files?  readlink, stat and open there need CAP_SYS_ADMIN or
+    CAP_CHECKPOINT_RESTORE in the initial user namespace (fs/proc/base.c), which an ordinary
+    user has nowhere, not even in a user namespace of their own (engine/mapped.py does
+    without).  NBCHECKPOINT_NO_MAP_FILES=1 makes a privileged engine do without too (the
+    tests run both ways)."""
+    return privileged() and not os.environ.get(NO_MAP_FILES)
+
+
+def who(uid: int) -> str:
+    """"uid 1001 (alice)", for messages (the name only where the user database has one)."""
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _translate(kind: str, value: int, outward: bool) -> int | None:
+    for inside, outside, n in proc.id_map(kind):
+        src, dst = (inside, outside) if outward else (outside, inside)
+        if src <= value < src + n:
+            return dst + value - src
+    return None
+
+
 def outer_id(kind: str, inner: int) -> int | None:
     """The id `inner` (of this namespace) as the parent namespace sees it, through
     /proc/self/{uid,gid}_map; None if it is not mapped."""
-    with open(f"/proc/self/{kind}_map") as f:
-        for line in f:
-            lo, out, n = (int(x) for x in line.split())
-            if lo <= inner < lo + n:
-                return out + inner - lo
-    return None
+    return _translate(kind, inner, outward=True)
 
 
 def inner_id(kind: str, outer: int) -> int | None:
     """The parent namespace's id `outer` as this namespace sees it; None if not mapped."""
-    with open(f"/proc/self/{kind}_map") as f:
-        for line in f:
-            lo, out, n = (int(x) for x in line.split())
-            if out <= outer < out + n:
-                return lo + outer - out
-    return None
+    return _translate(kind, outer, outward=False)
 
 
 def overflow_id(kind: str) -> int:
     """What an unmapped id shows as (65534, "nobody", unless the sysctl says otherwise)."""
     try:
-        with open(f"/proc/sys/kernel/overflow{kind}") as f:
-            return int(f.read())
-    except OSError:
+        return proc.sysctl_int(f"kernel/overflow{kind}")
+    except SysError:
         return 65534
 
 
@@ -97,9 +105,8 @@ def sysctls() -> str:
     out = []
     for name in SYSCTLS:
         try:
-            with open("/proc/sys/" + name.replace(".", "/")) as f:
-                out.append(f"{name}={f.read().strip()}")
-        except OSError:
+            out.append(f"{name}={proc.sysctl_int(name.replace('.', '/'))}")
+        except SysError:
             pass
     return ", ".join(out)
 
