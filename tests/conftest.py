@@ -348,7 +348,9 @@ class Target:
             return False                    # not ours (a CLI restored it)
         if pid == 0:
             return False
-        self.status = os.waitstatus_to_exitcode(st)
+        code = os.waitstatus_to_exitcode(st)
+        # the init exits with the root's status, a death by signal N as 128 + N (spawn.py)
+        self.status = -(code - 128) if code > 128 else code
         self.init_pid = None
         return True
 
